@@ -1,0 +1,15 @@
+"""eplb-triton: a fast, drop-in expert-parallelism load balancer (EPLB) for MoE models.
+
+``import eplb_triton as eplb`` replaces DeepSeek's ``eplb`` module: same functions, arguments
+and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA tensors.
+"""
+
+from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
+
+__all__ = [
+    "balanced_packing",
+    "rebalance_experts",
+    "rebalance_experts_hierarchical",
+    "replicate_experts",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""Argument checks shared by every backend: SPEC.md "Validation", as clear errors.
+
+Shape and count rules are checked on the host from Python integers and tensor metadata, so
+they never synchronise with a GPU. The value rule (finite, >= 0) needs to look at the data:
+:func:`check_values` does that on a CPU tensor; the Triton path checks it inside the kernel.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "cpu", "reference", "triton")
+
+
+def check_count(name: str, value: object) -> int:
+    """A positive Python (or NumPy) integer; ``bool`` and floats are refused."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+    if v <= 0:
+        raise ValueError(f"{name} ({v}) must be a positive integer")
+    return v
+
+
+def check_weight(weight: object, name: str = "weight") -> tuple[int, int]:
+    """A 2-D real tensor with at least one column; returns ``(rows, columns)``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype == torch.bool or weight.is_complex():
+        raise TypeError(f"{name} must have a real dtype (integer or floating point), got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [num_layers, num_logical_experts], got {weight.dim()}-D shape {tuple(weight.shape)}"
+        )
+    rows, cols = weight.shape
+    if cols == 0:
+        raise ValueError(f"{name} must have at least one expert (column), got shape {tuple(weight.shape)}")
+    return rows, cols
+
+
+def check_values(w32: torch.Tensor, name: str = "weight") -> None:
+    """``w32`` is the float32 copy of the loads: every entry finite and >= 0."""
+    bad = ~(torch.isfinite(w32) & (w32 >= 0))
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite and >= 0 in float32, found {float(w32[row, col])} at [{row}, {col}]")
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated placement problem. ``hierarchical`` is the policy SPEC.md selects."""
+
+    num_layers: int
+    num_experts: int
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_gpus: int
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.num_groups % self.num_nodes == 0
+
+    def effective(self) -> Config:
+        """The configuration the hierarchical pipeline runs: the global policy is ``G = N = 1``."""
+        if self.hierarchical:
+            return self
+        return Config(self.num_layers, self.num_experts, self.num_replicas, 1, 1, self.num_gpus)
+
+    def key(self) -> str:
+        return (
+            f"L{self.num_layers}-E{self.num_experts}-R{self.num_replicas}"
+            f"-G{self.num_groups}-N{self.num_nodes}-P{self.num_gpus}"
+        )
+
+
+def check_config(
+    weight: torch.Tensor,
+    num_replicas: object,
+    num_groups: object,
+    num_nodes: object,
+    num_gpus: object,
+    *,
+    require_hierarchical: bool = False,
+    replicas_name: str = "num_replicas",
+) -> Config:
+    """Every SPEC rule on shapes and counts. ``require_hierarchical`` adds ``G % N == 0``."""
+    L, E = check_weight(weight)
+    R = check_count(replicas_name, num_replicas)
+    G = check_count("num_groups", num_groups)
+    N = check_count("num_nodes", num_nodes)
+    P = check_count("num_gpus", num_gpus)
+    if E % G:
+        raise ValueError(f"num_logical_experts ({E}, weight.shape[1]) must be a multiple of num_groups ({G})")
+    if R % P:
+        raise ValueError(f"{replicas_name} ({R}) must be a multiple of num_gpus ({P})")
+    if P % N:
+        raise ValueError(f"num_gpus ({P}) must be a multiple of num_nodes ({N})")
+    if R < E:
+        raise ValueError(f"{replicas_name} ({R}) must be >= num_logical_experts ({E}, weight.shape[1])")
+    if require_hierarchical and G % N:
+        raise ValueError(f"num_groups ({G}) must be a multiple of num_nodes ({N}) for the hierarchical policy")
+    return Config(L, E, R, G, N, P)

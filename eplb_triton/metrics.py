@@ -1,0 +1,103 @@
+"""Placement quality measures of SPEC.md, vectorised over layers, on any device.
+
+Loads are taken in float64 here: these are reports, not part of the algorithm's contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_count, check_weight
+
+
+def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> int:
+    L, E = check_weight(weight)
+    P = check_count("num_gpus", num_gpus)
+    if phy2log.dim() != 2 or phy2log.shape[0] != L:
+        raise ValueError(f"phy2log must be [num_layers={L}, num_replicas], got shape {tuple(phy2log.shape)}")
+    if tuple(logcnt.shape) != (L, E):
+        raise ValueError(f"logcnt must have weight's shape {(L, E)}, got {tuple(logcnt.shape)}")
+    if phy2log.shape[1] % P:
+        raise ValueError(f"num_replicas ({phy2log.shape[1]}, phy2log.shape[1]) must be a multiple of num_gpus ({P})")
+    return P
+
+
+def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Load of each GPU: each replica takes an equal share of its expert's tokens.
+
+    Args:
+        weight: ``[L, E]`` loads.
+        phy2log: ``[L, R]`` expert of each slot; slot ``q`` lives on GPU ``q // (R / num_gpus)``.
+        logcnt: ``[L, E]`` replicas of each expert.
+        num_gpus: ``P``.
+
+    Returns:
+        ``[L, P]`` float64 on ``weight.device``.
+    """
+    P = _check_placement(weight, phy2log, logcnt, num_gpus)
+    dev = weight.device
+    share = weight.detach().to(torch.float64) / logcnt.to(dev, torch.float64)
+    per_slot = share.gather(1, phy2log.to(dev, torch.int64))
+    return per_slot.view(per_slot.shape[0], P, -1).sum(-1)
+
+
+def balancedness(loads: torch.Tensor) -> torch.Tensor:
+    """Mean over max GPU load of each layer (1.0 is perfect; an all-zero layer counts as 1.0).
+
+    Args:
+        loads: ``[L, P]`` GPU loads (see :func:`gpu_loads`).
+
+    Returns:
+        ``[L]`` float64.
+    """
+    if loads.dim() != 2 or loads.shape[1] == 0:
+        raise ValueError(f"loads must be 2-D [num_layers, num_gpus] with num_gpus >= 1, got {tuple(loads.shape)}")
+    loads = loads.to(torch.float64)
+    peak = loads.max(dim=1).values
+    mean = loads.mean(dim=1)
+    return torch.where(peak > 0, mean / peak.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(mean))
+
+
+def summarize(per_layer: torch.Tensor) -> dict[str, float]:
+    """``{"mean": ..., "worst": ...}`` of a per-layer balancedness (host values, for reports)."""
+    if per_layer.numel() == 0:
+        return {"mean": float("nan"), "worst": float("nan")}
+    return {"mean": float(per_layer.mean()), "worst": float(per_layer.min())}
+
+
+def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
+    """SPEC lower bound on the max GPU load of any placement with ``num_replicas`` slots.
+
+    ``max(total / P, t*)``, where ``t*`` is the largest per-replica load after
+    ``replicate_experts(weight, num_replicas)``. ``mean / bound`` bounds the balancedness any
+    placement can reach (global policy).
+
+    Returns:
+        ``[L]`` float64 on ``weight.device``.
+    """
+    from . import cpu
+
+    L, E = check_weight(weight)
+    R = check_count("num_replicas", num_replicas)
+    P = check_count("num_gpus", num_gpus)
+    if R < E:
+        raise ValueError(f"num_replicas ({R}) must be >= the number of logical experts ({E})")
+    w32 = weight.detach().to(device="cpu", dtype=torch.float32)
+    share = cpu.replicate_experts(w32.numpy(), R)[3]
+    t_star = torch.from_numpy(share).to(torch.float64).amax(dim=1)
+    mean_gpu = weight.detach().to("cpu", torch.float64).sum(dim=1) / P
+    return torch.maximum(mean_gpu, t_star).to(weight.device)
+
+
+def migration_count(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor) -> torch.Tensor:
+    """Slots per layer whose expert changes (each must receive a full expert's weights).
+
+    Returns:
+        ``[L]`` int64.
+    """
+    if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
+        raise ValueError(
+            f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
+            f"and {tuple(new_phy2log.shape)}"
+        )
+    return (old_phy2log != new_phy2log.to(old_phy2log.device)).sum(dim=1)

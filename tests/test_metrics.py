@@ -1,0 +1,61 @@
+"""Quality measures against direct per-slot computations."""
+
+import pytest
+import torch
+from helpers import make_loads
+
+import eplb_triton as eplb
+from eplb_triton import metrics
+
+
+def test_gpu_loads_by_hand():
+    w = torch.tensor([[6.0, 2.0, 4.0]])
+    phy2log = torch.tensor([[0, 1, 0, 2]])  # GPU0: e0, e1; GPU1: e0, e2
+    logcnt = torch.tensor([[2, 1, 1]])
+    loads = metrics.gpu_loads(w, phy2log, logcnt, 2)
+    assert loads.tolist() == [[5.0, 7.0]]
+    assert metrics.balancedness(loads).tolist() == [pytest.approx(6.0 / 7.0)]
+
+
+def test_gpu_loads_conserve_total_and_bound_holds():
+    w = make_loads(5, 32, "skewed", 4)
+    phy2log, _, logcnt = eplb.rebalance_experts(w, 48, 8, 2, 8)
+    loads = metrics.gpu_loads(w, phy2log, logcnt, 8)
+    assert torch.allclose(loads.sum(1), w.double().sum(1))
+    bound = metrics.lower_bound(w, 48, 8)
+    assert (loads.max(1).values >= bound * (1 - 1e-12)).all()
+    b = metrics.balancedness(loads)
+    assert ((b > 0) & (b <= 1)).all()
+    assert (b <= loads.mean(1) / bound + 1e-12).all()
+
+
+def test_lower_bound_by_hand():
+    # replicate [8, 1, 1] to 4 slots: 8 -> two replicas of 4; t* = 4; total / P = 10 / 2 = 5.
+    assert metrics.lower_bound(torch.tensor([[8.0, 1.0, 1.0]]), 4, 2).tolist() == [5.0]
+    assert metrics.lower_bound(torch.tensor([[8.0, 1.0, 1.0]]), 4, 4).tolist() == [4.0]
+
+
+def test_balancedness_of_idle_layer_is_one():
+    assert metrics.balancedness(torch.zeros(2, 4)).tolist() == [1.0, 1.0]
+
+
+def test_summary_and_migration():
+    assert metrics.summarize(torch.tensor([0.5, 1.0])) == {"mean": 0.75, "worst": 0.5}
+    old = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    new = torch.tensor([[0, 1, 3, 2], [3, 2, 1, 0]])
+    assert metrics.migration_count(old, new).tolist() == [2, 4]
+    assert metrics.migration_count(old, old).tolist() == [0, 0]
+
+
+def test_metric_argument_errors():
+    w = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="phy2log must be"):
+        metrics.gpu_loads(w, torch.zeros(3, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="logcnt must have weight's shape"):
+        metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64), 2)
+    with pytest.raises(
+        ValueError, match=r"num_replicas \(4, phy2log.shape\[1\]\) must be a multiple of num_gpus \(3\)"
+    ):
+        metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="must be 2-D of one shape"):
+        metrics.migration_count(torch.zeros(2, 4), torch.zeros(2, 5))

@@ -1,0 +1,31 @@
+"""Real DeepSeek-V3 loads (../shared/data): CPU path == reference on every deployment."""
+
+import pytest
+from helpers import DATA, REAL_CONFIGS, assert_same, assert_valid_placement, load_real
+
+import eplb_triton as eplb
+from eplb_triton import metrics, reference
+
+FILES = sorted(DATA.glob("*.json")) if DATA.is_dir() else []
+pytestmark = pytest.mark.skipif(not FILES, reason=f"real loads not found at {DATA} (../shared/data is absent)")
+
+
+@pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda c: c[0])
+def test_cpu_equals_reference_on_real_loads(config):
+    _, R, G, N, P = config
+    w = load_real(FILES[0])
+    assert w.shape == (58, 256)
+    got = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
+    want = reference.rebalance_experts(w, R, G, N, P)
+    assert_same(got, want)
+    assert_valid_placement(*got, 256, R, G, N, P)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_every_file_all_configs_cpu_path(path):
+    w = load_real(path)
+    for _, R, G, N, P in REAL_CONFIGS:
+        phy2log, log2phy, logcnt = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
+        assert_valid_placement(phy2log, log2phy, logcnt, 256, R, G, N, P)
+        b = metrics.balancedness(metrics.gpu_loads(w, phy2log, logcnt, P))
+        assert (b > 0).all() and (b <= 1).all()
