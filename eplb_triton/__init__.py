@@ -5,8 +5,10 @@ and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA te
 """
 
 from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
+from .planner import EplbPlanner
 
 __all__ = [
+    "EplbPlanner",
     "balanced_packing",
     "rebalance_experts",
     "rebalance_experts_hierarchical",

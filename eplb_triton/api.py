@@ -58,6 +58,19 @@ def _run_cpu(
     return _to_device(fast(w.numpy()), weight.device)
 
 
+def _raise_if_flagged(weight: torch.Tensor, invalid: torch.Tensor) -> None:
+    """The kernels skip and flag rows with NaN, inf or negative loads: raise the CPU path's error."""
+    if bool(invalid.any()):
+        check_values(weight.detach().to(device="cpu", dtype=torch.float32))
+        raise ValueError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
+
+
+def _rebalance_triton(weight: torch.Tensor, cfg: Config):
+    from .kernels import rebalance as kernels
+
+    return kernels.rebalance(weight, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
+
+
 def _empty(device: torch.device, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(s, dtype=torch.int64, device=device) for s in shapes)
 
@@ -90,9 +103,11 @@ def balanced_packing(
     if X == 0:
         return _empty(weight.device, (0, n), (0, n))  # type: ignore[return-value]
     if backend == "triton":
-        from .kernels import launch
+        from .kernels import rebalance as kernels
 
-        return launch.balanced_packing(weight, m)
+        pack, rank, invalid = kernels.balanced_packing(weight, m)
+        _raise_if_flagged(weight, invalid)
+        return pack, rank
     return _run_cpu(  # type: ignore[return-value]
         weight, backend, lambda w: cpu.balanced_packing(w, m), lambda w: reference.balanced_packing(w, m)
     )
@@ -125,9 +140,11 @@ def replicate_experts(
     if X == 0:
         return _empty(weight.device, (0, R), (0, R), (0, E))  # type: ignore[return-value]
     if backend == "triton":
-        from .kernels import launch
+        from .kernels import rebalance as kernels
 
-        return launch.replicate_experts(weight, R)
+        phy2log, rank, cnt, invalid = kernels.replicate_experts(weight, R)
+        _raise_if_flagged(weight, invalid)
+        return phy2log, rank, cnt
     return _run_cpu(  # type: ignore[return-value]
         weight, backend, lambda w: cpu.replicate_experts(w, R)[:3], lambda w: reference.replicate_experts(w, R)
     )
@@ -174,10 +191,9 @@ def rebalance_experts_hierarchical(
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
     if backend == "triton":
-        from .kernels import launch
-
-        phy2log, phyrank, logcnt, _ = launch.rebalance(weight, cfg, check=True)
-        return phy2log, phyrank, logcnt
+        out = _rebalance_triton(weight, cfg)
+        _raise_if_flagged(weight, out.invalid)
+        return out.phy2log, out.phyrank, out.logcnt
     return _hierarchical(weight, cfg, backend)
 
 
@@ -222,11 +238,12 @@ def rebalance_experts(
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
     if backend == "triton":
-        from .kernels import launch
-
-        phy2log, _, logcnt, log2phy = launch.rebalance(weight, cfg.effective(), check=True)
-        width = int(logcnt.max())  # the documented host synchronisation of the drop-in API
-        return phy2log, log2phy[:, :, :width].contiguous(), logcnt
+        out = _rebalance_triton(weight, cfg.effective())
+        # The one host synchronisation of the drop-in API: X = max(logcnt), and the value check.
+        width, flagged = torch.stack([out.logcnt.max(), out.invalid.max().to(torch.int64)]).tolist()
+        if flagged:
+            _raise_if_flagged(weight, out.invalid)
+        return out.phy2log, out.log2phy[:, :, :width].contiguous(), out.logcnt
     if backend == "reference":
         w = _float32_cpu(weight)
         return tuple(  # type: ignore[return-value]

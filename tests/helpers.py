@@ -134,14 +134,6 @@ def assert_valid_placement(phy2log, log2phy, logcnt, E: int, R: int, G: int, N: 
         assert torch.equal(node_min, node_max), "a group's experts stay on one node"
 
 
-def load_real(path: Path) -> torch.Tensor:
-    import json
-
-    rows = json.loads(path.read_text())["logical_count"]
-    w = torch.tensor(rows, dtype=torch.float64)
-    return w[w.sum(dim=1) > 0]  # the dense layers are all zero
-
-
 def assert_same(got, want, names=("out0", "out1", "out2")) -> None:
     """Exact equality of two output tuples (integer outputs never compare with tolerances)."""
     assert len(got) == len(want)

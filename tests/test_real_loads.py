@@ -1,10 +1,11 @@
 """Real DeepSeek-V3 loads (../shared/data): CPU path == reference on every deployment."""
 
 import pytest
-from helpers import DATA, REAL_CONFIGS, assert_same, assert_valid_placement, load_real
+from helpers import DATA, REAL_CONFIGS, assert_same, assert_valid_placement
 
 import eplb_triton as eplb
 from eplb_triton import metrics, reference
+from eplb_triton.io import read_loads
 
 FILES = sorted(DATA.glob("*.json")) if DATA.is_dir() else []
 pytestmark = pytest.mark.skipif(not FILES, reason=f"real loads not found at {DATA} (../shared/data is absent)")
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.skipif(not FILES, reason=f"real loads not found at {DAT
 @pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda c: c[0])
 def test_cpu_equals_reference_on_real_loads(config):
     _, R, G, N, P = config
-    w = load_real(FILES[0])
+    w = read_loads(FILES[0]).weight
     assert w.shape == (58, 256)
     got = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
     want = reference.rebalance_experts(w, R, G, N, P)
@@ -23,7 +24,7 @@ def test_cpu_equals_reference_on_real_loads(config):
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_every_file_all_configs_cpu_path(path):
-    w = load_real(path)
+    w = read_loads(path).weight
     for _, R, G, N, P in REAL_CONFIGS:
         phy2log, log2phy, logcnt = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
         assert_valid_placement(phy2log, log2phy, logcnt, 256, R, G, N, P)

@@ -1,0 +1,292 @@
+"""One-shot GPU validation and timing of the Triton kernels (run by benchmarks/gpu_check.sh).
+
+Sections, each recorded (or its error recorded) without stopping the others:
+  1. equality with the CPU path on the real DeepSeek-V3 loads, five deployments of
+     ../shared/data/README.md (the CPU path is proved equal to the reference by the CPU tests);
+  2. equality on random loads up to E=1024, R=2048, both policies;
+  3. CUDA-graph capture and replay of EplbPlanner.plan;
+  4. torch.compile(fullgraph=True) of a step calling the planner;
+  5. latency (triton.testing.do_bench median) for 1, 8, 58, 128, 512 layers: drop-in API
+     (includes its one host sync), planner launch, planner replayed in a CUDA graph; CPU path
+     and literal reference on the same loads for comparison;
+  6. a num_warps sweep at 58 layers.
+
+Writes ``results.json`` and ``summary.txt`` under ``--out``. Installs nothing.
+
+``--smoke`` runs every section at tiny shapes on the CPU through the Triton interpreter (no CUDA
+graphs there), to catch mistakes in this script before a GPU lease is spent on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # before triton.jit runs, i.e. before the kernels are imported
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import eplb_triton as eplb  # noqa: E402
+from eplb_triton.io import read_loads  # noqa: E402
+from eplb_triton.kernels import rebalance as kernels  # noqa: E402
+
+REAL_CONFIGS = {  # name: (R, G, N, P)
+    "prefill-EP32": (288, 8, 4, 32),
+    "prefill-EP32-global": (288, 1, 1, 32),
+    "decode-EP64": (320, 8, 1, 64),
+    "decode-EP144": (288, 8, 18, 144),
+    "EP8-no-redundancy": (256, 1, 1, 8),
+}
+TIMED = {"deepseek-v3-prefill-ep32": (256, 288, 8, 4, 32), "deepseek-v3-decode-ep144": (256, 288, 8, 18, 144)}
+GRAPH_SHAPE = (58, 256, 288, 8, 4, 32)  # (L, E, R, G, N, P)
+RANDOM_CONFIGS = [  # (L, E, R, G, N, P)
+    (16, 1024, 2048, 16, 4, 64),
+    (16, 1024, 2048, 1, 1, 128),
+    (16, 1024, 1024, 8, 8, 64),
+    (16, 384, 448, 12, 3, 64),  # not powers of two
+    (16, 128, 160, 8, 5, 32),  # global: 8 % 5 != 0
+    (32, 256, 2048, 8, 2, 8),  # many replicas per expert
+    (32, 96, 96, 96, 4, 4),  # groups == experts, no redundancy
+]
+
+
+if SMOKE:
+    REAL_CONFIGS = {"prefill-EP32": (288, 8, 4, 32)}
+    TIMED = {"small-hierarchical": (16, 24, 4, 2, 8), "small-global": (12, 18, 3, 2, 6)}
+    GRAPH_SHAPE = (2, 16, 24, 4, 2, 8)
+    RANDOM_CONFIGS = [(2, 16, 24, 4, 2, 8), (2, 12, 18, 3, 2, 6)]
+DEVICE = "cpu" if SMOKE else "cuda"
+
+
+def bench(fn) -> float:
+    """Median milliseconds: do_bench on the GPU, perf_counter in smoke mode."""
+    if SMOKE:
+        return cpu_median(fn, repeats=2) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, return_mode="median")
+
+
+def capture(planner: eplb.EplbPlanner, static_w: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``planner.plan(static_w)``, warmed up (compiled) on a side stream first."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        planner.plan(static_w)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        planner.plan(static_w)
+    return graph
+
+
+def skewed(L: int, E: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.floor(rng.pareto(1.2, (L, E)) * 1000).astype(np.float32))
+
+
+def same(a: tuple, b: tuple) -> bool:
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
+
+
+def cpu_median(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Report:
+    def __init__(self, out: Path):
+        self.out = out
+        self.data: dict = {
+            "device": "cpu (smoke: Triton interpreter)" if SMOKE else torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sections": {},
+        }
+        self.lines: list[str] = [f"{k}: {v}" for k, v in self.data.items() if k != "sections"]
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def section(self, name: str, fn) -> None:
+        self.say(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            result = fn(self)
+            # a section whose checks found a mismatch fails without an exception
+            self.data["sections"][name] = {"ok": result.get("all_equal", True), "result": result}
+        except Exception as exc:
+            self.data["sections"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            self.say(f"FAILED: {type(exc).__name__}: {exc}")
+            self.say(traceback.format_exc())
+        self.say(f"   ({time.perf_counter() - t0:.1f} s)")
+        self.save()
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.data, indent=1))
+        (self.out / "summary.txt").write_text("\n".join(self.lines) + "\n")
+
+
+def check_real(rep: Report, data: Path) -> dict:
+    files = sorted(data.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no real load files in {data}")
+    result = {}
+    for f in files:
+        w = read_loads(f).weight[:2] if SMOKE else read_loads(f).weight
+        for name, (R, G, N, P) in REAL_CONFIGS.items():
+            ok = same(
+                eplb.rebalance_experts(w.to(DEVICE), R, G, N, P, backend="triton"),
+                eplb.rebalance_experts(w, R, G, N, P, backend="cpu"),
+            )
+            result[f"{f.stem}/{name}"] = ok
+            if not ok:
+                rep.say(f"MISMATCH {f.stem} {name}")
+    rep.say(f"{sum(result.values())}/{len(result)} (file, config) pairs equal to the CPU path")
+    return {"cases": result, "all_equal": all(result.values())}
+
+
+def check_random(rep: Report) -> dict:
+    result = {}
+    for L, E, R, G, N, P in RANDOM_CONFIGS:
+        for seed in range(3):
+            w = skewed(L, E, seed)
+            if seed == 2:
+                w = torch.floor(w / 4000)  # many ties
+            ok = same(
+                eplb.rebalance_experts(w.to(DEVICE), R, G, N, P, backend="triton"),
+                eplb.rebalance_experts(w, R, G, N, P, backend="cpu"),
+            )
+            result[f"L{L}-E{E}-R{R}-G{G}-N{N}-P{P}-s{seed}"] = ok
+    rep.say(f"{sum(result.values())}/{len(result)} random cases equal to the CPU path")
+    for k, v in result.items():
+        if not v:
+            rep.say(f"MISMATCH {k}")
+    return {"cases": result, "all_equal": all(result.values())}
+
+
+def check_graph(rep: Report) -> dict:
+    if SMOKE:
+        rep.say("skipped: no CUDA graphs in smoke mode")
+        return {"skipped": True}
+    L, E, R, G, N, P = GRAPH_SHAPE
+    planner = eplb.EplbPlanner(L, E, R, G, N, P, device=DEVICE)
+    static_w = torch.zeros(L, E, device=DEVICE)
+    graph = capture(planner, static_w)
+    oks = []
+    for seed in range(3):
+        w = skewed(L, E, 100 + seed)
+        static_w.copy_(w)
+        graph.replay()
+        want = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
+        oks.append(same((planner.phy2log, planner.logcnt), (want[0], want[2])))
+    rep.say(f"graph replays equal to the CPU path: {oks}")
+    return {"replays_equal": oks, "all_equal": all(oks)}
+
+
+def check_compile(rep: Report) -> dict:
+    L, E, R, G, N, P = GRAPH_SHAPE
+    planner = eplb.EplbPlanner(L, E, R, G, N, P, device=DEVICE)
+
+    def step(loads: torch.Tensor) -> torch.Tensor:
+        phy2log, _, logcnt = planner.plan(loads.float() * 2)
+        return phy2log.sum() + logcnt.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if SMOKE else "inductor")
+    w = skewed(L, E, 7).to(DEVICE)
+    compiled(w)
+    want = eplb.rebalance_experts(w.cpu() * 2, R, G, N, P, backend="cpu")
+    ok = same((planner.phy2log, planner.logcnt), (want[0], want[2]))
+    rep.say(f"torch.compile(fullgraph=True) step equal to the CPU path: {ok}")
+    return {"all_equal": ok}
+
+
+def time_layers(rep: Report, layer_counts: list[int]) -> dict:
+    rows = []
+    rep.say(f"{'config':28s} {'L':>4s} {'api_us':>9s} {'plan_us':>9s} {'graph_us':>9s} {'cpu_ms':>8s} {'ref_ms':>8s}")
+    for name, (E, R, G, N, P) in TIMED.items():
+        for L in layer_counts:
+            w_cpu = skewed(L, E, L)
+            w = w_cpu.to(DEVICE)
+            api_ms = bench(partial(eplb.rebalance_experts, w, R, G, N, P, backend="triton"))
+            planner = eplb.EplbPlanner(L, E, R, G, N, P, device=DEVICE)
+            plan_ms = bench(partial(planner.plan, w))
+            graph_ms = float("nan") if SMOKE else bench(capture(planner, w).replay)
+            cpu_s = cpu_median(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="cpu"))
+            ref_s = (
+                cpu_median(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="reference"), repeats=1)
+                if L <= 58
+                else float("nan")
+            )
+            row = dict(config=name, layers=L, api_us=api_ms * 1e3, plan_us=plan_ms * 1e3, graph_us=graph_ms * 1e3,
+                       cpu_ms=cpu_s * 1e3, reference_ms=ref_s * 1e3)  # fmt: skip
+            rows.append(row)
+            rep.say(
+                f"{name:28s} {L:4d} {row['api_us']:9.1f} {row['plan_us']:9.1f} {row['graph_us']:9.1f} "
+                f"{row['cpu_ms']:8.2f} {row['reference_ms']:8.1f}"
+            )
+    return {"rows": rows}
+
+
+def sweep_warps(rep: Report) -> dict:
+    rows = []
+    for name, (E, R, G, N, P) in TIMED.items():
+        w = skewed(2 if SMOKE else 58, E, 0).to(DEVICE)
+        eff = (G, N) if G % N == 0 else (1, 1)
+        for warps in (1, 2, 4, 8):
+            out = kernels.rebalance(w, R, *eff, P, num_warps=warps)
+            ms = bench(partial(kernels.rebalance, w, R, *eff, P, out=out, num_warps=warps))
+            rows.append(dict(config=name, num_warps=warps, kernel_us=ms * 1e3))
+            rep.say(f"{name:28s} num_warps={warps}: {ms * 1e3:8.1f} us")
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/deepseek-v3-sglang"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2] if SMOKE else [1, 8, 58, 128, 512])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (see above)")
+    args = parser.parse_args(argv)
+    if not SMOKE and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    rep = Report(args.out)
+    rep.section("real_loads", lambda r: check_real(r, args.data))
+    rep.section("random_loads", check_random)
+    rep.section("cuda_graph", check_graph)
+    rep.section("torch_compile", check_compile)
+    rep.section("latency", lambda r: time_layers(r, args.layers))
+    rep.section("num_warps", sweep_warps)
+    failed = [k for k, v in rep.data["sections"].items() if not v["ok"]]
+    rep.say(f"sections failed: {failed or 'none'}")
+    rep.save()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

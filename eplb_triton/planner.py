@@ -1,0 +1,130 @@
+"""Sync-free, CUDA-graph-safe planning for per-step use, and the ``torch.library`` op behind it.
+
+:class:`EplbPlanner` is built once for a configuration. It owns static output buffers and each
+:meth:`EplbPlanner.plan` call rewrites them in place with one kernel launch: no host
+synchronisation, no allocation of outputs, fixed shapes. A training or serving step can therefore
+capture it in a CUDA graph, or call it from a ``torch.compile``-d function without graph breaks
+(``torch.ops.eplb_triton.rebalance_`` has a fake implementation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import Config, check_config, check_count, check_weight
+
+_MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
+
+
+@torch.library.custom_op("eplb_triton::rebalance_", mutates_args=_MUTATED)
+def rebalance_(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    phyrank: torch.Tensor,
+    logcnt: torch.Tensor,
+    log2phy: torch.Tensor,
+    invalid: torch.Tensor,
+    scratch_i: torch.Tensor,
+    scratch_f: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> None:
+    """Write the plan for ``weight`` into the given buffers (see ``kernels.rebalance``).
+
+    ``num_groups``/``num_nodes`` are those of the policy that runs: pass 1, 1 for the global policy.
+    """
+    from .kernels import rebalance as kernels
+
+    buffers = kernels.RebalanceBuffers(phy2log, phyrank, logcnt, log2phy, invalid, scratch_i, scratch_f)
+    kernels.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, out=buffers)
+
+
+@rebalance_.register_fake
+def _rebalance_fake(weight, phy2log, phyrank, logcnt, log2phy, invalid, scratch_i, scratch_f, R, G, N, P) -> None:
+    return None
+
+
+class EplbPlanner:
+    """Plans placements for one configuration into static buffers, without host synchronisation.
+
+    Args:
+        num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus: the configuration
+            (``L, E, R, G, N, P``), validated as :func:`eplb_triton.rebalance_experts` does.
+        device: where the buffers live (a CUDA device; CPU only under ``TRITON_INTERPRET=1``).
+
+    Attributes (static tensors, rewritten in place by :meth:`plan`):
+        phy2log: ``[L, R]`` int64, logical expert of each slot.
+        log2phy: ``[L, E, R - E + 1]`` int64, slots of each expert, ``-1`` padded to a fixed width.
+        logcnt: ``[L, E]`` int64, replicas of each expert.
+        phyrank: ``[L, R]`` int64, replica number of each slot.
+        invalid: ``[L]`` int32, 1 where the last plan's loads were not all finite and ``>= 0``:
+            such a layer keeps its previous placement (checking on the host would synchronise).
+
+    Before the first :meth:`plan`, the buffers hold the plan for equal loads.
+
+    Example:
+        >>> planner = EplbPlanner(58, 256, 288, 8, 4, 32, device="cuda")
+        >>> phy2log, log2phy, logcnt = planner.plan(loads)  # capturable in a CUDA graph
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_gpus: int,
+        *,
+        device: torch.device | str = "cuda",
+    ):
+        from .kernels import rebalance as kernels
+
+        L = check_count("num_layers", num_layers)
+        E = check_count("num_experts", num_experts)
+        meta = torch.empty((L, E), device="meta")
+        self.config: Config = check_config(meta, num_replicas, num_groups, num_nodes, num_gpus)
+        kernels.check_limits(E, self.config.num_replicas)
+        self._policy = self.config.effective()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._buffers = kernels.RebalanceBuffers.allocate(
+            L, E, self.config.num_replicas, self._policy.num_groups, self._policy.num_nodes, self.device
+        )
+        self.plan(torch.ones((L, E), dtype=torch.float32, device=self.device))
+
+    phy2log = property(lambda self: self._buffers.phy2log)
+    phyrank = property(lambda self: self._buffers.phyrank)
+    logcnt = property(lambda self: self._buffers.logcnt)
+    log2phy = property(lambda self: self._buffers.log2phy)
+    invalid = property(lambda self: self._buffers.invalid)
+
+    def plan(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rewrite the placement for new loads and return ``(phy2log, log2phy, logcnt)``.
+
+        Args:
+            weight: ``[L, E]`` loads of any real dtype on the planner's device. Only metadata is
+                checked here (no synchronisation); a layer with NaN, inf or negative loads keeps
+                its previous placement and is flagged in :attr:`invalid`.
+
+        Returns:
+            The planner's own static buffers (not copies).
+        """
+        L, E = check_weight(weight)
+        cfg = self.config
+        if (L, E) != (cfg.num_layers, cfg.num_experts):
+            raise ValueError(
+                f"weight must have shape [num_layers={cfg.num_layers}, num_experts={cfg.num_experts}], "
+                f"got {tuple(weight.shape)}"
+            )
+        if weight.device != self.device:
+            raise ValueError(f"weight must be on the planner's device {self.device}, got {weight.device}")
+        b, p = self._buffers, self._policy
+        torch.ops.eplb_triton.rebalance_(
+            weight, b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid, b.scratch_i, b.scratch_f,
+            p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus,
+        )  # fmt: skip
+        return b.phy2log, b.log2phy, b.logcnt
