@@ -41,6 +41,21 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
     return per_slot.view(per_slot.shape[0], P, -1).sum(-1)
 
 
+def identity_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """GPU loads with no rebalancing: expert ``e`` alone on GPU ``e * P // E``, no redundant copies.
+
+    The contrast for a placement's balancedness (experts split as evenly as ``E / P`` allows).
+
+    Returns:
+        ``[L, P]`` float64 on ``weight.device``.
+    """
+    L, E = check_weight(weight)
+    P = check_count("num_gpus", num_gpus)
+    gpu = torch.arange(E, device=weight.device) * P // E
+    loads = torch.zeros((L, P), dtype=torch.float64, device=weight.device)
+    return loads.index_add_(1, gpu, weight.detach().to(torch.float64))
+
+
 def balancedness(loads: torch.Tensor) -> torch.Tensor:
     """Mean over max GPU load of each layer (1.0 is perfect; an all-zero layer counts as 1.0).
 

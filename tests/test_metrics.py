@@ -59,3 +59,10 @@ def test_metric_argument_errors():
         metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64), 3)
     with pytest.raises(ValueError, match="must be 2-D of one shape"):
         metrics.migration_count(torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+def test_identity_gpu_loads():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    assert metrics.identity_gpu_loads(w, 3).tolist() == [[3.0, 7.0, 11.0]]
+    assert metrics.identity_gpu_loads(w, 4).tolist() == [[3.0, 3.0, 9.0, 6.0]]  # e * 4 // 6
+    assert metrics.identity_gpu_loads(w, 6).tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
