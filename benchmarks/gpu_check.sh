@@ -24,7 +24,7 @@ export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/nvidia-smi.txt"
 
 # The GPU-only tests (real shapes, CUDA-graph capture) and the interpreter-sized ones, compiled for real.
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_api.py 2>&1 | tail -n 30 | tee "$out/pytest.txt"
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_api.py tests/test_online.py 2>&1 | tail -n 30 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
 
 timeout 420 python3 benchmarks/gpu_check.py --out "$out" ${data:+--data "$data"}

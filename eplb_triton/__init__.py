@@ -5,10 +5,17 @@ and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA te
 """
 
 from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
+from .distributed import RearrangeStats, rearrange_expert_weights
+from .online import OnlineBalancer, record_dispatch, stable_slots
 from .planner import EplbPlanner
 
 __all__ = [
     "EplbPlanner",
+    "OnlineBalancer",
+    "RearrangeStats",
+    "rearrange_expert_weights",
+    "record_dispatch",
+    "stable_slots",
     "balanced_packing",
     "rebalance_experts",
     "rebalance_experts_hierarchical",

@@ -1,0 +1,147 @@
+"""Multi-process tests over gloo (2 and 4 processes on the CPU): every rank plans the same
+placement from its own counts, and rearrange_expert_weights leaves every rank holding exactly the
+right expert tensors."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import make_loads
+
+import eplb_triton as eplb
+from eplb_triton.distributed import rearrange_expert_weights
+from eplb_triton.online import OnlineBalancer, stable_slots
+
+E, G, N, L = 16, 4, 2, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, fn, *args) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_loads(rank: int, step: int) -> torch.Tensor:
+    return make_loads(L, E, "skewed", 1000 * rank + step) % 200
+
+
+def _expert_data(layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two weight tensors per expert whose contents name (layer, expert)."""
+    base = float(layer * 1000 + expert)
+    return torch.full((3,), base) + torch.arange(3) / 10, torch.full((2, 2), -base)
+
+
+def _weights_for(phy2log: torch.Tensor, rank: int, S: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = []
+    for layer in range(phy2log.shape[0]):
+        slots = phy2log[layer, rank * S : (rank + 1) * S].tolist()
+        layers.append(tuple(torch.stack([_expert_data(layer, e)[i] for e in slots]) for i in range(2)))
+    return layers
+
+
+def _agree_worker(rank: int, world: int) -> None:
+    P = world
+    b = OnlineBalancer(L, E, E + 4 * world, G, N, P, window=2, rebalance_interval=2, device="cpu")
+    for step in range(2):
+        loads = _rank_loads(rank, step)
+        for layer in range(L):
+            ids = torch.repeat_interleave(torch.arange(E), loads[layer]).view(-1, 1)
+            b.record(layer, ids)
+        b.step()
+    gathered = [torch.empty_like(b.phy2log) for _ in range(world)]
+    dist.all_gather(gathered, b.phy2log)
+    for other in gathered:
+        assert torch.equal(other, b.phy2log), "all ranks hold the same placement"
+    total = sum(_rank_loads(r, s) for r in range(world) for s in range(2))
+    R = b.config.num_replicas
+    initial = eplb.rebalance_experts(torch.ones(L, E), R, G, N, P)[0]
+    want = stable_slots(initial, eplb.rebalance_experts(total, R, G, N, P)[0], P)
+    assert torch.equal(b.phy2log, want), "the plan is that of the counts summed over ranks"
+
+    # then move the weights to it
+    weights = _weights_for(initial, rank, R // P)
+    stats = rearrange_expert_weights(weights, initial, b.phy2log)
+    _check_weights(weights, b.phy2log, rank, R // P)
+    changed = int(
+        (
+            initial[:, rank * (R // P) : (rank + 1) * (R // P)] != b.phy2log[:, rank * (R // P) : (rank + 1) * (R // P)]
+        ).sum()
+    )
+    assert stats.local_copies + stats.received == changed
+
+
+def _check_weights(weights, phy2log, rank: int, S: int) -> None:
+    for layer, tensors in enumerate(weights):
+        for i, q in enumerate(range(rank * S, (rank + 1) * S)):
+            want = _expert_data(layer, int(phy2log[layer, q]))
+            assert torch.equal(tensors[0][i], want[0]) and torch.equal(tensors[1][i], want[1]), (layer, q)
+
+
+def _rearrange_worker(rank: int, world: int, old: torch.Tensor, new: torch.Tensor, max_inflight: int) -> None:
+    S = old.shape[1] // world
+    weights = _weights_for(old, rank, S)
+    untouched = [(t0.clone(), t1.clone()) for t0, t1 in weights]
+    stats = rearrange_expert_weights(weights, old, new, max_inflight=max_inflight)
+    _check_weights(weights, new, rank, S)
+    mine = slice(rank * S, (rank + 1) * S)
+    assert stats.local_copies + stats.received == int((old[:, mine] != new[:, mine]).sum())
+    # one-tensor-per-layer form, too
+    single = [w[0].clone() for w in untouched]
+    rearrange_expert_weights(single, old, new)
+    for layer, t in enumerate(single):
+        for i, q in enumerate(range(rank * S, (rank + 1) * S)):
+            assert torch.equal(t[i], _expert_data(layer, int(new[layer, q]))[0])
+
+
+def _random_placement(layers: int, experts: int, slots: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(layers):
+        extra = torch.randint(0, experts, (slots - experts,), generator=g)
+        row = torch.cat([torch.arange(experts), extra])
+        rows.append(row[torch.randperm(slots, generator=g)])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_agree_on_the_plan_and_weights_follow(world):
+    _run(world, _agree_worker)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["random", "every-slot-changes", "unchanged"])
+def test_rearrange_expert_weights(world, kind):
+    S = 5
+    old = _random_placement(L, 7, world * S, seed=world)
+    if kind == "random":
+        new = _random_placement(L, 7, world * S, seed=world + 50)
+    elif kind == "every-slot-changes":
+        new = torch.roll(old, shifts=S, dims=1)  # each rank gets the next rank's experts
+        new[:, :S] = old[:, :S].flip(1)  # ... except rank 0: its own, reversed (local swaps)
+        new = torch.where(new == old, (old + 1) % 7, new)
+        # keep every expert present
+        new[:, -7:] = torch.arange(7)
+        new = torch.where(new == old, (new + 3) % 7, new)
+        assert (new != old).all()
+    else:
+        new = old.clone()
+    _run(world, _rearrange_worker, old, new, 2)
+
+
+def test_rearrange_argument_errors():
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        rearrange_expert_weights([torch.zeros(2, 1)], torch.zeros(1, 2), torch.zeros(1, 2))

@@ -1,0 +1,222 @@
+"""Recording + dispatch (kernel vs torch), slot-stable placements, and the balancer's logic."""
+
+import pytest
+import torch
+from helpers import make_loads
+
+import eplb_triton as eplb
+from eplb_triton import metrics
+from eplb_triton.online import OnlineBalancer, log2phy_of, record_dispatch, record_dispatch_reference, stable_slots
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _placement(E=12, R=18, G=4, N=2, P=6, seed=0):
+    w = make_loads(1, E, "skewed", seed)
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, R, G, N, P)
+    padded = torch.full((E, R - E + 1), -1, dtype=torch.int64)
+    padded[:, : log2phy.shape[2]] = log2phy[0]
+    return padded, logcnt[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("tokens, top_k", [(1, 1), (37, 2), (300, 4), (1025, 1)])
+def test_dispatch_kernel_matches_torch(tokens, top_k, dtype):
+    log2phy, logcnt = _placement()
+    g = torch.Generator().manual_seed(tokens * 7 + top_k)
+    ids = torch.randint(-2, 14, (tokens, top_k), generator=g, dtype=dtype)  # includes invalid ids
+    ids[0, 0] = 12  # == E: invalid
+    want_counts = torch.full((12,), 5, dtype=torch.int32)
+    want_phy, want_bad = record_dispatch_reference(ids, log2phy, logcnt, want_counts)
+    counts = torch.full((12,), 5, dtype=torch.int32, device=DEVICE)
+    invalid = torch.full((1,), 3, dtype=torch.int32, device=DEVICE)
+    phy = record_dispatch(
+        ids.to(DEVICE), log2phy.to(DEVICE), logcnt.to(DEVICE), counts, invalid=invalid, backend="triton"
+    )
+    assert phy.dtype == dtype
+    assert torch.equal(phy.cpu(), want_phy)
+    assert torch.equal(counts.cpu(), want_counts)
+    assert int(invalid) == 3 + int(want_bad)
+
+
+def test_dispatch_reference_semantics():
+    log2phy = torch.tensor([[0, 3, -1], [1, -1, -1], [2, 4, 5]])
+    logcnt = torch.tensor([2, 1, 3])
+    ids = torch.tensor([[0, 2], [0, 2], [0, 2], [1, 7]])
+    counts = torch.zeros(3, dtype=torch.int32)
+    phy, bad = record_dispatch_reference(ids, log2phy, logcnt, counts)
+    # token t -> replica t % logcnt[e]
+    assert phy.tolist() == [[0, 2], [3, 4], [0, 5], [1, -1]]
+    assert counts.tolist() == [3, 1, 3] and int(bad) == 1
+    with pytest.raises(ValueError, match=r"topk_ids has 1 ids outside \[0, 3\)"):
+        record_dispatch(ids, log2phy, logcnt, counts, check=True)
+
+
+def test_dispatch_argument_errors():
+    log2phy, logcnt = _placement()
+    counts = torch.zeros(12, dtype=torch.int32)
+    with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
+        record_dispatch(torch.zeros(4, 2), log2phy, logcnt, counts)
+    with pytest.raises(ValueError, match=r"topk_ids must be a 2-D tensor"):
+        record_dispatch(torch.zeros(4, dtype=torch.int64), log2phy, logcnt, counts)
+    with pytest.raises(TypeError, match="counts must be int32"):
+        record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt, counts.long())
+    with pytest.raises(ValueError, match="log2phy must be"):
+        record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt[:5], counts)
+
+
+def test_stable_slots_keeps_experts_in_place():
+    old = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = torch.tensor([[3, 2, 8, 9, 7, 7, 4, 0]])
+    assert stable_slots(old, new, 2).tolist() == [[8, 9, 2, 3, 4, 7, 0, 7]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stable_slots_properties(seed):
+    E, R, G, N, P = 16, 32, 4, 2, 8
+    old = eplb.rebalance_experts(make_loads(6, E, "skewed", seed), R, G, N, P)[0]
+    new, _, logcnt = eplb.rebalance_experts(make_loads(6, E, "skewed", seed + 100), R, G, N, P)
+    kept = stable_slots(old, new, P)
+    S = R // P
+    # the same multiset of experts on every GPU, so the same GPU loads
+    assert torch.equal(kept.view(6, P, S).sort(-1).values, new.view(6, P, S).sort(-1).values)
+    w = make_loads(6, E, "uniform-int", seed)
+    assert torch.allclose(metrics.gpu_loads(w, kept, logcnt, P), metrics.gpu_loads(w, new, logcnt, P))
+    # never more migration, and every expert a GPU keeps stays in its slot
+    assert (metrics.migration_count(old, kept) <= metrics.migration_count(old, new)).all()
+    for layer in range(6):
+        for p in range(P):
+            o, n = old[layer, p * S : (p + 1) * S].tolist(), kept[layer, p * S : (p + 1) * S].tolist()
+            stays = sum(min(o.count(e), n.count(e)) for e in set(o))
+            assert sum(a == b for a, b in zip(o, n, strict=True)) == stays
+
+
+def test_log2phy_of_inverts_phy2log():
+    phy2log = torch.tensor([[1, 0, 1, 2], [2, 2, 0, 1]])
+    assert log2phy_of(phy2log, 3, 3).tolist() == [
+        [[1, -1, -1], [0, 2, -1], [3, -1, -1]],
+        [[2, -1, -1], [3, -1, -1], [0, 1, -1]],
+    ]
+
+
+def _feed(balancer: OnlineBalancer, loads: torch.Tensor) -> None:
+    """Record tokens so that the step's counts equal ``loads`` [L, E] exactly."""
+    for layer in range(loads.shape[0]):
+        ids = torch.repeat_interleave(torch.arange(loads.shape[1]), loads[layer]).view(-1, 1)
+        balancer.record(layer, ids.to(balancer.device))
+
+
+def test_window_interval_and_plan():
+    b = OnlineBalancer(2, 8, 12, 4, 2, 4, window=2, rebalance_interval=3, device="cpu")
+    initial = b.phy2log.clone()
+    steps = [make_loads(2, 8, "skewed", s) % 50 for s in range(3)]
+    for s in steps[:2]:
+        _feed(b, s)
+        assert torch.equal(b.counts, s.to(torch.int32))
+        assert b.step() is False
+        assert (b.counts == 0).all()
+    assert torch.equal(b.phy2log, initial), "no plan before the interval"
+    _feed(b, steps[2])
+    assert b.step() is True
+    window = steps[1] + steps[2]  # window of 2: the first step has rolled out
+    assert torch.equal(b.window_loads(), window)
+    want = eplb.rebalance_experts(window, 12, 4, 2, 4)
+    kept = stable_slots(initial, want[0], 4)
+    assert torch.equal(b.phy2log, kept) and torch.equal(b.logcnt, want[2])
+    assert torch.equal(b.log2phy, log2phy_of(kept, 8, 12 - 8 + 1))
+    want_bal = metrics.balancedness(metrics.gpu_loads(window, want[0], want[2], 4))
+    assert torch.allclose(b.balancedness, want_bal)
+    (entry,) = b.history_records()
+    assert entry["step"] == 3 and entry["after"] == pytest.approx(float(want_bal.mean()))
+
+
+def test_ema():
+    b = OnlineBalancer(1, 4, 6, 2, 1, 2, ema_decay=0.5, rebalance_interval=2, device="cpu")
+    _feed(b, torch.tensor([[8, 0, 0, 0]]))
+    b.step()
+    _feed(b, torch.tensor([[0, 0, 0, 4]]))
+    b.step()
+    assert torch.allclose(b.window_loads(), torch.tensor([[2.0, 0.0, 0.0, 2.0]]))  # 0.5 * (0.5 * 8) , 0.5 * 4
+
+
+def test_threshold_replans_only_bad_layers():
+    # Layer 0's traffic matches the equal-load placement, layer 1's is very skewed.
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1000, balancedness_threshold=0.9, device="cpu")
+    initial = b.phy2log.clone()
+    loads = torch.tensor([[10] * 8, [200, 1, 1, 1, 1, 1, 1, 1]])
+    _feed(b, loads)
+    assert b.step() is True
+    assert torch.equal(b.phy2log[0], initial[0])
+    assert not torch.equal(b.phy2log[1], initial[1])
+    assert float(b.last_balancedness[1]) < 0.9 <= float(b.last_balancedness[0])
+    assert float(b.balancedness[1]) > float(b.last_balancedness[1])
+
+
+def test_state_dict_round_trip():
+    b = OnlineBalancer(2, 8, 12, 4, 2, 4, window=3, rebalance_interval=2, device="cpu")
+    for s in range(5):
+        _feed(b, make_loads(2, 8, "skewed", s) % 40)
+        b.step()
+    _feed(b, make_loads(2, 8, "ties", 9))  # counts of an unfinished step
+    state = b.state_dict()
+    c = OnlineBalancer(2, 8, 12, 4, 2, 4, window=3, rebalance_interval=2, device="cpu")
+    c.load_state_dict(state)
+    for name in ("phy2log", "log2phy", "logcnt", "counts", "balancedness", "last_balancedness"):
+        assert torch.equal(getattr(b, name), getattr(c, name)), name
+    assert c.steps == b.steps == 5
+    # both continue identically
+    for x in (b, c):
+        x.step()
+    assert torch.equal(b.phy2log, c.phy2log) and torch.equal(b.window_loads(), c.window_loads())
+    with pytest.raises(ValueError, match="state_dict is for configuration"):
+        OnlineBalancer(2, 8, 16, 4, 2, 4, device="cpu").load_state_dict(state)
+    with pytest.raises(ValueError, match="state_dict has window=3"):
+        OnlineBalancer(2, 8, 12, 4, 2, 4, window=4, device="cpu").load_state_dict(state)
+
+
+def test_balancer_argument_errors():
+    with pytest.raises(ValueError, match="either window or ema_decay"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, window=2, ema_decay=0.9)
+    with pytest.raises(ValueError, match=r"ema_decay \(1.5\) must be a number with 0 < ema_decay < 1"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, ema_decay=1.5)
+    with pytest.raises(ValueError, match=r"rebalance_interval \(0\) must be a positive integer"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, rebalance_interval=0)
+    with pytest.raises(ValueError, match=r"balancedness_threshold \(0\) must be in \(0, 1\]"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, balancedness_threshold=0)
+    with pytest.raises(ValueError, match=r"num_replicas \(5\) must be a multiple of num_gpus \(2\)"):
+        OnlineBalancer(1, 4, 5, 1, 1, 2)
+    b = OnlineBalancer(2, 4, 4, 1, 1, 1, device="cpu")
+    with pytest.raises(ValueError, match=r"layer \(2\) must be an int in \[0, 2\)"):
+        b.record(2, torch.zeros(1, 1, dtype=torch.int64))
+
+
+def test_balancer_triton_backend_matches_cpu_backend():
+    """The GPU planner + recording kernel path (interpreter on CPU) gives the CPU path's placement."""
+    kwargs = dict(window=2, rebalance_interval=2, device=DEVICE)
+    gpu_like = OnlineBalancer(2, 8, 12, 4, 2, 4, backend="triton", **kwargs)
+    cpu_like = OnlineBalancer(2, 8, 12, 4, 2, 4, backend="cpu", **kwargs)
+    for s in range(2):
+        loads = make_loads(2, 8, "skewed", s) % 30
+        for b in (gpu_like, cpu_like):
+            _feed(b, loads)
+            b.step()
+    for name in ("phy2log", "log2phy", "logcnt"):
+        assert torch.equal(getattr(gpu_like, name), getattr(cpu_like, name)), name
+
+
+def test_train_loop_example_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_loop.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "8", "--interval", "4", "--tokens", "64", "--device", "cpu",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "train_loop.json").read_text())
+    assert len(summary["rows"]) == 8 and [h["step"] for h in summary["rebalances"]] == [4, 8]
+    assert 0 < summary["balancedness_without"] <= 1 and 0 < summary["balancedness_with_rebalancing"] <= 1
