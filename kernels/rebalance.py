@@ -467,7 +467,7 @@ def rebalance(
         BLOCK_EN=block_en,
         BLOCK_RN=block_rn,
         BLOCK_PN=_pow2(P // N),
-        BLOCK_X=max(1, min(_pow2(width), 4096 // block_en)),
+        BLOCK_X=max(1, min(_pow2(width), 1024 // block_en)),  # tiles of <= 1024 int64
         num_warps=num_warps or _num_warps(max(block_rn, block_en)),
     )
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
+# ../shared/data beside the checkout; EPLB_DATA overrides (benchmarks/gpu_check.sh runs a staged copy)
+DATA = Path(
+    os.environ.get("EPLB_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/deepseek-v3-sglang"
+)
 
 # The five deployments of ../shared/data/README.md: (name, R, G, N, P).
 REAL_CONFIGS = [
