@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -38,22 +37,20 @@ if SMOKE:  # before triton.jit runs, i.e. before the kernels are imported
 
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 import eplb_triton as eplb  # noqa: E402
+from eplb_triton.bench import median_cpu_s, synthetic_loads  # noqa: E402
+from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
 from eplb_triton.io import read_loads  # noqa: E402
 from eplb_triton.kernels import rebalance as kernels  # noqa: E402
 
-REAL_CONFIGS = {  # name: (R, G, N, P)
-    "prefill-EP32": (288, 8, 4, 32),
-    "prefill-EP32-global": (288, 1, 1, 32),
-    "decode-EP64": (320, 8, 1, 64),
-    "decode-EP144": (288, 8, 18, 144),
-    "EP8-no-redundancy": (256, 1, 1, 8),
+REAL_CONFIGS = {name: d.args for name, d in DEEPSEEK_V3.items()}  # name: (R, G, N, P)
+TIMED = {
+    name: (MODELS[name].experts, *MODELS[name].args)
+    for name in ("deepseek-v3-prefill-ep32", "deepseek-v3-decode-ep144")
 }
-TIMED = {"deepseek-v3-prefill-ep32": (256, 288, 8, 4, 32), "deepseek-v3-decode-ep144": (256, 288, 8, 18, 144)}
 GRAPH_SHAPE = (58, 256, 288, 8, 4, 32)  # (L, E, R, G, N, P)
 RANDOM_CONFIGS = [  # (L, E, R, G, N, P)
     (16, 1024, 2048, 16, 4, 64),
@@ -77,29 +74,14 @@ DEVICE = "cpu" if SMOKE else "cuda"
 def bench(fn) -> float:
     """Median milliseconds: do_bench on the GPU, perf_counter in smoke mode."""
     if SMOKE:
-        return cpu_median(fn, repeats=2) * 1e3
+        return median_cpu_s(fn, repeats=2) * 1e3
     from triton.testing import do_bench
 
     return do_bench(fn, return_mode="median")
 
 
-def skewed(L: int, E: int, seed: int) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(np.floor(rng.pareto(1.2, (L, E)) * 1000).astype(np.float32))
-
-
 def same(a: tuple, b: tuple) -> bool:
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
-
-
-def cpu_median(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class Report:
@@ -162,7 +144,7 @@ def check_random(rep: Report) -> dict:
     result = {}
     for L, E, R, G, N, P in RANDOM_CONFIGS:
         for seed in range(3):
-            w = skewed(L, E, seed)
+            w = synthetic_loads(L, E, seed)
             if seed == 2:
                 w = torch.floor(w / 4000)  # many ties
             ok = same(
@@ -187,7 +169,7 @@ def check_graph(rep: Report) -> dict:
     graph = graph_of(partial(planner.plan, static_w))
     oks = []
     for seed in range(3):
-        w = skewed(L, E, 100 + seed)
+        w = synthetic_loads(L, E, 100 + seed)
         static_w.copy_(w)
         graph.replay()
         want = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")
@@ -205,7 +187,7 @@ def check_compile(rep: Report) -> dict:
         return phy2log.sum() + logcnt.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if SMOKE else "inductor")
-    w = skewed(L, E, 7).to(DEVICE)
+    w = synthetic_loads(L, E, 7).to(DEVICE)
     compiled(w)
     want = eplb.rebalance_experts(w.cpu() * 2, R, G, N, P, backend="cpu")
     ok = same((planner.phy2log, planner.logcnt), (want[0], want[2]))
@@ -218,15 +200,15 @@ def time_layers(rep: Report, layer_counts: list[int]) -> dict:
     rep.say(f"{'config':28s} {'L':>4s} {'api_us':>9s} {'plan_us':>9s} {'graph_us':>9s} {'cpu_ms':>8s} {'ref_ms':>8s}")
     for name, (E, R, G, N, P) in TIMED.items():
         for L in layer_counts:
-            w_cpu = skewed(L, E, L)
+            w_cpu = synthetic_loads(L, E, L).float()  # float32: no conversion inside the timed calls
             w = w_cpu.to(DEVICE)
             api_ms = bench(partial(eplb.rebalance_experts, w, R, G, N, P, backend="triton"))
             planner = eplb.EplbPlanner(L, E, R, G, N, P, device=DEVICE)
             plan_ms = bench(partial(planner.plan, w))
             graph_ms = float("nan") if SMOKE else bench(graph_of(partial(planner.plan, w)).replay)
-            cpu_s = cpu_median(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="cpu"))
+            cpu_s = median_cpu_s(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="cpu"), 5)
             ref_s = (
-                cpu_median(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="reference"), repeats=1)
+                median_cpu_s(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="reference"), repeats=1)
                 if L <= 58
                 else float("nan")
             )
@@ -243,7 +225,7 @@ def time_layers(rep: Report, layer_counts: list[int]) -> dict:
 def sweep_warps(rep: Report) -> dict:
     rows = []
     for name, (E, R, G, N, P) in TIMED.items():
-        w = skewed(2 if SMOKE else 58, E, 0).to(DEVICE)
+        w = synthetic_loads(2 if SMOKE else 58, E, 0).float().to(DEVICE)
         eff = (G, N) if G % N == 0 else (1, 1)
         for warps in (1, 2, 4, 8):
             out = kernels.rebalance(w, R, *eff, P, num_warps=warps)

@@ -52,6 +52,14 @@ def check_values(w32: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} must be finite and >= 0 in float32, found {float(w32[row, col])} at [{row}, {col}]")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device, CUDA by default when present; ``"cuda"`` pinned to the current index."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")

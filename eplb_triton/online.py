@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import metrics
-from ._validation import check_config, check_count
+from ._validation import check_config, check_count, resolve_device
 
 # ----------------------------------------------------------------------------------------------
 # Recording and dispatch
@@ -271,10 +271,7 @@ class OnlineBalancer:
         self.balancedness_threshold = balancedness_threshold
         self.keep_slots = bool(keep_slots)
         self.process_group = process_group
-        default = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device if device is not None else default)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)
         if backend not in ("auto", "triton", "cpu"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'cpu', got {backend!r}")
         self.backend = ("triton" if self.device.type == "cuda" else "cpu") if backend == "auto" else backend

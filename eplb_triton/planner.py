@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import Config, check_config, check_count, check_weight
+from ._validation import Config, check_config, check_count, check_weight, resolve_device
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
 
@@ -88,9 +88,7 @@ class EplbPlanner:
         self.config: Config = check_config(meta, num_replicas, num_groups, num_nodes, num_gpus)
         kernels.check_limits(E, self.config.num_replicas)
         self._policy = self.config.effective()
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)
         self._buffers = kernels.RebalanceBuffers.allocate(
             L, E, self.config.num_replicas, self._policy.num_groups, self._policy.num_nodes, self.device
         )

@@ -11,19 +11,15 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
+from eplb_triton.configs import DEEPSEEK_V3
+
 # ../shared/data beside the checkout; EPLB_DATA overrides (benchmarks/gpu_check.sh runs a staged copy)
 DATA = Path(
     os.environ.get("EPLB_DATA") or Path(__file__).resolve().parents[1].parent / "shared/data/deepseek-v3-sglang"
 )
 
 # The five deployments of ../shared/data/README.md: (name, R, G, N, P).
-REAL_CONFIGS = [
-    ("prefill-EP32", 288, 8, 4, 32),
-    ("prefill-EP32-global", 288, 1, 1, 32),
-    ("decode-EP64", 320, 8, 1, 64),
-    ("decode-EP144", 288, 8, 18, 144),
-    ("EP8-no-redundancy", 256, 1, 1, 8),
-]
+REAL_CONFIGS = [(name, *d.args) for name, d in DEEPSEEK_V3.items()]
 
 LOAD_KINDS = ("ties", "uniform-int", "skewed", "float", "equal", "zeros", "sparse")
 
