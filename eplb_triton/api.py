@@ -129,8 +129,8 @@ def replicate_experts(
 
     Example:
         >>> phy2log, rank, cnt = replicate_experts(torch.tensor([[6, 2, 3]]), 5)
-        >>> phy2log.tolist(), cnt.tolist()
-        ([[0, 1, 2, 0, 2]], [[2, 1, 2]])
+        >>> phy2log.tolist(), cnt.tolist()  # 6/2 = 3 ties with 3/1: the lower expert wins
+        ([[0, 1, 2, 0, 0]], [[3, 1, 1]])
     """
     X, E = check_weight(weight)
     R = check_count("num_phy", num_phy)

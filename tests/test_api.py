@@ -78,3 +78,12 @@ def test_outputs_on_input_device(backend):
     assert all(t.is_cuda for t in got)
     want = reference.rebalance_experts(w, 16, 4, 2, 8)
     assert_same(got, want)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from eplb_triton import api
+
+    result = doctest.testmod(api, extraglobs={"torch": torch})
+    assert result.attempted >= 3 and result.failed == 0
