@@ -92,14 +92,18 @@ def median_gpu_s(fn) -> float:
 
 
 def sweep_latency(models: list[Deployment], layers: list[int], backends: list[str], repeats: int, budget_s: float,
-                  log=print) -> list[dict]:  # fmt: skip
-    """One row per (model, layers, backend); skipped points carry a ``note`` and no time."""
+                  log=print, native: bool = False) -> list[dict]:  # fmt: skip
+    """One row per (model, layers, backend); skipped points carry a ``note`` and no time.
+
+    ``native``: add each model's own layer count (e.g. 94 for Qwen3-235B) to the sweep.
+    """
+    per_model = {m.name: sorted(set(layers) | ({m.layers} if native and m.layers else set())) for m in models}
     rows = []
-    total = len(models) * len(layers) * len(backends)
+    total = sum(len(v) for v in per_model.values()) * len(backends)
     done = 0
     for model in models:
         last_ref: tuple[int, float] | None = None  # (layers, seconds) of the last reference point
-        for L in layers:
+        for L in per_model[model.name]:
             w = synthetic_loads(L, model.experts, seed=L)
             for backend in backends:
                 done += 1
@@ -223,7 +227,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"layers {QUICK_LAYERS}, 3 repeats (< 2 min on 2 CPU cores)")
-    p.add_argument("--layers", type=int, nargs="+", help=f"layer counts (default {FULL_LAYERS})")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help=f"layer counts (default {FULL_LAYERS} and each model's own)")  # fmt: skip
     p.add_argument("--models", nargs="+", choices=[*MODELS, "custom"], help="default: all named models")
     for name in ("experts", "replicas", "groups", "nodes", "gpus"):
         p.add_argument(f"--{name}", type=int, help="custom configuration (all five together)")
@@ -277,7 +282,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     result: dict = {"provenance": info, "args": {k: str(v) for k, v in vars(args).items()}}
     tables: list[str] = []
     if not args.no_latency and models:
-        rows = sweep_latency(models, layers, backends, repeats, budget, log)
+        rows = sweep_latency(models, layers, backends, repeats, budget, log, native=args.layers is None)
         for r in rows:
             m = next(d for d in models if d.name == r["model"])
             r.update(experts=m.experts, replicas=m.replicas, groups=m.groups, nodes=m.nodes, gpus=m.gpus)
