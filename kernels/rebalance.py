@@ -317,8 +317,11 @@ def _pow2(n: int) -> int:
 
 
 def _num_warps(block: int) -> int:
-    # The greedy steps are chains of block-wide reductions: few warps keep them short.
-    return max(1, min(8, block // 256))
+    # Each greedy step is a chain of block-wide reductions, latency-bound: within one warp they
+    # are register shuffles, across warps each adds a shared-memory round trip and a barrier.
+    # One warp up to 512 lanes (16 int64 keys per thread), more only to avoid register spills.
+    # A guess until measured: benchmarks/gpu_check.py sweeps num_warps 1-8.
+    return max(1, min(4, block // 512))
 
 
 def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
