@@ -149,6 +149,15 @@ def test_planner_under_torch_compile_has_no_graph_break():
     assert_same((planner.phy2log, planner.logcnt), (want[0], want[2]))
 
 
+def test_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation and AOT dispatch of torch.ops.eplb_triton.rebalance_."""
+    b = kernels.RebalanceBuffers.allocate(2, 8, 12, 4, 2, DEVICE)
+    args = (make_loads(2, 8, "skewed", 4).float().to(DEVICE), b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid,
+            b.scratch_i, b.scratch_f, 12, 4, 2, 4)  # fmt: skip
+    result = torch.library.opcheck(torch.ops.eplb_triton.rebalance_.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor"):
