@@ -438,11 +438,12 @@ class OnlineBalancer:
         if self._planner is not None:
             phy2log, _, logcnt = self._planner.plan(loads)
             return phy2log, logcnt
-        from .api import rebalance_experts
+        from .api import rebalance_experts_hierarchical
 
-        c = self.config
-        phy2log, _, logcnt = rebalance_experts(
-            loads, c.num_replicas, c.num_groups, c.num_nodes, c.num_gpus, backend="cpu"
+        # the policy's own pipeline: no log2phy here, _install derives it after stable_slots
+        p = self.config.effective()
+        phy2log, _, logcnt = rebalance_experts_hierarchical(
+            loads, p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus, backend="cpu"
         )
         return phy2log.to(self.device), logcnt.to(self.device)
 
