@@ -41,10 +41,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import eplb_triton as eplb  # noqa: E402
+from eplb_triton import launch  # noqa: E402
+from eplb_triton._validation import Config  # noqa: E402
 from eplb_triton.bench import median_cpu_s, synthetic_loads  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
 from eplb_triton.io import read_loads  # noqa: E402
-from eplb_triton.kernels import rebalance as kernels  # noqa: E402
 
 REAL_CONFIGS = {name: d.args for name, d in DEEPSEEK_V3.items()}  # name: (R, G, N, P)
 TIMED = {
@@ -226,10 +227,10 @@ def sweep_warps(rep: Report) -> dict:
     rows = []
     for name, (E, R, G, N, P) in TIMED.items():
         w = synthetic_loads(2 if SMOKE else 58, E, 0).float().to(DEVICE)
-        eff = (G, N) if G % N == 0 else (1, 1)
+        cfg = Config(w.shape[0], E, R, G, N, P).effective()
         for warps in (1, 2, 4, 8):
-            out = kernels.rebalance(w, R, *eff, P, num_warps=warps)
-            ms = bench(partial(kernels.rebalance, w, R, *eff, P, out=out, num_warps=warps))
+            out = launch.rebalance(w, cfg, num_warps=warps)
+            ms = bench(partial(launch.rebalance, w, cfg, out=out, num_warps=warps))
             rows.append(dict(config=name, num_warps=warps, kernel_us=ms * 1e3))
             rep.say(f"{name:28s} num_warps={warps}: {ms * 1e3:8.1f} us")
     return {"rows": rows}

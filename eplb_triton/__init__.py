@@ -5,9 +5,11 @@ and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA te
 """
 
 from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
+from .balancer import OnlineBalancer
 from .distributed import RearrangeStats, rearrange_expert_weights
-from .online import OnlineBalancer, record_dispatch, stable_slots
+from .placement import stable_slots
 from .planner import EplbPlanner
+from .recording import record_dispatch
 
 __all__ = [
     "EplbPlanner",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "cpu", "reference", "triton")
+BACKENDS = ("auto", "cpu", "reference", "triton")  # the one vocabulary; eplb_triton.backends resolves it
 
 
 def check_count(name: str, value: object) -> int:
@@ -60,15 +60,22 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    return backend  # type: ignore[return-value]
+def select_policy(num_groups: int, num_nodes: int) -> tuple[str, int, int]:
+    """The one policy rule (SPEC.md): ``(label, G, N)`` of the pipeline that runs.
+
+    ``G % N == 0`` selects the hierarchical policy; otherwise the global policy runs, which is the
+    hierarchical pipeline with one group and one node. ``G = N = 1`` is that same pipeline, so it
+    is labelled ``"global"`` too: the label names what runs, not what selected it.
+    """
+    if num_groups % num_nodes == 0 and (num_groups, num_nodes) != (1, 1):
+        return "hierarchical", num_groups, num_nodes
+    return "global", 1, 1
 
 
 @dataclass(frozen=True)
 class Config:
-    """A validated placement problem. ``hierarchical`` is the policy SPEC.md selects."""
+    """A validated placement problem: ``L`` layers of ``E`` experts on ``R`` slots, ``G`` groups,
+    ``N`` nodes, ``P`` GPUs."""
 
     num_layers: int
     num_experts: int
@@ -78,20 +85,14 @@ class Config:
     num_gpus: int
 
     @property
-    def hierarchical(self) -> bool:
-        return self.num_groups % self.num_nodes == 0
+    def policy(self) -> str:
+        """``"hierarchical"`` or ``"global"``: the label of the pipeline that runs (:func:`select_policy`)."""
+        return select_policy(self.num_groups, self.num_nodes)[0]
 
     def effective(self) -> Config:
         """The configuration the hierarchical pipeline runs: the global policy is ``G = N = 1``."""
-        if self.hierarchical:
-            return self
-        return Config(self.num_layers, self.num_experts, self.num_replicas, 1, 1, self.num_gpus)
-
-    def key(self) -> str:
-        return (
-            f"L{self.num_layers}-E{self.num_experts}-R{self.num_replicas}"
-            f"-G{self.num_groups}-N{self.num_nodes}-P{self.num_gpus}"
-        )
+        _, G, N = select_policy(self.num_groups, self.num_nodes)
+        return Config(self.num_layers, self.num_experts, self.num_replicas, G, N, self.num_gpus)
 
 
 def check_config(

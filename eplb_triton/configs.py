@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._validation import select_policy
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -25,8 +27,8 @@ class Deployment:
 
     @property
     def policy(self) -> str:
-        # G = N = 1 is what the global policy runs, whatever selects it
-        return "hierarchical" if self.groups % self.nodes == 0 and self.groups * self.nodes > 1 else "global"
+        """``"hierarchical"`` or ``"global"``: the one rule, :func:`eplb_triton._validation.select_policy`."""
+        return select_policy(self.groups, self.nodes)[0]
 
 
 # The DeepSeek-V3 deployments of ../shared/data/README.md (58 MoE layers, 256 experts, 8 groups).

@@ -118,11 +118,3 @@ def rebalance_experts_hierarchical(
     np.put_along_axis(rank, item_slot, phyrank.reshape(L, R), axis=1)
     logcnt = np.take_along_axis(mlogcnt.reshape(L, E), log2mlog, axis=1)
     return phy2log, rank, logcnt
-
-
-def log2phy_from(phy2log: np.ndarray, phyrank: np.ndarray, num_experts: int, width: int) -> np.ndarray:
-    """``log2phy[l, e, r]``: the slot of replica ``r`` of ``e``, ``-1`` past ``logcnt``; ``width`` = X."""
-    L, R = phy2log.shape
-    log2phy = np.full((L, num_experts * width), -1, np.int64)
-    np.put_along_axis(log2phy, phy2log * width + phyrank, np.broadcast_to(np.arange(R), (L, R)), axis=1)
-    return log2phy.reshape(L, num_experts, width)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import launch
 from ._validation import Config, check_config, check_count, check_weight, resolve_device
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
@@ -31,14 +32,14 @@ def rebalance_(
     num_nodes: int,
     num_gpus: int,
 ) -> None:
-    """Write the plan for ``weight`` into the given buffers (see ``kernels.rebalance``).
+    """Write the plan for ``weight`` into the given buffers (see :func:`eplb_triton.launch.rebalance`).
 
     ``num_groups``/``num_nodes`` are those of the policy that runs: pass 1, 1 for the global policy.
     """
-    from .kernels import rebalance as kernels
-
-    buffers = kernels.RebalanceBuffers(phy2log, phyrank, logcnt, log2phy, invalid, scratch_i, scratch_f)
-    kernels.rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, out=buffers)
+    L, E = weight.shape
+    cfg = Config(L, E, num_replicas, num_groups, num_nodes, num_gpus)
+    buffers = launch.RebalanceBuffers(phy2log, phyrank, logcnt, log2phy, invalid, scratch_i, scratch_f)
+    launch.rebalance(weight, cfg, out=buffers)
 
 
 @rebalance_.register_fake
@@ -80,18 +81,14 @@ class EplbPlanner:
         *,
         device: torch.device | str = "cuda",
     ):
-        from .kernels import rebalance as kernels
-
         L = check_count("num_layers", num_layers)
         E = check_count("num_experts", num_experts)
         meta = torch.empty((L, E), device="meta")
         self.config: Config = check_config(meta, num_replicas, num_groups, num_nodes, num_gpus)
-        kernels.check_limits(E, self.config.num_replicas)
+        launch.check_limits(E, self.config.num_replicas)
         self._policy = self.config.effective()
         self.device = resolve_device(device)
-        self._buffers = kernels.RebalanceBuffers.allocate(
-            L, E, self.config.num_replicas, self._policy.num_groups, self._policy.num_nodes, self.device
-        )
+        self._buffers = launch.RebalanceBuffers.allocate(self._policy, self.device)
         self.plan(torch.ones((L, E), dtype=torch.float32, device=self.device))
 
     phy2log = property(lambda self: self._buffers.phy2log)

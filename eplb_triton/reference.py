@@ -2,8 +2,9 @@
 
 This module is the oracle of the project: every other backend (the vectorised CPU path, the
 Triton kernels) must return exactly what these functions return. It is written to be obviously
-right, not fast (about a second for DeepSeek-V3 shapes), and it imports neither Triton nor the
-rest of the package. It does not validate its arguments: the public API does that first.
+right, not fast (about a second for DeepSeek-V3 shapes); it does not import Triton, and of the
+package it imports only the policy rule (:func:`eplb_triton._validation.select_policy`). It does
+not validate its arguments: the public API does that first.
 
 All functions take a 2-D tensor of loads (any real dtype, any device) and return ``int64`` CPU
 tensors, with the same meaning as the public functions of :mod:`eplb_triton`.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ._validation import select_policy
 
 f32 = np.float32
 
@@ -126,18 +129,22 @@ def rebalance_experts_hierarchical(
     return phy2log, phyrank, logcnt
 
 
+def log2phy(phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+    """``log2phy[l, e, r]``: the slot holding replica ``r`` of ``e``, ``-1`` padded to ``X = max(logcnt)``."""
+    L, E = logcnt.shape
+    R = phy2log.shape[1]
+    X = int(logcnt.max()) if L > 0 else 0
+    out = torch.full((L, E, X), -1, dtype=torch.int64)
+    for layer in range(L):
+        for q in range(R):
+            out[layer, phy2log[layer, q], phyrank[layer, q]] = q
+    return out
+
+
 def rebalance_experts(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC entry point: returns ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``."""
-    if num_groups % num_nodes == 0:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    else:
-        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
-    L, E = logcnt.shape
-    X = int(logcnt.max()) if L > 0 else 0
-    log2phy = torch.full((L, E, X), -1, dtype=torch.int64)
-    for layer in range(L):
-        for q in range(num_replicas):
-            log2phy[layer, phy2log[layer, q], phyrank[layer, q]] = q
-    return phy2log, log2phy, logcnt
+    _, G, N = select_policy(num_groups, num_nodes)
+    phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, G, N, num_gpus)
+    return phy2log, log2phy(phy2log, phyrank, logcnt), logcnt

@@ -1,385 +1,34 @@
-"""Triton kernels for the whole EPLB rebalance (SPEC.md), all layers in parallel.
+"""Thin launchers of the rebalance kernels (:mod:`._rebalance`).
 
-One program per (layer, node) row runs the complete pipeline for its node: the group packing of
-its layer (recomputed by every node's program: it is tiny and saves a launch), replication
-within the node, packing of the node's slots onto its GPUs, and the writes of ``phy2log``,
-``phyrank``, ``logcnt`` and the ``-1``-padded ``log2phy``. The sequential greedy chains stay inside
-a program with pack loads and counts in registers; nothing goes back to the host.
-
-Exact ties (SPEC "lower index first") come from packing each candidate into one int64 key and
-taking a single max/min: non-negative float32 values order like their bit patterns, so
-
-* item choice   = max over ``(weight_bits << 32) | (0xFFFF - item)``,
-* pack choice   = min over ``(load_bits << 32) | (pack << 16) | count`` (full packs excluded),
-* replica choice = max over ``(share_bits << 32) | ((0xFFFF - expert) << 16) | count``,
-
-which decode back to the chosen index, its float32 value and its count. Shares are computed with
-IEEE division (``div_rn``), as float32 division in the reference is.
-
-Values gathered by data-dependent index (a group's node, a replica's share) go through a small
-per-program scratch buffer in global memory, with ``tl.debug_barrier()`` between the store and the
-read-back by other threads of the program.
-
-A layer whose loads are not all finite and ``>= 0`` is skipped (its outputs are not written) and
-flagged in ``invalid[layer]``; the callers decide what that means (the drop-in API raises).
+Outputs, scratch, grids, block sizes and limits come from :mod:`eplb_triton.launch` (a
+:class:`~eplb_triton.launch.Launch` per call); these functions only bind tensors to kernel
+arguments. Inputs must be float32, row-contiguous, on the outputs' device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import triton
-import triton.language as tl
 
-MAX_EXPERTS = 1024
-MAX_REPLICAS = 2048
-MAX_ITEMS = 2048  # balanced_packing: items per row
-
-_INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+from ._rebalance import _balanced_packing_kernel, _rebalance_kernel, _replicate_kernel
 
 
-@triton.jit
-def _key_bits(x):
-    """Order-preserving int64 image of a non-negative float32 (``-0.0`` taken as ``+0.0``)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    return x.to(tl.int32, bitcast=True).to(tl.int64)
-
-
-@triton.jit
-def _bits_to_f32(bits):
-    return bits.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _row_is_valid(b_w, mask):
-    """1 if every masked entry is finite and >= 0 (NaN fails ``>= 0``)."""
-    b_bad = mask & ~((b_w >= 0.0) & (b_w < float("inf")))
-    return tl.sum(b_bad.to(tl.int32), axis=0) == 0
-
-
-@triton.jit
-def _pack_greedy_loop(
-    b_w,  # [BLOCK_I] float32 item weights
-    NUM_ITEMS: tl.constexpr,
-    NUM_PACKS: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
-    o_i = tl.arange(0, BLOCK_I)
-    o_p = tl.arange(0, BLOCK_P)
-    m_p = o_p < NUM_PACKS
-    # [BLOCK_I] heaviest item first, then lower index; taken items drop to -1
-    b_item = tl.where(o_i < NUM_ITEMS, (_key_bits(b_w) << 32) | (0xFFFF - o_i).to(tl.int64), -1)
-    b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
-    b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
-    b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
-    b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for _ in range(NUM_ITEMS):
-        best = tl.max(b_item, axis=0)
-        item = (0xFFFF - (best & 0xFFFF)).to(tl.int32)
-        weight = _bits_to_f32(best >> 32)
-        # [BLOCK_P] least-loaded open pack, then lower pack index
-        b_key = (_key_bits(b_load) << 32) | (o_p.to(tl.int64) << 16) | b_cnt.to(tl.int64)
-        choice = tl.min(tl.where(m_p & (b_cnt < CAPACITY), b_key, _INT64_MAX), axis=0)
-        pack = ((choice >> 16) & 0xFFFF).to(tl.int32)
-        rank = (choice & 0xFFFF).to(tl.int32)
-        m_hit = o_p == pack
-        b_load = tl.where(m_hit, b_load + weight, b_load)
-        b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
-        m_item = o_i == item
-        b_pack = tl.where(m_item, pack, b_pack)
-        b_rank = tl.where(m_item, rank, b_rank)
-        b_item = tl.where(m_item, -1, b_item)
-    return b_pack, b_rank
-
-
-@triton.jit
-def _pack_greedy(
-    b_w,  # [BLOCK_I] float32 item weights
-    NUM_ITEMS: tl.constexpr,
-    NUM_PACKS: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """SPEC balanced_packing of one row: returns (pack, rank), each [BLOCK_I] int32."""
-    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
-    o_i = tl.arange(0, BLOCK_I)
-    if CAPACITY == 1:  # one item per pack: no sorting at all
-        b_pack = o_i
-        b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-    else:
-        b_pack, b_rank = _pack_greedy_loop(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
-    return b_pack, b_rank
-
-
-@triton.jit
-def _replicate_greedy(
-    b_w,  # [BLOCK_E] float32 expert loads
-    NUM_LOG: tl.constexpr,
-    NUM_PHY: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """SPEC replicate_experts of one row.
-
-    Returns (phy2log [BLOCK_R], rank [BLOCK_R], cnt [BLOCK_E]) int32 and share [BLOCK_E] float32,
-    the final ``w / cnt`` of each expert.
-    """
-    o_e = tl.arange(0, BLOCK_E)
-    o_r = tl.arange(0, BLOCK_R)
-    m_e = o_e < NUM_LOG
-    b_cnt = tl.full([BLOCK_E], 1, dtype=tl.int32)
-    b_share = b_w
-    b_phy = tl.where(o_r < NUM_LOG, o_r, 0)
-    b_rank = tl.zeros([BLOCK_R], dtype=tl.int32)
-    # [BLOCK_E] largest share first, then lower expert; the count rides in the low bits
-    b_key = tl.where(m_e, (_key_bits(b_share) << 32) | ((0xFFFF - o_e).to(tl.int64) << 16) | 1, -1)
-    for slot in range(NUM_LOG, NUM_PHY):
-        best = tl.max(b_key, axis=0)
-        expert = (0xFFFF - ((best >> 16) & 0xFFFF)).to(tl.int32)
-        count = (best & 0xFFFF).to(tl.int32)
-        b_phy = tl.where(o_r == slot, expert, b_phy)
-        b_rank = tl.where(o_r == slot, count, b_rank)
-        m_hit = o_e == expert
-        b_cnt = tl.where(m_hit, count + 1, b_cnt)
-        b_share = tl.where(m_hit, tl.math.div_rn(b_w, b_cnt.to(tl.float32)), b_share)
-        b_new = (_key_bits(b_share) << 32) | ((0xFFFF - o_e).to(tl.int64) << 16) | b_cnt.to(tl.int64)
-        b_key = tl.where(m_hit, b_new, b_key)
-    return b_phy, b_rank, b_cnt, b_share
-
-
-@triton.jit
-def _balanced_packing_kernel(
-    # inputs
-    w_ptr,  # [X, NUM_ITEMS] float32
-    # outputs
-    pack_ptr,  # [X, NUM_ITEMS] int64
-    rank_ptr,  # [X, NUM_ITEMS] int64
-    invalid_ptr,  # [X] int32
-    NUM_ITEMS: tl.constexpr,
-    NUM_PACKS: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    o_i = tl.arange(0, BLOCK_I)
-    m_i = o_i < NUM_ITEMS
-    b_w = tl.load(w_ptr + row * NUM_ITEMS + o_i, mask=m_i, other=0.0)
-    valid = _row_is_valid(b_w, m_i)
-    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
-    if valid:
-        b_pack, b_rank = _pack_greedy(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
-        tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
-        tl.store(rank_ptr + row * NUM_ITEMS + o_i, b_rank.to(tl.int64), mask=m_i)
-
-
-@triton.jit
-def _replicate_kernel(
-    # inputs
-    w_ptr,  # [X, NUM_LOG] float32
-    # outputs
-    phy2log_ptr,  # [X, NUM_PHY] int64
-    rank_ptr,  # [X, NUM_PHY] int64
-    cnt_ptr,  # [X, NUM_LOG] int64
-    invalid_ptr,  # [X] int32
-    NUM_LOG: tl.constexpr,
-    NUM_PHY: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    o_e = tl.arange(0, BLOCK_E)
-    o_r = tl.arange(0, BLOCK_R)
-    m_e = o_e < NUM_LOG
-    m_r = o_r < NUM_PHY
-    b_w = tl.load(w_ptr + row * NUM_LOG + o_e, mask=m_e, other=0.0)
-    valid = _row_is_valid(b_w, m_e)
-    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
-    if valid:
-        b_phy, b_rank, b_cnt, _ = _replicate_greedy(b_w, NUM_LOG, NUM_PHY, BLOCK_E, BLOCK_R)
-        tl.store(phy2log_ptr + row * NUM_PHY + o_r, b_phy.to(tl.int64), mask=m_r)
-        tl.store(rank_ptr + row * NUM_PHY + o_r, b_rank.to(tl.int64), mask=m_r)
-        tl.store(cnt_ptr + row * NUM_LOG + o_e, b_cnt.to(tl.int64), mask=m_e)
-
-
-@triton.jit
-def _rebalance_kernel(
-    # inputs
-    w_ptr,  # [L, E] float32
-    # outputs
-    phy2log_ptr,  # [L, R] int64
-    phyrank_ptr,  # [L, R] int64
-    logcnt_ptr,  # [L, E] int64
-    log2phy_ptr,  # [L, E, WIDTH] int64
-    invalid_ptr,  # [L] int32
-    # scratch, one row per program
-    scratch_i_ptr,  # [L * N, G + EN] int32: node-major base of each group, then mlog2log of the node
-    scratch_f_ptr,  # [L * N, EN] float32: share of each expert of the node
-    E: tl.constexpr,
-    R: tl.constexpr,
-    G: tl.constexpr,
-    N: tl.constexpr,
-    P: tl.constexpr,
-    WIDTH: tl.constexpr,
-    BLOCK_E: tl.constexpr,  # >= E
-    BLOCK_G: tl.constexpr,  # >= G
-    BLOCK_N: tl.constexpr,  # >= N
-    BLOCK_EN: tl.constexpr,  # >= E / N
-    BLOCK_RN: tl.constexpr,  # >= R / N
-    BLOCK_PN: tl.constexpr,  # >= P / N
-    BLOCK_X: tl.constexpr,  # log2phy columns filled per step
-):
-    """Program ``pid`` solves node ``pid % N`` of layer ``pid // N`` (hierarchical policy;
-    the global policy is G = N = 1)."""
-    GS: tl.constexpr = E // G
-    GPN: tl.constexpr = G // N
-    EN: tl.constexpr = E // N
-    RN: tl.constexpr = R // N
-    PN: tl.constexpr = P // N
-    S: tl.constexpr = R // P
-    pid = tl.program_id(0).to(tl.int64)
-    layer = pid // N
-    node = pid % N
-    w_row = w_ptr + layer * E
-    o_e = tl.arange(0, BLOCK_E)
-    o_j = tl.arange(0, BLOCK_EN)
-    o_r = tl.arange(0, BLOCK_RN)
-    m_j = o_j < EN
-    m_r = o_r < RN
-
-    valid = _row_is_valid(tl.load(w_row + o_e, mask=o_e < E, other=0.0), o_e < E)
-    if node == 0:
-        tl.store(invalid_ptr + layer, (~valid).to(tl.int32))
-    if valid:
-        # 1. Groups to nodes and mlog2log of this node ([BLOCK_EN] int32: logical expert of each
-        #    node-local mlog index). One group per node: the packing is the identity.
-        if GPN == 1:
-            b_m2l = (node * EN + o_j).to(tl.int32)
-        else:
-            o_g = tl.arange(0, BLOCK_G)
-            m_g = o_g < G
-            b_gload = tl.zeros([BLOCK_G], dtype=tl.float32)
-            for k in range(GS):  # float32, in the spec's order
-                b_gload += tl.load(w_row + o_g * GS + k, mask=m_g, other=0.0)
-            b_gpack, b_grank = _pack_greedy(b_gload, G, N, BLOCK_G, BLOCK_N)
-            scr_i = scratch_i_ptr + pid * (G + EN)
-            tl.store(scr_i + o_g, (b_gpack * GPN + b_grank) * GS, mask=m_g)
-            tl.debug_barrier()
-            b_mlog = tl.load(scr_i + o_e // GS, mask=o_e < E, other=0) + o_e % GS  # [BLOCK_E]
-            m_mine = (o_e < E) & (b_mlog >= node * EN) & (b_mlog < node * EN + EN)
-            tl.store(scr_i + G + (b_mlog - node * EN), o_e, mask=m_mine)
-            tl.debug_barrier()
-            b_m2l = tl.load(scr_i + G + o_j, mask=m_j, other=0)
-        b_wn = tl.load(w_row + b_m2l, mask=m_j, other=0.0)
-
-        # 2. Replicas within the node.
-        b_phy, b_rank, b_cnt, b_share = _replicate_greedy(b_wn, EN, RN, BLOCK_EN, BLOCK_RN)
-
-        # 3. Slots to GPUs: each replica carries its expert's share.
-        if S == 1:
-            b_pos = o_r
-        else:
-            scr_f = scratch_f_ptr + pid * EN
-            tl.store(scr_f + o_j, b_share, mask=m_j)
-            tl.debug_barrier()
-            b_items = tl.load(scr_f + b_phy, mask=m_r, other=0.0)
-            b_pack, b_rk = _pack_greedy(b_items, RN, PN, BLOCK_RN, BLOCK_PN)
-            b_pos = b_pack * S + b_rk
-
-        # 4. Outputs in global numbering.
-        if GPN == 1:
-            b_log = node * EN + b_phy
-        else:
-            b_log = tl.load(scratch_i_ptr + pid * (G + EN) + G + b_phy, mask=m_r, other=0)
-        b_slot = node * RN + b_pos  # [BLOCK_RN]
-        tl.store(phy2log_ptr + layer * R + b_slot, b_log.to(tl.int64), mask=m_r)
-        tl.store(phyrank_ptr + layer * R + b_slot, b_rank.to(tl.int64), mask=m_r)
-        tl.store(logcnt_ptr + layer * E + b_m2l, b_cnt.to(tl.int64), mask=m_j)
-        tl.store(log2phy_ptr + (layer * E + b_log) * WIDTH + b_rank, b_slot.to(tl.int64), mask=m_r)
-        # -1 past each expert's count, in [BLOCK_EN, BLOCK_X] tiles
-        o_x = tl.arange(0, BLOCK_X)
-        p_row = log2phy_ptr + (layer * E + b_m2l) * WIDTH  # [BLOCK_EN]
-        for x0 in range(0, WIDTH, BLOCK_X):
-            m_x = m_j[:, None] & ((x0 + o_x)[None, :] >= b_cnt[:, None]) & ((x0 + o_x)[None, :] < WIDTH)
-            tl.store(p_row[:, None] + (x0 + o_x)[None, :], tl.full([BLOCK_EN, BLOCK_X], -1, tl.int64), mask=m_x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Launchers: allocate outputs, pick block sizes. Inputs are validated by the caller (shapes and
-# counts); the limits below are the kernels' own.
-# ----------------------------------------------------------------------------------------------
-
-
-def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
-
-
-def _num_warps(block: int) -> int:
-    # Each greedy step is a chain of block-wide reductions, latency-bound: within one warp they
-    # are register shuffles, across warps each adds a shared-memory round trip and a barrier.
-    # One warp up to 512 lanes (16 int64 keys per thread), more only to avoid register spills.
-    # A guess until measured: benchmarks/gpu_check.py sweeps num_warps 1-8.
-    return max(1, min(4, block // 512))
-
-
-def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to(torch.float32).contiguous()
-
-
-def check_limits(num_experts: int, num_replicas: int) -> None:
-    """The kernels hold a row in registers: E <= 1024 logical experts and R <= 2048 slots."""
-    if num_experts > MAX_EXPERTS:
-        raise ValueError(
-            f"backend='triton' supports up to {MAX_EXPERTS} logical experts per layer, got {num_experts}; "
-            "use backend='cpu'"
-        )
-    if num_replicas > MAX_REPLICAS:
-        raise ValueError(
-            f"backend='triton' supports up to {MAX_REPLICAS} replicas per layer, got {num_replicas}; use backend='cpu'"
-        )
-
-
-def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(pack, rank, invalid)``; rows flagged in ``invalid`` are left unwritten."""
-    X, n = weight.shape
-    if n > MAX_ITEMS:
-        raise ValueError(f"backend='triton' supports up to {MAX_ITEMS} items per row, got {n}; use backend='cpu'")
-    w = _float32_rows(weight)
-    pack = torch.empty((X, n), dtype=torch.int64, device=w.device)
-    rank = torch.empty_like(pack)
-    invalid = torch.empty(X, dtype=torch.int32, device=w.device)
-    block_i = _pow2(n)
-    _balanced_packing_kernel[(X,)](
+def balanced_packing(w: torch.Tensor, pack: torch.Tensor, rank: torch.Tensor, invalid: torch.Tensor, launch) -> None:
+    _balanced_packing_kernel[launch.grid](
         # inputs
         w,
         # outputs
         pack,
         rank,
         invalid,
-        NUM_ITEMS=n,
-        NUM_PACKS=num_packs,
-        BLOCK_I=block_i,
-        BLOCK_P=_pow2(num_packs),
-        num_warps=_num_warps(block_i),
+        **launch.constexprs,
+        num_warps=launch.num_warps,
     )
-    return pack, rank, invalid
 
 
 def replicate_experts(
-    weight: torch.Tensor, num_phy: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(phy2log, rank, cnt, invalid)``; rows flagged in ``invalid`` are left unwritten."""
-    X, E = weight.shape
-    check_limits(E, num_phy)
-    w = _float32_rows(weight)
-    phy2log = torch.empty((X, num_phy), dtype=torch.int64, device=w.device)
-    rank = torch.empty_like(phy2log)
-    cnt = torch.empty((X, E), dtype=torch.int64, device=w.device)
-    invalid = torch.empty(X, dtype=torch.int32, device=w.device)
-    block_r = _pow2(num_phy)
-    _replicate_kernel[(X,)](
+    w: torch.Tensor, phy2log: torch.Tensor, rank: torch.Tensor, cnt: torch.Tensor, invalid: torch.Tensor, launch
+) -> None:
+    _replicate_kernel[launch.grid](
         # inputs
         w,
         # outputs
@@ -387,66 +36,14 @@ def replicate_experts(
         rank,
         cnt,
         invalid,
-        NUM_LOG=E,
-        NUM_PHY=num_phy,
-        BLOCK_E=_pow2(E),
-        BLOCK_R=block_r,
-        num_warps=_num_warps(block_r),
+        **launch.constexprs,
+        num_warps=launch.num_warps,
     )
-    return phy2log, rank, cnt, invalid
 
 
-@dataclass
-class RebalanceBuffers:
-    """Outputs and scratch of :func:`rebalance` for one configuration, reusable across calls."""
-
-    phy2log: torch.Tensor  # [L, R] int64
-    phyrank: torch.Tensor  # [L, R] int64
-    logcnt: torch.Tensor  # [L, E] int64
-    log2phy: torch.Tensor  # [L, E, R - E + 1] int64, -1 padded (R - E + 1: the most replicas of one expert)
-    invalid: torch.Tensor  # [L] int32, 1 where the layer's loads were not all finite and >= 0
-    scratch_i: torch.Tensor  # [L * N, G + E / N] int32
-    scratch_f: torch.Tensor  # [L * N, E / N] float32
-
-    @classmethod
-    def allocate(cls, L: int, E: int, R: int, G: int, N: int, device: torch.device | str) -> RebalanceBuffers:
-        def i64(*shape):
-            return torch.empty(shape, dtype=torch.int64, device=device)
-
-        return cls(
-            phy2log=i64(L, R),
-            phyrank=i64(L, R),
-            logcnt=i64(L, E),
-            log2phy=i64(L, E, R - E + 1),
-            invalid=torch.empty(L, dtype=torch.int32, device=device),
-            scratch_i=torch.empty((L * N, G + E // N), dtype=torch.int32, device=device),
-            scratch_f=torch.empty((L * N, E // N), dtype=torch.float32, device=device),
-        )
-
-
-def rebalance(
-    weight: torch.Tensor,
-    R: int,
-    G: int,
-    N: int,
-    P: int,
-    out: RebalanceBuffers | None = None,
-    num_warps: int | None = None,
-) -> RebalanceBuffers:
-    """Launch the fused kernel: one program per (layer, node). Pass G = N = 1 for the global policy.
-
-    Writes ``out`` (allocated when ``None``) in place and returns it. No host synchronisation.
-    ``num_warps`` overrides the default (for tuning sweeps).
-    """
-    L, E = weight.shape
-    check_limits(E, R)
-    w = _float32_rows(weight)
-    if out is None:
-        out = RebalanceBuffers.allocate(L, E, R, G, N, w.device)
-    width = R - E + 1
-    block_en = _pow2(E // N)
-    block_rn = _pow2(R // N)
-    _rebalance_kernel[(L * N,)](
+def rebalance(w: torch.Tensor, out, launch) -> None:
+    """``out``: a :class:`~eplb_triton.launch.RebalanceBuffers` of the launch's configuration."""
+    _rebalance_kernel[launch.grid](
         # inputs
         w,
         # outputs
@@ -458,19 +55,6 @@ def rebalance(
         # scratch
         out.scratch_i,
         out.scratch_f,
-        E=E,
-        R=R,
-        G=G,
-        N=N,
-        P=P,
-        WIDTH=width,
-        BLOCK_E=_pow2(E),
-        BLOCK_G=_pow2(G),
-        BLOCK_N=_pow2(N),
-        BLOCK_EN=block_en,
-        BLOCK_RN=block_rn,
-        BLOCK_PN=_pow2(P // N),
-        BLOCK_X=max(1, min(_pow2(width), 1024 // block_en)),  # tiles of <= 1024 int64
-        num_warps=num_warps or _num_warps(max(block_rn, block_en)),
+        **launch.constexprs,
+        num_warps=launch.num_warps,
     )
-    return out

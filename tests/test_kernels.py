@@ -7,17 +7,17 @@ from helpers import DATA, FIXED_CASES, REAL_CONFIGS, Case, assert_same, assert_v
 from hypothesis import HealthCheck, given, settings
 
 import eplb_triton as eplb
-from eplb_triton import reference
+from eplb_triton import launch, reference
+from eplb_triton._validation import Config
 from eplb_triton.io import read_loads
-from eplb_triton.kernels import rebalance as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreter-sized versions of the hand-picked cases (<= 3 layers, <= 16 experts).
 SMALL_CASES = [c for c in FIXED_CASES if c.L <= 3 and c.E <= 16]
 
 
-def _poisoned(L: int, E: int, R: int, G: int, N: int) -> kernels.RebalanceBuffers:
-    out = kernels.RebalanceBuffers.allocate(L, E, R, G, N, DEVICE)
+def _poisoned(cfg: Config) -> launch.RebalanceBuffers:
+    out = launch.RebalanceBuffers.allocate(cfg, DEVICE)
     for t in (out.phy2log, out.phyrank, out.logcnt, out.invalid, out.scratch_i):
         t.fill_(-7)
     out.log2phy.fill_(-7)
@@ -28,9 +28,10 @@ def _poisoned(L: int, E: int, R: int, G: int, N: int) -> kernels.RebalanceBuffer
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
 def test_fused_kernel_writes_everything_and_matches_reference(case: Case):
     w = case.weight()
-    G, N = (case.G, case.N) if case.hierarchical else (1, 1)
-    out = _poisoned(case.L, case.E, case.R, G, N)
-    kernels.rebalance(w.to(DEVICE), case.R, G, N, case.P, out=out)
+    cfg = Config(case.L, case.E, case.R, case.G, case.N, case.P).effective()
+    G, N = cfg.num_groups, cfg.num_nodes
+    out = _poisoned(cfg)
+    launch.rebalance(w.to(DEVICE), cfg, out=out)
     for name in ("phy2log", "phyrank", "logcnt", "log2phy", "invalid"):
         assert not (getattr(out, name) == -7).any(), f"{name} has unwritten elements"
     want_phy2log, want_phyrank, want_logcnt = reference.rebalance_experts_hierarchical(w, case.R, G, N, case.P)
@@ -151,7 +152,7 @@ def test_planner_under_torch_compile_has_no_graph_break():
 
 def test_custom_op_passes_opcheck():
     """Schema, fake (meta) implementation and AOT dispatch of torch.ops.eplb_triton.rebalance_."""
-    b = kernels.RebalanceBuffers.allocate(2, 8, 12, 4, 2, DEVICE)
+    b = launch.RebalanceBuffers.allocate(Config(2, 8, 12, 4, 2, 4), DEVICE)
     args = (make_loads(2, 8, "skewed", 4).float().to(DEVICE), b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid,
             b.scratch_i, b.scratch_f, 12, 4, 2, 4)  # fmt: skip
     result = torch.library.opcheck(torch.ops.eplb_triton.rebalance_.default, args)
@@ -160,7 +161,7 @@ def test_custom_op_passes_opcheck():
 
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor"):
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
         eplb.rebalance_experts(torch.ones(1, 4), 4, 1, 1, 1, backend="triton")
 
 
@@ -214,3 +215,12 @@ def test_kernel_limits_are_supported(config):
     w = make_loads(1, 1024, "skewed", 3)
     got = eplb.rebalance_experts(w.to(DEVICE), R, G, N, P, backend="triton")
     assert_same(got, eplb.rebalance_experts(w, R, G, N, P, backend="cpu"))
+
+
+def test_planner_starts_with_the_equal_load_plan():
+    """Before the first plan() the buffers hold a real placement (the plan for equal loads)."""
+    planner = eplb.EplbPlanner(2, 8, 12, 4, 2, 4, device=DEVICE)
+    want = reference.rebalance_experts(torch.ones(2, 8), 12, 4, 2, 4)
+    assert_same((planner.phy2log, planner.logcnt), (want[0], want[2]))
+    assert torch.equal(planner.log2phy[:, :, : want[1].shape[2]].cpu(), want[1])
+    assert (planner.invalid == 0).all()

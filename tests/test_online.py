@@ -6,7 +6,8 @@ from helpers import make_loads
 
 import eplb_triton as eplb
 from eplb_triton import metrics
-from eplb_triton.online import OnlineBalancer, log2phy_of, record_dispatch, record_dispatch_reference, stable_slots
+from eplb_triton.online import OnlineBalancer, record_dispatch, record_dispatch_reference, stable_slots
+from eplb_triton.placement import log2phy_from_rank
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -91,12 +92,29 @@ def test_stable_slots_properties(seed):
             assert sum(a == b for a, b in zip(o, n, strict=True)) == stays
 
 
-def test_log2phy_of_inverts_phy2log():
+def test_log2phy_from_rank_numbers_replicas_by_rank():
+    # layer 0: expert 1's replica 0 is in slot 2 and replica 1 in slot 0 (rank order, not slot order)
     phy2log = torch.tensor([[1, 0, 1, 2], [2, 2, 0, 1]])
-    assert log2phy_of(phy2log, 3, 3).tolist() == [
-        [[1, -1, -1], [0, 2, -1], [3, -1, -1]],
+    phyrank = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]])
+    assert log2phy_from_rank(phy2log, phyrank, 3, 3).tolist() == [
+        [[1, -1, -1], [2, 0, -1], [3, -1, -1]],
         [[2, -1, -1], [3, -1, -1], [0, 1, -1]],
     ]
+
+
+def _assert_replicas_follow_their_slots(log2phy, phy2log, want_log2phy, slots_per_gpu):
+    """Replica r of e sits in a slot holding e, on the GPU where the unpermuted plan put it."""
+    L, E, _ = want_log2phy.shape
+    for layer in range(L):
+        for e in range(E):
+            for r, want_slot in enumerate(want_log2phy[layer, e].tolist()):
+                slot = int(log2phy[layer, e, r])
+                if want_slot < 0:
+                    assert slot == -1
+                    continue
+                assert int(phy2log[layer, slot]) == e
+                assert slot // slots_per_gpu == want_slot // slots_per_gpu
+    assert (log2phy[:, :, want_log2phy.shape[2] :] == -1).all()
 
 
 def _feed(balancer: OnlineBalancer, loads: torch.Tensor) -> None:
@@ -123,7 +141,7 @@ def test_window_interval_and_plan():
     want = eplb.rebalance_experts(window, 12, 4, 2, 4)
     kept = stable_slots(initial, want[0], 4)
     assert torch.equal(b.phy2log, kept) and torch.equal(b.logcnt, want[2])
-    assert torch.equal(b.log2phy, log2phy_of(kept, 8, 12 - 8 + 1))
+    _assert_replicas_follow_their_slots(b.log2phy, b.phy2log, want[1], 3)
     want_bal = metrics.balancedness(metrics.gpu_loads(window, want[0], want[2], 4))
     assert torch.allclose(b.balancedness, want_bal)
     (entry,) = b.history_records()
@@ -131,25 +149,31 @@ def test_window_interval_and_plan():
 
 
 def test_ema():
-    b = OnlineBalancer(1, 4, 6, 2, 1, 2, ema_decay=0.5, rebalance_interval=2, device="cpu")
+    # decay 0.9 tells ``decay * ema + (1 - decay) * counts`` from the swapped weights
+    b = OnlineBalancer(1, 4, 6, 2, 1, 2, ema_decay=0.9, rebalance_interval=2, device="cpu")
     _feed(b, torch.tensor([[8, 0, 0, 0]]))
     b.step()
+    assert torch.allclose(b.window_loads(), torch.tensor([[0.8, 0.0, 0.0, 0.0]]))  # 0.1 * 8
     _feed(b, torch.tensor([[0, 0, 0, 4]]))
     b.step()
-    assert torch.allclose(b.window_loads(), torch.tensor([[2.0, 0.0, 0.0, 2.0]]))  # 0.5 * (0.5 * 8) , 0.5 * 4
+    assert torch.allclose(b.window_loads(), torch.tensor([[0.72, 0.0, 0.0, 0.4]]))  # 0.9 * 0.8, 0.1 * 4
 
 
-def test_threshold_replans_only_bad_layers():
-    # Layer 0's traffic matches the equal-load placement, layer 1's is very skewed.
+def test_threshold_replans_the_layers_below_it_before_planning():
     b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1000, balancedness_threshold=0.9, device="cpu")
     initial = b.phy2log.clone()
-    loads = torch.tensor([[10] * 8, [200, 1, 1, 1, 1, 1, 1, 1]])
+    # The equal-load placement puts experts 4,0,0 | 5,1,1 | 6,2,2 | 7,3,3 on the four GPUs. Layer 0's
+    # equal traffic keeps every GPU at 20 (balancedness 1). Layer 1's gives GPU loads 40 | 20 | 10 | 10:
+    # balancedness 20 / 40 = 0.5 before, and a new plan can reach 20 everywhere (1.0 after). So the
+    # rule must look at the balancedness before planning: "after" would leave layer 1 alone.
+    loads = torch.tensor([[10] * 8, [0, 20, 0, 0, 40, 0, 10, 10]])
+    assert initial[0].tolist() == [4, 0, 0, 5, 1, 1, 6, 2, 2, 7, 3, 3]
     _feed(b, loads)
     assert b.step() is True
+    assert b.last_balancedness.tolist() == [1.0, 0.5]
     assert torch.equal(b.phy2log[0], initial[0])
     assert not torch.equal(b.phy2log[1], initial[1])
-    assert float(b.last_balancedness[1]) < 0.9 <= float(b.last_balancedness[0])
-    assert float(b.balancedness[1]) > float(b.last_balancedness[1])
+    assert b.balancedness.tolist() == [1.0, 1.0]
 
 
 def test_state_dict_round_trip():

@@ -1,0 +1,294 @@
+"""The online balancer: windowed load statistics and periodic, sync-free re-planning.
+
+The loop that production engines run, at microsecond cost per step:
+
+1. during the forward pass, :meth:`OnlineBalancer.record` adds each MoE layer's routed
+   ``topk_ids`` to per-expert counts and maps every token to a physical replica of its expert
+   (:mod:`eplb_triton.recording`; one fused Triton kernel on GPU);
+2. :meth:`OnlineBalancer.step` closes the step: it rolls a window (or an EMA) of counts and, when
+   due, all-reduces the window over the expert-parallel group and plans a new placement on the
+   device, without host synchronisation;
+3. :func:`eplb_triton.distributed.rearrange_expert_weights` moves the expert weights to match.
+
+New placements keep every expert that stays on a GPU in the slot it already occupies
+(:func:`eplb_triton.placement.stable_slots`), so only slots whose expert really changes need new
+weights.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from . import backends, metrics
+from ._validation import check_config, check_count, resolve_device
+from .launch import log2phy_width
+from .placement import _occurrence, log2phy_from_rank, stable_order
+from .recording import record_dispatch
+
+
+class OnlineBalancer:
+    """Per-step load recording and periodic rebalancing for one MoE model's expert placement.
+
+    Args:
+        num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus: the configuration
+            ``L, E, R, G, N, P`` (validated as :func:`eplb_triton.rebalance_experts` does).
+        window: plan on the summed counts of the last ``window`` steps (default:
+            ``rebalance_interval``). Exclusive with ``ema_decay``.
+        ema_decay: plan on an exponential moving average, ``ema = decay * ema + (1 - decay) * counts``
+            each step, ``0 < decay < 1``.
+        rebalance_interval: plan every this many steps.
+        balancedness_threshold: if given, also check at every step whether a layer's balancedness
+            under the current window fell below this value, and re-plan those layers at once
+            (costs one all-reduce and one planning launch per step; still no host sync).
+        process_group: ``torch.distributed`` group whose ranks share the placement; counts are
+            summed over it before planning. Default: the default group when initialised, else none.
+        device: where buffers live (default: CUDA if available, else CPU). On CUDA the planning and
+            the recording are Triton kernels; on CPU, the NumPy path and torch.
+        keep_slots: reorder each new placement so experts that stay on a GPU keep their slot
+            (:func:`stable_slots`); fewer weights move. The GPU loads are the same either way.
+        history_size: rebalances kept in :attr:`history`.
+        backend: one of :data:`eplb_triton.backends.BACKENDS`: ``"auto"`` (``"triton"`` on CUDA,
+            else ``"cpu"``), ``"triton"`` (the sync-free GPU planner and the recording kernel; on
+            CPU only under ``TRITON_INTERPRET=1``), ``"cpu"`` (NumPy planning, torch recording) or
+            ``"reference"`` (the literal planner, torch recording).
+
+    All state lives in static tensors updated in place: :attr:`phy2log` ``[L, R]``,
+    :attr:`phyrank` ``[L, R]``, :attr:`log2phy` ``[L, E, R - E + 1]`` (``-1`` padded),
+    :attr:`logcnt` ``[L, E]``, the step
+    counts :attr:`counts` ``[L, E]`` int32 and the window. :meth:`record` and the window roll are
+    safe to capture in a CUDA graph; :meth:`step` decides on the host when to plan (a step count,
+    no device read) and plans without synchronising.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_gpus: int,
+        *,
+        window: int | None = None,
+        ema_decay: float | None = None,
+        rebalance_interval: int = 100,
+        balancedness_threshold: float | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        keep_slots: bool = True,
+        history_size: int = 1000,
+        backend: str = "auto",
+    ):
+        L = check_count("num_layers", num_layers)
+        E = check_count("num_experts", num_experts)
+        self.config = check_config(torch.empty((L, E), device="meta"), num_replicas, num_groups, num_nodes, num_gpus)
+        self.rebalance_interval = check_count("rebalance_interval", rebalance_interval)
+        if window is not None and ema_decay is not None:
+            raise ValueError("give either window or ema_decay, not both")
+        if ema_decay is not None:
+            if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0:
+                raise ValueError(f"ema_decay ({ema_decay!r}) must be a number with 0 < ema_decay < 1")
+            self.window = None
+        else:
+            self.window = check_count("window", window if window is not None else self.rebalance_interval)
+        self.ema_decay = ema_decay
+        if balancedness_threshold is not None and not (0.0 < float(balancedness_threshold) <= 1.0):
+            raise ValueError(f"balancedness_threshold ({balancedness_threshold!r}) must be in (0, 1]")
+        self.balancedness_threshold = balancedness_threshold
+        self.keep_slots = bool(keep_slots)
+        self.process_group = process_group
+        self.device = resolve_device(device)
+        self.backend = backends.resolve(backend, self.device)
+
+        R = self.config.num_replicas
+        dev = self.device
+        self.counts = torch.zeros((L, E), dtype=torch.int32, device=dev)
+        self.invalid_ids = torch.zeros(1, dtype=torch.int32, device=dev)
+        if self.window is not None:
+            self._ring = torch.zeros((self.window, L, E), dtype=torch.int64, device=dev)
+            self._pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        else:
+            self._ema = torch.zeros((L, E), dtype=torch.float32, device=dev)
+        self.phy2log = torch.empty((L, R), dtype=torch.int64, device=dev)
+        self.phyrank = torch.empty((L, R), dtype=torch.int64, device=dev)
+        self.logcnt = torch.empty((L, E), dtype=torch.int64, device=dev)
+        self.width = log2phy_width(E, R)
+        self.log2phy = torch.empty((L, E, self.width), dtype=torch.int64, device=dev)
+        self.balancedness = torch.ones(L, dtype=torch.float64, device=dev)
+        self.last_balancedness = torch.ones(L, dtype=torch.float64, device=dev)
+        self.steps = 0
+        self.history: deque[dict] = deque(maxlen=history_size)
+        self._planner = None
+        if self.backend == "triton":
+            from .planner import EplbPlanner
+
+            self._planner = EplbPlanner(L, E, R, num_groups, num_nodes, num_gpus, device=dev)
+        # the placement for equal loads until the first plan
+        self._install(*self._plan(torch.ones((L, E), dtype=torch.float32, device=dev)))
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def record(self, layer: int, topk_ids: torch.Tensor, *, check: bool = False) -> torch.Tensor:
+        """Count layer ``layer``'s routed ``topk_ids [tokens, top_k]`` and return their physical slots.
+
+        Invalid ids are skipped (slot ``-1``) and counted in :attr:`invalid_ids`; ``check=True``
+        raises ``ValueError`` on them instead (synchronises).
+        """
+        L = self.config.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+            raise ValueError(f"layer ({layer!r}) must be an int in [0, {L})")
+        return record_dispatch(
+            topk_ids, self.log2phy[layer], self.logcnt[layer], self.counts[layer], invalid=self.invalid_ids,
+            check=check, backend=self.backend,
+        )  # fmt: skip
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def window_loads(self) -> torch.Tensor:
+        """This rank's loads the next plan would use: the window sum (int64) or the EMA (float32)."""
+        return self._ring.sum(dim=0) if self.window is not None else self._ema.clone()
+
+    def step(self) -> bool:
+        """Close a step: roll the window with this step's counts, then plan when due.
+
+        Returns whether a plan was computed in this step (every ``rebalance_interval`` steps; every
+        step when a ``balancedness_threshold`` is set, applied only to layers below it then).
+        """
+        if self.window is not None:
+            self._ring.index_copy_(0, self._pos, self.counts.to(torch.int64).unsqueeze(0))
+            self._pos.add_(1).remainder_(self.window)
+        else:
+            self._ema.mul_(self.ema_decay).add_(self.counts.to(torch.float32), alpha=1.0 - self.ema_decay)
+        self.counts.zero_()
+        self.steps += 1
+        if self.steps % self.rebalance_interval == 0:
+            self.rebalance()
+            return True
+        if self.balancedness_threshold is not None:
+            self.rebalance(only_below=self.balancedness_threshold)
+            return True
+        return False
+
+    def rebalance(self, only_below: float | None = None) -> None:
+        """All-reduce the window over the group and install a new placement (no host sync).
+
+        ``only_below``: re-plan only the layers whose current balancedness is below it.
+        """
+        loads = self.window_loads()
+        group = self._group()
+        if group is not None:
+            dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=group)
+        P = self.config.num_gpus
+        old = (self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone(), self.log2phy.clone())
+        before = metrics.balancedness(metrics.gpu_loads(loads, old[0], old[2], P))
+        new = self._plan(loads)
+        if self.keep_slots:
+            new = _reorder(new, stable_order(old[0], new[0], P))
+        after = metrics.balancedness(metrics.gpu_loads(loads, new[0], new[2], P))
+        if only_below is not None:
+            replan = before < only_below
+            new = tuple(torch.where(replan.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
+            after = torch.where(replan, after, before)
+        self._install(*new)
+        self.last_balancedness.copy_(before)
+        self.balancedness.copy_(after)
+        self.history.append({
+            "step": self.steps,
+            "before": before.mean(),
+            "after": after.mean(),
+            "worst_after": after.min(),
+            "migrated_slots": metrics.migration_count(old[0], new[0]).sum(),
+        })  # fmt: skip
+
+    def history_records(self) -> list[dict]:
+        """:attr:`history` with host numbers, for logging (reads the device once per entry)."""
+        return [{k: (v if isinstance(v, int) else float(v)) for k, v in h.items()} for h in self.history]
+
+    # -- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: configuration, step count, counts, window and placement."""
+        c = self.config
+        state = {
+            "config": (c.num_layers, c.num_experts, c.num_replicas, c.num_groups, c.num_nodes, c.num_gpus),
+            "window": self.window,
+            "ema_decay": self.ema_decay,
+            "steps": self.steps,
+            "counts": self.counts.clone(),
+            "invalid_ids": self.invalid_ids.clone(),
+            "phy2log": self.phy2log.clone(),
+            "phyrank": self.phyrank.clone(),
+            "logcnt": self.logcnt.clone(),
+            "balancedness": self.balancedness.clone(),
+            "last_balancedness": self.last_balancedness.clone(),
+        }
+        if self.window is not None:
+            state.update(ring=self._ring.clone(), pos=self._pos.clone())
+        else:
+            state.update(ema=self._ema.clone())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output into this balancer's buffers, in place."""
+        c = self.config
+        mine = (c.num_layers, c.num_experts, c.num_replicas, c.num_groups, c.num_nodes, c.num_gpus)
+        if tuple(state.get("config", ())) != mine:
+            raise ValueError(f"state_dict is for configuration {state.get('config')}, this balancer has {mine}")
+        if state.get("window") != self.window or state.get("ema_decay") != self.ema_decay:
+            raise ValueError(
+                f"state_dict has window={state.get('window')}, ema_decay={state.get('ema_decay')}; "
+                f"this balancer has window={self.window}, ema_decay={self.ema_decay}"
+            )
+        self.steps = int(state["steps"])
+        for name in ("counts", "invalid_ids", "phy2log", "logcnt", "balancedness", "last_balancedness"):
+            getattr(self, name).copy_(state[name])
+        # checkpoints of 0.1 carry no phyrank: their replicas were numbered in slot order
+        self.phyrank.copy_(state["phyrank"] if "phyrank" in state else _occurrence(self.phy2log))
+        if self.window is not None:
+            self._ring.copy_(state["ring"])
+            self._pos.copy_(state["pos"])
+        else:
+            self._ema.copy_(state["ema"])
+        log2phy_from_rank(self.phy2log, self.phyrank, c.num_experts, self.width, out=self.log2phy)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _group(self) -> dist.ProcessGroup | None:
+        if self.process_group is not None:
+            return self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def _plan(self, loads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(phy2log, phyrank, logcnt, log2phy)`` for ``loads``, without host synchronisation: on
+        the Triton backend the GPU planner's static buffers (the kernel wrote ``log2phy``), else
+        the backend's plan with the torch family's ``log2phy``."""
+        if self._planner is not None:
+            phy2log, log2phy, logcnt = self._planner.plan(loads)
+            return phy2log, self._planner.phyrank, logcnt, log2phy
+        phy2log, phyrank, logcnt, _ = backends.run("rebalance", self.backend, loads, self.config.effective(), False)
+        phy2log, phyrank, logcnt = phy2log.to(self.device), phyrank.to(self.device), logcnt.to(self.device)
+        return phy2log, phyrank, logcnt, log2phy_from_rank(phy2log, phyrank, self.config.num_experts, self.width)
+
+    def _install(self, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor, log2phy: torch.Tensor):
+        self.phy2log.copy_(phy2log)
+        self.phyrank.copy_(phyrank)
+        self.logcnt.copy_(logcnt)
+        self.log2phy.copy_(log2phy)
+
+
+def _reorder(plan: tuple[torch.Tensor, ...], order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A plan with its slots permuted by ``order`` (new slot ``q`` takes old slot ``order[q]``).
+
+    ``log2phy`` is relabelled, not rebuilt: slot ``order[q]`` becomes ``q``.
+    """
+    phy2log, phyrank, logcnt, log2phy = plan
+    L, R = order.shape
+    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(R, device=order.device).expand(L, R))
+    relabelled = new_slot.gather(1, log2phy.clamp_min(0).reshape(L, -1)).view_as(log2phy)
+    log2phy = torch.where(log2phy >= 0, relabelled, log2phy)
+    return phy2log.gather(1, order), phyrank.gather(1, order), logcnt, log2phy

@@ -1,0 +1,194 @@
+"""Launch policy of the Triton kernels: limits, buffer shapes, grids, block sizes and warps.
+
+The kernels (:mod:`eplb_triton.kernels`) hold only Triton code and thin launchers; what a
+configuration needs (which constexprs, how many warps, which buffers of which shape) is decided
+here, once, by the ``*_launch`` functions. The API, the planner, the online layer, the GPU check
+and the ahead-of-time compile tests all go through them, so what is tested is what runs.
+
+This module imports Triton only when a kernel is launched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import Config
+
+MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
+MAX_REPLICAS = 2048  # slots per layer
+MAX_ITEMS = 2048  # balanced_packing: items per row
+DISPATCH_BLOCK = 1024  # routed entries per program of the record + dispatch kernel
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: its grid, its ``tl.constexpr`` arguments and ``num_warps``."""
+
+    grid: tuple[int, ...]
+    constexprs: dict[str, int]
+    num_warps: int
+
+
+def _pow2(n: int) -> int:
+    """Block size for ``n`` lanes: the next power of two, at least 2."""
+    return max(2, 1 << (max(1, n) - 1).bit_length())
+
+
+def _num_warps(block: int) -> int:
+    # Each greedy step is a chain of block-wide reductions, latency-bound: within one warp they
+    # are register shuffles, across warps each adds a shared-memory round trip and a barrier.
+    # One warp up to 512 lanes (16 int64 keys per thread), more only to avoid register spills.
+    # A guess until measured: benchmarks/gpu_check.py sweeps num_warps 1-8.
+    return max(1, min(4, block // 512))
+
+
+def check_limits(num_experts: int, num_replicas: int) -> None:
+    """The kernels hold a row in registers: ``E <= MAX_EXPERTS`` and ``R <= MAX_REPLICAS``."""
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(
+            f"backend='triton' supports up to {MAX_EXPERTS} logical experts per layer, got {num_experts}; "
+            "use backend='cpu'"
+        )
+    if num_replicas > MAX_REPLICAS:
+        raise ValueError(
+            f"backend='triton' supports up to {MAX_REPLICAS} replicas per layer, got {num_replicas}; use backend='cpu'"
+        )
+
+
+def log2phy_width(num_experts: int, num_replicas: int) -> int:
+    """Columns of a fixed-width ``log2phy``: the most replicas one expert can get, ``R - E + 1``."""
+    return num_replicas - num_experts + 1
+
+
+def rebalance_launch(cfg: Config, num_warps: int | None = None) -> Launch:
+    """The fused rebalance kernel for the effective configuration ``cfg`` (global policy: G = N = 1)."""
+    L, E, R, G, N, P = (
+        cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus,
+    )  # fmt: skip
+    check_limits(E, R)
+    width = log2phy_width(E, R)
+    block_en, block_rn = _pow2(E // N), _pow2(R // N)
+    constexprs = dict(
+        E=E, R=R, G=G, N=N, P=P, WIDTH=width,
+        BLOCK_E=_pow2(E), BLOCK_G=_pow2(G), BLOCK_N=_pow2(N), BLOCK_EN=block_en, BLOCK_RN=block_rn,
+        BLOCK_PN=_pow2(P // N),
+        BLOCK_X=max(1, min(_pow2(width), 1024 // block_en)),  # log2phy fill tiles of <= 1024 int64
+    )  # fmt: skip
+    return Launch((L * N,), constexprs, num_warps or _num_warps(max(block_rn, block_en)))
+
+
+def packing_launch(num_rows: int, num_items: int, num_packs: int) -> Launch:
+    if num_items > MAX_ITEMS:
+        raise ValueError(
+            f"backend='triton' supports up to {MAX_ITEMS} items per row, got {num_items}; use backend='cpu'"
+        )
+    block_i = _pow2(num_items)
+    constexprs = dict(NUM_ITEMS=num_items, NUM_PACKS=num_packs, BLOCK_I=block_i, BLOCK_P=_pow2(num_packs))
+    return Launch((num_rows,), constexprs, _num_warps(block_i))
+
+
+def replicate_launch(num_rows: int, num_log: int, num_phy: int) -> Launch:
+    check_limits(num_log, num_phy)
+    block_r = _pow2(num_phy)
+    constexprs = dict(NUM_LOG=num_log, NUM_PHY=num_phy, BLOCK_E=_pow2(num_log), BLOCK_R=block_r)
+    return Launch((num_rows,), constexprs, _num_warps(block_r))
+
+
+def dispatch_launch(num_entries: int, top_k: int, num_experts: int) -> Launch:
+    constexprs = dict(E=num_experts, K=top_k, BLOCK=DISPATCH_BLOCK, BLOCK_E=_pow2(num_experts + 1))
+    return Launch((max(1, -(-num_entries // DISPATCH_BLOCK)),), constexprs, 4)
+
+
+@dataclass
+class RebalanceBuffers:
+    """Outputs and scratch of :func:`rebalance` for one configuration, reusable across calls."""
+
+    phy2log: torch.Tensor  # [L, R] int64
+    phyrank: torch.Tensor  # [L, R] int64
+    logcnt: torch.Tensor  # [L, E] int64
+    log2phy: torch.Tensor  # [L, E, R - E + 1] int64, -1 padded (R - E + 1: the most replicas of one expert)
+    invalid: torch.Tensor  # [L] int32, 1 where the layer's loads were not all finite and >= 0
+    scratch_i: torch.Tensor  # [L * N, G + E / N] int32
+    scratch_f: torch.Tensor  # [L * N, E / N] float32
+
+    @classmethod
+    def allocate(cls, cfg: Config, device: torch.device | str) -> RebalanceBuffers:
+        """Buffers for the effective configuration ``cfg``."""
+        L, E, R, G, N = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_groups, cfg.num_nodes
+
+        def i64(*shape):
+            return torch.empty(shape, dtype=torch.int64, device=device)
+
+        return cls(
+            phy2log=i64(L, R),
+            phyrank=i64(L, R),
+            logcnt=i64(L, E),
+            log2phy=i64(L, E, log2phy_width(E, R)),
+            invalid=torch.empty(L, dtype=torch.int32, device=device),
+            scratch_i=torch.empty((L * N, G + E // N), dtype=torch.int32, device=device),
+            scratch_f=torch.empty((L * N, E // N), dtype=torch.float32, device=device),
+        )
+
+
+def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(torch.float32).contiguous()
+
+
+def _kernels():
+    from .backends import kernels
+
+    return kernels()
+
+
+def rebalance(
+    weight: torch.Tensor, cfg: Config, out: RebalanceBuffers | None = None, num_warps: int | None = None
+) -> RebalanceBuffers:
+    """Plan all layers of ``weight [L, E]`` with one launch, one program per (layer, node).
+
+    ``cfg`` is the effective configuration (:meth:`Config.effective`). Writes ``out`` (allocated
+    when ``None``) in place and returns it; no host synchronisation. ``num_warps`` overrides the
+    default (for tuning sweeps).
+    """
+    launch = rebalance_launch(cfg, num_warps)
+    w = _float32_rows(weight)
+    if out is None:
+        out = RebalanceBuffers.allocate(cfg, w.device)
+    _kernels().rebalance.rebalance(w, out, launch)
+    return out
+
+
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pack, rank, invalid)`` of ``weight [X, n]``; rows flagged in ``invalid`` are left unwritten."""
+    X, n = weight.shape
+    launch = packing_launch(X, n, num_packs)
+    w = _float32_rows(weight)
+    pack = torch.empty((X, n), dtype=torch.int64, device=w.device)
+    rank = torch.empty_like(pack)
+    invalid = torch.empty(X, dtype=torch.int32, device=w.device)
+    _kernels().rebalance.balanced_packing(w, pack, rank, invalid, launch)
+    return pack, rank, invalid
+
+
+def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, ...]:
+    """``(phy2log, rank, cnt, invalid)`` of ``weight [X, E]``; rows flagged in ``invalid`` are left unwritten."""
+    X, E = weight.shape
+    launch = replicate_launch(X, E, num_phy)
+    w = _float32_rows(weight)
+    phy2log = torch.empty((X, num_phy), dtype=torch.int64, device=w.device)
+    rank = torch.empty_like(phy2log)
+    cnt = torch.empty((X, E), dtype=torch.int64, device=w.device)
+    invalid = torch.empty(X, dtype=torch.int32, device=w.device)
+    _kernels().rebalance.replicate_experts(w, phy2log, rank, cnt, invalid, launch)
+    return phy2log, rank, cnt, invalid
+
+
+def record_dispatch(
+    topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, counts: torch.Tensor, invalid: torch.Tensor
+) -> torch.Tensor:
+    """One layer's record + dispatch; ``counts`` and ``invalid`` are accumulated in place. No host sync."""
+    T, K = topk_ids.shape
+    ids = topk_ids.contiguous()
+    launch = dispatch_launch(T * K, K, log2phy.shape[0])
+    return _kernels().dispatch.record_dispatch(ids, log2phy, logcnt, counts, invalid, torch.empty_like(ids), launch)

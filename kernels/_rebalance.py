@@ -1,0 +1,287 @@
+"""Triton code of the rebalance (SPEC.md): the two greedy loops and three kernels.
+
+One program of :func:`_rebalance_kernel` runs the complete pipeline for one (layer, node) row: the
+group packing of its layer (recomputed by every node's program: it is tiny and saves a launch),
+replication within the node, packing of the node's slots onto its GPUs, and the writes of
+``phy2log``, ``phyrank``, ``logcnt`` and the ``-1``-padded ``log2phy``. The sequential greedy chains
+stay inside a program, with pack loads and counts in registers; nothing goes back to the host.
+
+Each greedy choice is one ``tl.max``/``tl.min`` over selection keys (:mod:`._keys`): exact ties.
+Shares are computed with IEEE division (``div_rn``), as float32 division in the reference is.
+
+Values gathered by data-dependent index (a group's node, a replica's share) go through a small
+per-program scratch buffer in global memory, with ``tl.debug_barrier()`` between the store and the
+read-back by other threads of the program.
+
+A row whose loads are not all finite and ``>= 0`` is skipped (its outputs are not written) and
+flagged in ``invalid[row]``; the callers decide what that means (the drop-in API raises).
+"""
+
+import triton
+import triton.language as tl
+
+from ._keys import (
+    NO_KEY_MAX,
+    NO_KEY_MIN,
+    key_payload,
+    key_to_fpval,
+    max_key,
+    max_key_index,
+    min_key,
+    min_key_index,
+)
+
+
+@triton.jit
+def _row_is_valid(b_w, mask):
+    """1 if every masked entry is finite and >= 0 (NaN fails ``>= 0``)."""
+    b_bad = mask & ~((b_w >= 0.0) & (b_w < float("inf")))
+    return tl.sum(b_bad.to(tl.int32), axis=0) == 0
+
+
+@triton.jit
+def _pack_greedy_loop(
+    b_w,  # [BLOCK_I] float32 item weights
+    NUM_ITEMS: tl.constexpr,
+    NUM_PACKS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
+    o_i = tl.arange(0, BLOCK_I)
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = o_p < NUM_PACKS
+    # [BLOCK_I] heaviest item first, then lower index; taken items drop out
+    b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, tl.zeros([BLOCK_I], dtype=tl.int32), BLOCK_I, 1), NO_KEY_MAX)
+    b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
+    b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
+    b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
+    b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for _ in range(NUM_ITEMS):
+        best = tl.max(b_item, axis=0)
+        item = max_key_index(best)
+        weight = key_to_fpval(best)
+        # [BLOCK_P] least-loaded open pack, then lower pack index; the count rides along
+        b_key = tl.where(m_p & (b_cnt < CAPACITY), min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY), NO_KEY_MIN)
+        choice = tl.min(b_key, axis=0)
+        pack = min_key_index(choice)
+        rank = key_payload(choice)
+        m_hit = o_p == pack
+        b_load = tl.where(m_hit, b_load + weight, b_load)
+        b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
+        m_item = o_i == item
+        b_pack = tl.where(m_item, pack, b_pack)
+        b_rank = tl.where(m_item, rank, b_rank)
+        b_item = tl.where(m_item, NO_KEY_MAX, b_item)
+    return b_pack, b_rank
+
+
+@triton.jit
+def _pack_greedy(
+    b_w,  # [BLOCK_I] float32 item weights
+    NUM_ITEMS: tl.constexpr,
+    NUM_PACKS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """SPEC balanced_packing of one row: returns (pack, rank), each [BLOCK_I] int32."""
+    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
+    o_i = tl.arange(0, BLOCK_I)
+    if CAPACITY == 1:  # one item per pack: no sorting at all
+        b_pack = o_i
+        b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    else:
+        b_pack, b_rank = _pack_greedy_loop(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+    return b_pack, b_rank
+
+
+@triton.jit
+def _replicate_greedy(
+    b_w,  # [BLOCK_E] float32 expert loads
+    NUM_LOG: tl.constexpr,
+    NUM_PHY: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """SPEC replicate_experts of one row.
+
+    Returns (phy2log [BLOCK_R], rank [BLOCK_R], cnt [BLOCK_E]) int32 and share [BLOCK_E] float32,
+    the final ``w / cnt`` of each expert.
+    """
+    COUNT_LIMIT: tl.constexpr = NUM_PHY - NUM_LOG + 2  # counts run 1 .. NUM_PHY - NUM_LOG + 1
+    o_e = tl.arange(0, BLOCK_E)
+    o_r = tl.arange(0, BLOCK_R)
+    m_e = o_e < NUM_LOG
+    b_cnt = tl.full([BLOCK_E], 1, dtype=tl.int32)
+    b_share = b_w
+    b_phy = tl.where(o_r < NUM_LOG, o_r, 0)
+    b_rank = tl.zeros([BLOCK_R], dtype=tl.int32)
+    # [BLOCK_E] largest share first, then lower expert; the count rides along
+    b_key = tl.where(m_e, max_key(b_share, o_e, b_cnt, BLOCK_E, COUNT_LIMIT), NO_KEY_MAX)
+    for slot in range(NUM_LOG, NUM_PHY):
+        best = tl.max(b_key, axis=0)
+        expert = max_key_index(best)
+        count = key_payload(best)
+        b_phy = tl.where(o_r == slot, expert, b_phy)
+        b_rank = tl.where(o_r == slot, count, b_rank)
+        m_hit = o_e == expert
+        b_cnt = tl.where(m_hit, count + 1, b_cnt)
+        b_share = tl.where(m_hit, tl.math.div_rn(b_w, b_cnt.to(tl.float32)), b_share)
+        b_key = tl.where(m_hit, max_key(b_share, o_e, b_cnt, BLOCK_E, COUNT_LIMIT), b_key)
+    return b_phy, b_rank, b_cnt, b_share
+
+
+@triton.jit
+def _balanced_packing_kernel(
+    # inputs
+    w_ptr,  # [X, NUM_ITEMS] float32
+    # outputs
+    pack_ptr,  # [X, NUM_ITEMS] int64
+    rank_ptr,  # [X, NUM_ITEMS] int64
+    invalid_ptr,  # [X] int32
+    NUM_ITEMS: tl.constexpr,
+    NUM_PACKS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    o_i = tl.arange(0, BLOCK_I)
+    m_i = o_i < NUM_ITEMS
+    b_w = tl.load(w_ptr + row * NUM_ITEMS + o_i, mask=m_i, other=0.0)
+    valid = _row_is_valid(b_w, m_i)
+    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
+    if valid:
+        b_pack, b_rank = _pack_greedy(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+        tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
+        tl.store(rank_ptr + row * NUM_ITEMS + o_i, b_rank.to(tl.int64), mask=m_i)
+
+
+@triton.jit
+def _replicate_kernel(
+    # inputs
+    w_ptr,  # [X, NUM_LOG] float32
+    # outputs
+    phy2log_ptr,  # [X, NUM_PHY] int64
+    rank_ptr,  # [X, NUM_PHY] int64
+    cnt_ptr,  # [X, NUM_LOG] int64
+    invalid_ptr,  # [X] int32
+    NUM_LOG: tl.constexpr,
+    NUM_PHY: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    o_e = tl.arange(0, BLOCK_E)
+    o_r = tl.arange(0, BLOCK_R)
+    m_e = o_e < NUM_LOG
+    m_r = o_r < NUM_PHY
+    b_w = tl.load(w_ptr + row * NUM_LOG + o_e, mask=m_e, other=0.0)
+    valid = _row_is_valid(b_w, m_e)
+    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
+    if valid:
+        b_phy, b_rank, b_cnt, _ = _replicate_greedy(b_w, NUM_LOG, NUM_PHY, BLOCK_E, BLOCK_R)
+        tl.store(phy2log_ptr + row * NUM_PHY + o_r, b_phy.to(tl.int64), mask=m_r)
+        tl.store(rank_ptr + row * NUM_PHY + o_r, b_rank.to(tl.int64), mask=m_r)
+        tl.store(cnt_ptr + row * NUM_LOG + o_e, b_cnt.to(tl.int64), mask=m_e)
+
+
+@triton.jit
+def _rebalance_kernel(
+    # inputs
+    w_ptr,  # [L, E] float32
+    # outputs
+    phy2log_ptr,  # [L, R] int64
+    phyrank_ptr,  # [L, R] int64
+    logcnt_ptr,  # [L, E] int64
+    log2phy_ptr,  # [L, E, WIDTH] int64
+    invalid_ptr,  # [L] int32
+    # scratch, one row per program
+    scratch_i_ptr,  # [L * N, G + EN] int32: node-major base of each group, then mlog2log of the node
+    scratch_f_ptr,  # [L * N, EN] float32: share of each expert of the node
+    E: tl.constexpr,
+    R: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    P: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # >= E
+    BLOCK_G: tl.constexpr,  # >= G
+    BLOCK_N: tl.constexpr,  # >= N
+    BLOCK_EN: tl.constexpr,  # >= E / N
+    BLOCK_RN: tl.constexpr,  # >= R / N
+    BLOCK_PN: tl.constexpr,  # >= P / N
+    BLOCK_X: tl.constexpr,  # log2phy columns filled per step
+):
+    """Program ``pid`` solves node ``pid % N`` of layer ``pid // N`` (hierarchical policy;
+    the global policy is G = N = 1)."""
+    GS: tl.constexpr = E // G
+    GPN: tl.constexpr = G // N
+    EN: tl.constexpr = E // N
+    RN: tl.constexpr = R // N
+    PN: tl.constexpr = P // N
+    S: tl.constexpr = R // P
+    pid = tl.program_id(0).to(tl.int64)
+    layer = pid // N
+    node = pid % N
+    w_row = w_ptr + layer * E
+    o_e = tl.arange(0, BLOCK_E)
+    o_j = tl.arange(0, BLOCK_EN)
+    o_r = tl.arange(0, BLOCK_RN)
+    m_j = o_j < EN
+    m_r = o_r < RN
+
+    valid = _row_is_valid(tl.load(w_row + o_e, mask=o_e < E, other=0.0), o_e < E)
+    if node == 0:
+        tl.store(invalid_ptr + layer, (~valid).to(tl.int32))
+    if valid:
+        # 1. Groups to nodes and mlog2log of this node ([BLOCK_EN] int32: logical expert of each
+        #    node-local mlog index). One group per node: the packing is the identity.
+        if GPN == 1:
+            b_m2l = (node * EN + o_j).to(tl.int32)
+        else:
+            o_g = tl.arange(0, BLOCK_G)
+            m_g = o_g < G
+            b_gload = tl.zeros([BLOCK_G], dtype=tl.float32)
+            for k in range(GS):  # float32, in the spec's order
+                b_gload += tl.load(w_row + o_g * GS + k, mask=m_g, other=0.0)
+            b_gpack, b_grank = _pack_greedy(b_gload, G, N, BLOCK_G, BLOCK_N)
+            scr_i = scratch_i_ptr + pid * (G + EN)
+            tl.store(scr_i + o_g, (b_gpack * GPN + b_grank) * GS, mask=m_g)
+            tl.debug_barrier()
+            b_mlog = tl.load(scr_i + o_e // GS, mask=o_e < E, other=0) + o_e % GS  # [BLOCK_E]
+            m_mine = (o_e < E) & (b_mlog >= node * EN) & (b_mlog < node * EN + EN)
+            tl.store(scr_i + G + (b_mlog - node * EN), o_e, mask=m_mine)
+            tl.debug_barrier()
+            b_m2l = tl.load(scr_i + G + o_j, mask=m_j, other=0)
+        b_wn = tl.load(w_row + b_m2l, mask=m_j, other=0.0)
+
+        # 2. Replicas within the node.
+        b_phy, b_rank, b_cnt, b_share = _replicate_greedy(b_wn, EN, RN, BLOCK_EN, BLOCK_RN)
+
+        # 3. Slots to GPUs: each replica carries its expert's share.
+        if S == 1:
+            b_pos = o_r
+        else:
+            scr_f = scratch_f_ptr + pid * EN
+            tl.store(scr_f + o_j, b_share, mask=m_j)
+            tl.debug_barrier()
+            b_items = tl.load(scr_f + b_phy, mask=m_r, other=0.0)
+            b_pack, b_rk = _pack_greedy(b_items, RN, PN, BLOCK_RN, BLOCK_PN)
+            b_pos = b_pack * S + b_rk
+
+        # 4. Outputs in global numbering.
+        if GPN == 1:
+            b_log = node * EN + b_phy
+        else:
+            b_log = tl.load(scratch_i_ptr + pid * (G + EN) + G + b_phy, mask=m_r, other=0)
+        b_slot = node * RN + b_pos  # [BLOCK_RN]
+        tl.store(phy2log_ptr + layer * R + b_slot, b_log.to(tl.int64), mask=m_r)
+        tl.store(phyrank_ptr + layer * R + b_slot, b_rank.to(tl.int64), mask=m_r)
+        tl.store(logcnt_ptr + layer * E + b_m2l, b_cnt.to(tl.int64), mask=m_j)
+        tl.store(log2phy_ptr + (layer * E + b_log) * WIDTH + b_rank, b_slot.to(tl.int64), mask=m_r)
+        # -1 past each expert's count, in [BLOCK_EN, BLOCK_X] tiles
+        o_x = tl.arange(0, BLOCK_X)
+        p_row = log2phy_ptr + (layer * E + b_m2l) * WIDTH  # [BLOCK_EN]
+        for x0 in range(0, WIDTH, BLOCK_X):
+            m_x = m_j[:, None] & ((x0 + o_x)[None, :] >= b_cnt[:, None]) & ((x0 + o_x)[None, :] < WIDTH)
+            tl.store(p_row[:, None] + (x0 + o_x)[None, :], tl.full([BLOCK_EN, BLOCK_X], -1, tl.int64), mask=m_x)
