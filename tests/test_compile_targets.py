@@ -1,0 +1,220 @@
+"""Ahead-of-time compilation of every kernel for real NVIDIA targets, on this CPU-only machine.
+
+The interpreter accepts code that a GPU build rejects, and cannot show what only the machine code
+reveals. Here each kernel is compiled with the ``ptxas`` Triton ships, at the configurations the
+project ships or documents, with the constexprs and ``num_warps`` that :mod:`eplb_triton.launch`
+picks at run time (the same functions), and the result is checked:
+
+* it compiles, uses at most 255 registers and spills nothing to local memory (``cuobjdump``);
+* float32 division is IEEE round-to-nearest (``div.rn.f32``), as in the reference, never the
+  approximate ``div.full``/``div.approx`` that a plain ``/`` produces;
+* every store to the per-program scratch buffer is separated from the first reload of that
+  buffer by a ``bar.sync`` (other threads of the program read what one thread wrote).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from eplb_triton import launch  # noqa: E402
+from eplb_triton._validation import Config  # noqa: E402
+from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
+from eplb_triton.kernels import _rebalance  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+ARCHS = [80, 90]
+
+# (name, E, R, G, N, P): every configuration the project ships or documents, and the limits.
+CONFIGS = sorted(
+    {(d.name, d.experts, d.replicas, d.groups, d.nodes, d.gpus) for d in (*DEEPSEEK_V3.values(), *MODELS.values())}
+    | {
+        ("limits-hierarchical", launch.MAX_EXPERTS, launch.MAX_REPLICAS, 16, 4, 64),
+        ("limits-global", launch.MAX_EXPERTS, launch.MAX_REPLICAS, 1, 1, 128),
+    }
+)
+
+POINTERS = {  # element type of each pointer argument, by name
+    "w_ptr": "*fp32", "phy2log_ptr": "*i64", "phyrank_ptr": "*i64", "logcnt_ptr": "*i64", "log2phy_ptr": "*i64",
+    "invalid_ptr": "*i32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "pack_ptr": "*i64", "rank_ptr": "*i64",
+    "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i32", "phy_ptr": "*i64", "n_entries": "i32", "WIDTH": "i32",
+}  # fmt: skip
+
+
+KERNELS = {
+    "rebalance": "_rebalance._rebalance_kernel",
+    "replicate": "_rebalance._replicate_kernel",
+    "packing": "_rebalance._balanced_packing_kernel",
+    "dispatch": "_dispatch._record_dispatch_kernel",
+}
+
+
+def _jobs() -> dict[str, tuple[str, dict, int, int]]:
+    """``id -> (kernel, constexprs, num_warps, arch)`` for everything this module checks."""
+    jobs = {}
+    for arch in ARCHS:
+        for name, E, R, G, N, P in CONFIGS:
+            ln = launch.rebalance_launch(Config(58, E, R, G, N, P).effective())
+            jobs[f"rebalance-{name}-sm{arch}"] = ("rebalance", ln.constexprs, ln.num_warps, arch)
+        for E, R in REPLICATE_SHAPES:
+            ln = launch.replicate_launch(58, E, R)
+            jobs[f"replicate-E{E}-R{R}-sm{arch}"] = ("replicate", ln.constexprs, ln.num_warps, arch)
+        for n, m in PACKING_SHAPES:
+            ln = launch.packing_launch(58, n, m)
+            jobs[f"packing-n{n}-m{m}-sm{arch}"] = ("packing", ln.constexprs, ln.num_warps, arch)
+        for E in DISPATCH_EXPERTS:
+            ln = launch.dispatch_launch(8192 * 8, 8, E)
+            jobs[f"dispatch-E{E}-sm{arch}"] = ("dispatch", ln.constexprs, ln.num_warps, arch)
+    return jobs
+
+
+REPLICATE_SHAPES = [(256, 288), (launch.MAX_EXPERTS, launch.MAX_REPLICAS)]
+PACKING_SHAPES = [(288, 32), (256, 4), (launch.MAX_ITEMS, 64)]
+DISPATCH_EXPERTS = [256, 384, launch.MAX_EXPERTS]
+
+
+def _compile(job: tuple[str, dict, int, int]) -> dict[str, str]:
+    """Compile one job (in the worker process, where the kernels are real ``JITFunction`` s)."""
+    import importlib
+
+    kernel, constexprs, num_warps, arch = job
+    module, attr = KERNELS[kernel].split(".")
+    fn = getattr(importlib.import_module(f"eplb_triton.kernels.{module}"), attr)
+    signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            Path(cubin).write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run(
+                [str(BIN / "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+            ).stdout
+    except Exception as exc:  # reported by the test of this job
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"ptx": compiled.asm["ptx"], "usage": usage}
+
+
+def worker(out: str) -> None:
+    """Compile every job into ``out`` (JSON), two processes at a time."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = _jobs()
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(jobs, pool.map(_compile, jobs.values()), strict=True))
+    Path(out).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """All jobs, compiled once in a subprocess without ``TRITON_INTERPRET`` (the tests' own
+    process decorates the kernels for the interpreter)."""
+    out = tmp_path_factory.mktemp("aot") / "compiled.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = Path(__file__).parent
+    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_compile_targets as t; t.worker({str(out)!r})"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=here)
+    return json.loads(out.read_text())
+
+
+def _result(compiled: dict, job_id: str) -> tuple[str, str]:
+    result = compiled[job_id]
+    assert "error" not in result, f"{job_id} does not compile: {result.get('error')}"
+    return result["ptx"], result["usage"]
+
+
+def resources(usage: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+
+
+def assert_fits(usage: str) -> None:
+    res = resources(usage)
+    assert "REG" in res, usage
+    assert res["REG"] <= 255, f"{res['REG']} registers"
+    assert res.get("LOCAL", 0) == 0 and res.get("STACK", 0) == 0, f"spills to local memory: {usage}"
+
+
+def assert_ieee_division(ptx: str, divides: bool = True) -> None:
+    if divides:
+        assert "div.rn.f32" in ptx, "the shares must be IEEE float32 divisions (tl.math.div_rn)"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate float32 division in the kernel"
+
+
+def _lines_of(fn, pattern: str) -> list[int]:
+    """Source line numbers (in the kernel's file) of the lines of ``fn`` that contain ``pattern``."""
+    lines, start = inspect.getsourcelines(fn.fn)
+    return [start + i for i, line in enumerate(lines) if pattern in line]
+
+
+def _instructions_by_line(ptx: str, file_index: int) -> list[tuple[int, str]]:
+    """``(source line, instruction)`` for each PTX instruction, from the ``.loc`` directives."""
+    out, line = [], -1
+    for text in ptx.splitlines():
+        text = text.strip()
+        if text.startswith(".loc"):
+            f, ln = text.split()[1:3]
+            line = int(ln) if int(f) == file_index else -1
+        elif text and not text.startswith(("//", ".", "{", "}", "$")):
+            out.append((line, text))
+    return out
+
+
+def assert_barrier_between(ptx: str, fn, store: str, load: str) -> None:
+    """In program order, a ``bar.sync`` lies between the last instruction of each source line
+    containing ``store`` and the first instruction after it of a line containing ``load``."""
+    source = Path(inspect.getsourcefile(fn.fn)).name
+    files = dict(re.findall(r'\.file\s+(\d+)\s+"[^"]*?([^/"]+)"', ptx))
+    file_index = next((int(i) for i, name in files.items() if name == source), None)
+    assert file_index is not None, f"no line information for {source} in the PTX"
+    code = _instructions_by_line(ptx, file_index)
+    store_lines, load_lines = set(_lines_of(fn, store)), set(_lines_of(fn, load))
+    last_store = max((i for i, (ln, _) in enumerate(code) if ln in store_lines), default=None)
+    assert last_store is not None, f"no instruction from the lines with {store!r}"
+    first_load = next((i for i, (ln, _) in enumerate(code) if i > last_store and ln in load_lines), None)
+    assert first_load is not None, f"no instruction from the lines with {load!r} after the store"
+    between = [text for _, text in code[last_store:first_load]]
+    assert any(t.startswith("bar.sync") or t.startswith("barrier.sync") for t in between), (
+        f"no barrier between the scratch store {store!r} and its reload {load!r}"
+    )
+
+
+JOBS = _jobs()
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("rebalance-")])
+def test_rebalance_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    c = JOBS[job_id][1]
+    assert_fits(usage)
+    assert_ieee_division(ptx, divides=c["R"] > c["E"])  # no redundant slot: no share to divide
+    fn = _rebalance._rebalance_kernel
+    if c["G"] // c["N"] > 1:  # group packing: two scratch round trips
+        assert_barrier_between(ptx, fn, "tl.store(scr_i + o_g", "tl.load(scr_i + o_e // GS")
+        assert_barrier_between(ptx, fn, "tl.store(scr_i + G + (b_mlog", "tl.load(scr_i + G + o_j")
+    if c["R"] // c["P"] > 1:  # shares gathered for the GPU packing
+        assert_barrier_between(ptx, fn, "tl.store(scr_f + o_j", "tl.load(scr_f + b_phy")
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("replicate-")])
+def test_replicate_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    assert_fits(usage)
+    assert_ieee_division(ptx)
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith(("packing-", "dispatch-"))])
+def test_packing_and_dispatch_kernels(compiled, job_id):
+    _, usage = _result(compiled, job_id)
+    assert_fits(usage)
