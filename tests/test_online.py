@@ -243,4 +243,6 @@ def test_train_loop_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "train_loop.json").read_text())
     assert len(summary["rows"]) == 8 and [h["step"] for h in summary["rebalances"]] == [4, 8]
-    assert 0 < summary["balancedness_without"] <= 1 and 0 < summary["balancedness_with_rebalancing"] <= 1
+    # seeded run: rebalancing every 4 steps beats the static placement over the run
+    assert summary["balancedness_with_rebalancing"] > summary["balancedness_without"]
+    assert all(h["after"] > h["before"] for h in summary["rebalances"])
