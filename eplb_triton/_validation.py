@@ -122,3 +122,17 @@ def check_config(
     if require_hierarchical and G % N:
         raise ValueError(f"num_groups ({G}) must be a multiple of num_nodes ({N}) for the hierarchical policy")
     return Config(L, E, R, G, N, P)
+
+
+def check_shape_config(
+    num_layers: object,
+    num_experts: object,
+    num_replicas: object,
+    num_groups: object,
+    num_nodes: object,
+    num_gpus: object,
+) -> Config:
+    """:func:`check_config` for objects built from a shape rather than a tensor (planner, balancer)."""
+    L = check_count("num_layers", num_layers)
+    E = check_count("num_experts", num_experts)
+    return check_config(torch.empty((L, E), device="meta"), num_replicas, num_groups, num_nodes, num_gpus)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends, metrics
-from ._validation import check_config, check_count, resolve_device
+from ._validation import check_count, check_shape_config, resolve_device
 from .launch import log2phy_width
 from .placement import _occurrence, log2phy_from_rank, stable_order
 from .recording import record_dispatch
@@ -82,9 +82,8 @@ class OnlineBalancer:
         history_size: int = 1000,
         backend: str = "auto",
     ):
-        L = check_count("num_layers", num_layers)
-        E = check_count("num_experts", num_experts)
-        self.config = check_config(torch.empty((L, E), device="meta"), num_replicas, num_groups, num_nodes, num_gpus)
+        self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+        L, E = self.config.num_layers, self.config.num_experts
         self.rebalance_interval = check_count("rebalance_interval", rebalance_interval)
         if window is not None and ema_decay is not None:
             raise ValueError("give either window or ema_decay, not both")

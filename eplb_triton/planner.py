@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import launch
-from ._validation import Config, check_config, check_count, check_weight, resolve_device
+from ._validation import Config, check_shape_config, check_weight, resolve_device
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
 
@@ -81,10 +81,8 @@ class EplbPlanner:
         *,
         device: torch.device | str = "cuda",
     ):
-        L = check_count("num_layers", num_layers)
-        E = check_count("num_experts", num_experts)
-        meta = torch.empty((L, E), device="meta")
-        self.config: Config = check_config(meta, num_replicas, num_groups, num_nodes, num_gpus)
+        self.config: Config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+        L, E = self.config.num_layers, self.config.num_experts
         launch.check_limits(E, self.config.num_replicas)
         self._policy = self.config.effective()
         self.device = resolve_device(device)

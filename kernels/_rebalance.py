@@ -40,6 +40,17 @@ def _row_is_valid(b_w, mask):
 
 
 @triton.jit
+def _load_row(w_ptr, invalid_ptr, row, NUM: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``row`` of ``w [X, NUM]`` as [BLOCK] float32 (0 past NUM), with its validity, which is
+    also stored in ``invalid[row]``."""
+    o = tl.arange(0, BLOCK)
+    b_w = tl.load(w_ptr + row * NUM + o, mask=o < NUM, other=0.0)
+    valid = _row_is_valid(b_w, o < NUM)
+    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
+    return b_w, valid
+
+
+@triton.jit
 def _pack_greedy_loop(
     b_w,  # [BLOCK_I] float32 item weights
     NUM_ITEMS: tl.constexpr,
@@ -147,9 +158,7 @@ def _balanced_packing_kernel(
     row = tl.program_id(0).to(tl.int64)
     o_i = tl.arange(0, BLOCK_I)
     m_i = o_i < NUM_ITEMS
-    b_w = tl.load(w_ptr + row * NUM_ITEMS + o_i, mask=m_i, other=0.0)
-    valid = _row_is_valid(b_w, m_i)
-    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
+    b_w, valid = _load_row(w_ptr, invalid_ptr, row, NUM_ITEMS, BLOCK_I)
     if valid:
         b_pack, b_rank = _pack_greedy(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
         tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
@@ -175,9 +184,7 @@ def _replicate_kernel(
     o_r = tl.arange(0, BLOCK_R)
     m_e = o_e < NUM_LOG
     m_r = o_r < NUM_PHY
-    b_w = tl.load(w_ptr + row * NUM_LOG + o_e, mask=m_e, other=0.0)
-    valid = _row_is_valid(b_w, m_e)
-    tl.store(invalid_ptr + row, (~valid).to(tl.int32))
+    b_w, valid = _load_row(w_ptr, invalid_ptr, row, NUM_LOG, BLOCK_E)
     if valid:
         b_phy, b_rank, b_cnt, _ = _replicate_greedy(b_w, NUM_LOG, NUM_PHY, BLOCK_E, BLOCK_R)
         tl.store(phy2log_ptr + row * NUM_PHY + o_r, b_phy.to(tl.int64), mask=m_r)
