@@ -5,16 +5,25 @@ of every layer. :func:`rearrange_expert_weights` makes every rank hold the exper
 placement: a slot whose expert did not change is not touched; a changed slot is filled by a local
 copy when the rank already held that expert, else by a point-to-point transfer from a rank that
 held it (sources spread over the holders, round-robin). Every rank derives the same transfer list
-from the two placements, so sends and receives match without any extra communication.
+from the two placements, so sends and receives match; one small all-gather first checks that the
+ranks hold the same placements and weight layout (:func:`check_ranks_agree`), so that a rank with
+different inputs stops every rank before any weight moves instead of silently pairing the wrong
+sends and receives.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# A rank's local error message travels inside the agreement all-gather, so that every rank can raise
+# the same error; longer messages are cut to this many bytes.
+_MESSAGE_WORDS = 32
+_MESSAGE_BYTES = 8 * _MESSAGE_WORDS
 
 
 @dataclass
@@ -24,6 +33,141 @@ class RearrangeStats:
     local_copies: int = 0
     received: int = 0
     sent: int = 0
+
+
+def _digest(*parts: object) -> int:
+    """A 64-bit signed digest, equal in every process for equal parts (unlike the salted ``hash``).
+    Tensors count by dtype, shape and bytes; anything else by its ``repr``."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    # nccl has no CPU tensors; gloo, mpi and the mixed "cpu:gloo,cuda:nccl" groups take CPU ones.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(message: str) -> list[int]:
+    data = message.encode()
+    if len(data) > _MESSAGE_BYTES:
+        data = data[: _MESSAGE_BYTES - 3].decode(errors="ignore").encode() + b"..."  # whole characters only
+    data = data.ljust(_MESSAGE_BYTES, b"\x00")
+    return [int.from_bytes(data[i : i + 8], "little", signed=True) for i in range(0, _MESSAGE_BYTES, 8)]
+
+
+def _decode(words: list[int]) -> str:
+    data = b"".join(w.to_bytes(8, "little", signed=True) for w in words)
+    return data.rstrip(b"\x00").decode(errors="replace")
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return "ranks " + ", ".join(map(str, ranks[:-1])) + f" and {ranks[-1]}"
+
+
+def _verdict(rows: list[list[int]], names: Sequence[str]) -> str | None:
+    """The error every rank raises for the gathered ``[digests..., has_problem, message words...]``
+    rows (one per rank), or None when all ranks are fine and agree."""
+    n = len(names)
+    problems: dict[str, list[int]] = {}  # message -> ranks that reported it, in rank order
+    for rank, row in enumerate(rows):
+        if row[n]:
+            problems.setdefault(_decode(row[n + 1 :]), []).append(rank)
+    if problems:
+        if len(problems) == 1 and len(next(iter(problems.values()))) == len(rows):
+            return next(iter(problems))  # the same inputs fail the same way on every rank
+        return "; ".join(f"{_ranks(ranks)}: {message}" for message, ranks in problems.items())
+    differ = []
+    for i, name in enumerate(names):
+        values: dict[int, list[int]] = {}
+        for rank, row in enumerate(rows):
+            values.setdefault(row[i], []).append(rank)
+        if len(values) > 1:
+            groups = list(values.values())
+            detail = f"ranks {groups[0][0]} and {groups[1][0]} disagree"
+            if len(rows) > 2:
+                detail += "; equal on " + ", ".join(f"[{', '.join(map(str, g))}]" for g in groups)
+            differ.append(f"{name} differs between ranks ({detail})")
+    return "; ".join(differ) or None
+
+
+def _agree(
+    digests: Sequence[int], names: Sequence[str], group: dist.ProcessGroup | None, problem: Exception | None
+) -> None:
+    """One all-gather of ``[digests..., has_problem, message]``; every rank raises the same ValueError
+    if any rank reported a problem or any digest differs between ranks. ``digests`` and ``names``
+    must have the same length on every rank (it sets the size of the gathered tensor)."""
+    text = "" if problem is None else str(problem)
+    if problem is not None and not isinstance(problem, ValueError):
+        text = f"{type(problem).__name__}: {text}"
+    row = list(digests) + [int(problem is not None)] + _encode(text)
+    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group))
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    message = _verdict([r.tolist() for r in rows], names)
+    if message is not None:
+        raise ValueError(message) from problem
+
+
+def check_ranks_agree(
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Check, with one small all-gather, that every rank of ``group`` holds equal ``tensors``.
+
+    Each tensor counts by dtype, shape and contents (a 64-bit digest, so a few bytes per tensor
+    travel whatever the tensors' size). Every rank must call this with the same number of tensors.
+
+    Args:
+        tensors: the values that must agree, on any device.
+        group: the process group (default: the world). The digests travel on the device its
+            backend serves: the current CUDA device for nccl, the CPU otherwise.
+        names: one name per tensor for the error message (default ``tensor 0``, ``tensor 1``, ...).
+
+    Raises:
+        ValueError: on every rank, naming each tensor that differs and two ranks that disagree,
+            e.g. ``new_phy2log differs between ranks (ranks 0 and 1 disagree)``.
+
+    Example:
+        >>> check_ranks_agree([plan.phy2log], names=["phy2log"])  # doctest: +SKIP
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("check_ranks_agree needs an initialised torch.distributed process group")
+    labels = [f"tensor {i}" for i in range(len(tensors))]
+    problem = None
+    try:
+        if names is not None:
+            if len(names) != len(tensors):
+                raise ValueError(f"names has {len(names)} entries for {len(tensors)} tensors")
+            labels = [str(name) for name in names]
+        digests = [_digest(t) for t in tensors]
+    except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
+        problem, digests = exc, [0] * len(tensors)
+    _agree(digests, labels, group, problem)
+
+
+def _check_placements(old: list[list[int]], new: list[list[int]]) -> None:
+    for name, rows in (("old_phy2log", old), ("new_phy2log", new)):
+        if any(e < 0 for row in rows for e in row):
+            raise ValueError(f"{name} has an expert id < 0 ({min(min(row) for row in rows)})")
+    for layer, (old_row, new_row) in enumerate(zip(old, new, strict=True)):
+        missing = sorted(set(new_row) - set(old_row))
+        if missing:
+            raise ValueError(
+                f"new_phy2log[layer {layer}] needs expert {missing[0]}, which no rank holds in old_phy2log"
+            )
 
 
 def _transfers(old: list[int], new: list[int], world: int, S: int) -> list[tuple[int, int, int]]:
@@ -72,43 +216,97 @@ def rearrange_expert_weights(
 
     Args:
         expert_weights: per layer, this rank's expert tensor ``[S, ...]`` or a sequence of them
-            (e.g. ``(w13, w2)``), slot-major; all ranks pass the same structure and shapes.
-        old_phy2log, new_phy2log: ``[L, R]`` placements, identical on every rank (any device).
+            (e.g. ``(w13, w2)``), slot-major; all ranks pass the same structure and shapes. They may
+            be ``nn.Parameter`` objects: the move runs under ``torch.no_grad()`` and writes them in place.
+        old_phy2log, new_phy2log: ``[L, R]`` integer placements, identical on every rank (any device).
         group: the expert-parallel process group (default: the world); its size must be ``R / S``.
         max_inflight: experts per batch of point-to-point operations (bounds in-flight requests).
+
+    Before any weight is touched, every rank checks its own inputs (shapes, ids >= 0, every expert
+    that ``new_phy2log`` needs is held by some rank in ``old_phy2log``), then one all-gather of a few
+    digests checks that all ranks hold the same placements and the same weight layout (layers,
+    tensors per layer, shape and dtype of each). If any rank's inputs are wrong or the ranks differ,
+    every rank raises the same ``ValueError`` and no weight changes anywhere.
 
     Peak extra memory is one layer's changed slots on this rank (received experts, and copies of
     local sources that are themselves overwritten). Nothing is read after it is overwritten: a
     layer's slots are written only after all of that layer's sends and receives have completed.
 
+    Failures: if a rank dies or stops responding, the others block in the agreement all-gather or in
+    a send/receive until the process group's timeout (``timeout=`` of ``init_process_group`` /
+    ``new_group``), then the pending operation raises (gloo); with nccl the watchdog usually tears
+    the process down instead (``TORCH_NCCL_ASYNC_ERROR_HANDLING``). A rank that raised holds the new
+    placement in every layer before the one it was transferring and the old placement in that layer
+    and all later ones: no slot of a layer is written until all of the layer's transfers have
+    completed, and the writes are local copies, so no layer is ever half-written on a rank. Ranks
+    progress layer by layer independently, though (a rank whose transfers in layer ``k`` finished may
+    already have written it), so ranks can stop at different layers; the weights as a whole are then
+    a mix of placements, and the caller must reload them or move each rank from what it holds.
+
     Returns:
         :class:`RearrangeStats` for this rank.
+
+    Raises:
+        ValueError: on every rank, before any weight changes, if the inputs are invalid on some rank
+            or differ between ranks (see above).
+
+    Example:
+        >>> stats = rearrange_expert_weights([(w13, w2) for w13, w2 in layers], old, new)  # doctest: +SKIP
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("rearrange_expert_weights needs an initialised torch.distributed process group")
-    if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
-        raise ValueError(
-            f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
-            f"and {tuple(new_phy2log.shape)}"
-        )
-    if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
-        raise ValueError(f"max_inflight ({max_inflight!r}) must be a positive int")
-    L, R = old_phy2log.shape
     world = dist.get_world_size(group)
     me = dist.get_rank(group)
-    if R % world:
-        raise ValueError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
-    S = R // world
-    if len(expert_weights) != L:
-        raise ValueError(f"expert_weights has {len(expert_weights)} layers, the placements have {L}")
-    layers = [[w] if isinstance(w, torch.Tensor) else list(w) for w in expert_weights]
-    for i, tensors in enumerate(layers):
-        for t in tensors:
-            if t.dim() < 1 or t.shape[0] != S:
-                raise ValueError(f"expert_weights[{i}] tensors must be [slots_per_rank={S}, ...], got {tuple(t.shape)}")
-    peer = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-    old_all, new_all = old_phy2log.cpu().tolist(), new_phy2log.cpu().tolist()
+    problem = None
+    digests = [0, 0, 0]
+    try:
+        for name, p in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
+            if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor, got {getattr(p, 'dtype', type(p).__name__)}")
+        if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
+            raise ValueError(
+                f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
+                f"and {tuple(new_phy2log.shape)}"
+            )
+        old_all, new_all = old_phy2log.cpu().tolist(), new_phy2log.cpu().tolist()
+        layers = [[w] if isinstance(w, torch.Tensor) else list(w) for w in expert_weights]
+        layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
+        digests = [_digest(old_all), _digest(new_all), _digest(layout)]
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ValueError(f"max_inflight ({max_inflight!r}) must be a positive int")
+        L, R = old_phy2log.shape
+        if R % world:
+            raise ValueError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
+        S = R // world
+        if len(layers) != L:
+            raise ValueError(f"expert_weights has {len(layers)} layers, the placements have {L}")
+        for i, tensors in enumerate(layers):
+            for t in tensors:
+                if t.dim() < 1 or t.shape[0] != S:
+                    raise ValueError(
+                        f"expert_weights[{i}] tensors must be [slots_per_rank={S}, ...], got {tuple(t.shape)}"
+                    )
+        _check_placements(old_all, new_all)
+    except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
+        problem = exc
+    _agree(digests, ("old_phy2log", "new_phy2log", "expert_weights layout"), group, problem)
 
+    peer = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
+    with torch.no_grad():  # nn.Parameter weights: autograd must not record the in-place copies
+        return _move(layers, old_all, new_all, me, world, S, peer, group, max_inflight)
+
+
+def _move(
+    layers: list[list[torch.Tensor]],
+    old_all: list[list[int]],
+    new_all: list[list[int]],
+    me: int,
+    world: int,
+    S: int,
+    peer: list[int],
+    group: dist.ProcessGroup | None,
+    max_inflight: int,
+) -> RearrangeStats:
     stats = RearrangeStats()
     for layer, tensors in enumerate(layers):
         old, new = old_all[layer], new_all[layer]

@@ -1,8 +1,10 @@
 """Multi-process tests over gloo (2 and 4 processes on the CPU): every rank plans the same
 placement from its own counts, and rearrange_expert_weights leaves every rank holding exactly the
-right expert tensors."""
+right expert tensors; a rank whose inputs are wrong or differ from the others' stops every rank
+before any weight moves."""
 
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -11,10 +13,12 @@ import torch.multiprocessing as mp
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton.distributed import rearrange_expert_weights
+from eplb_triton.distributed import check_ranks_agree, rearrange_expert_weights
 from eplb_triton.online import OnlineBalancer, stable_slots
 
 E, G, N, L = 16, 4, 2, 3
+# A rank left waiting for a peer that never comes fails the test after this long instead of hanging it.
+TIMEOUT = timedelta(seconds=30)
 
 
 def _free_port() -> int:
@@ -28,7 +32,7 @@ def _run(world: int, fn, *args) -> None:
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         fn(rank, world, *args)
     finally:
@@ -145,3 +149,130 @@ def test_rearrange_expert_weights(world, kind):
 def test_rearrange_argument_errors():
     with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
         rearrange_expert_weights([torch.zeros(2, 1)], torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+# Faults: every rank must raise the same ValueError and keep its weights bit for bit. Each rank runs
+# several scenarios in one spawn, records what happened, and the tests below check every rank.
+
+
+def _bits(weights) -> list[torch.Tensor]:
+    return [t.detach().contiguous().view(torch.uint8).clone() for w in weights for t in w]
+
+
+def _attempt(weights, old: torch.Tensor, new: torch.Tensor, **kwargs) -> dict:
+    before = _bits(weights)
+    try:
+        rearrange_expert_weights(weights, old, new, **kwargs)
+        error = None
+    except Exception as exc:  # recorded so that every rank reports, not just the first to fail
+        error = f"{type(exc).__name__}: {exc}"
+    after = _bits(weights)
+    return {"error": error, "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True))}
+
+
+def _fault_worker(rank: int, world: int, out: str) -> None:
+    S = 5
+    old = _random_placement(L, 7, world * S, seed=1)
+    new = _random_placement(L, 7, world * S, seed=2)
+    results = {}
+
+    new_here = new.clone()
+    if rank == 1:
+        new_here[1, [0, 9]] = new[1, [9, 0]]
+    assert not torch.equal(new_here, new) or rank == 0
+    results["new-differs"] = _attempt(_weights_for(old, rank, S), old, new_here)
+
+    old_here = old.clone()
+    if rank == 1:
+        old_here[2, [0, 9]] = old[2, [9, 0]]
+    assert not torch.equal(old_here, old) or rank == 0
+    results["old-differs"] = _attempt(_weights_for(old, rank, S), old_here, new)
+
+    no_holder = old.clone()
+    no_holder[1] = torch.where(no_holder[1] == 5, 6, no_holder[1])
+    results["no-holder"] = _attempt(_weights_for(no_holder, rank, S), no_holder, new)
+
+    weights = _weights_for(old, rank, S)
+    if rank == 1:
+        weights[2] = (weights[2][0], weights[2][1].double())
+    results["layout-differs"] = _attempt(weights, old, new)
+
+    tensors = [torch.arange(4), torch.arange(4) + (rank == 1)]
+    try:
+        check_ranks_agree(tensors[:1], names=["same"])
+        check_ranks_agree(tensors, names=["same", "plan"])
+        results["check-ranks-agree"] = None
+    except ValueError as exc:
+        results["check-ranks-agree"] = str(exc)
+
+    # Last, after the failed attempts: the group still works, and parameters move in place.
+    params = [tuple(torch.nn.Parameter(t, requires_grad=True) for t in w) for w in _weights_for(old, rank, S)]
+    ptrs = [t.data_ptr() for w in params for t in w]
+    moved = list(params)
+    try:
+        rearrange_expert_weights(moved, old, new)
+        _check_weights(moved, new, rank, S)
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    results["parameters"] = {
+        "error": error,
+        "same objects": all(a is b for pa, pb in zip(params, moved, strict=True) for a, b in zip(pa, pb, strict=True)),
+        "in place": ptrs == [t.data_ptr() for w in moved for t in w],
+        "still trainable": all(t.requires_grad and t.grad is None for w in moved for t in w),
+    }
+    torch.save(results, f"{out}/{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("faults")
+    _run(2, _fault_worker, str(out))
+    return [torch.load(out / f"{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize(
+    "scenario, error",
+    [
+        ("new-differs", "new_phy2log differs between ranks (ranks 0 and 1 disagree)"),
+        ("old-differs", "old_phy2log differs between ranks (ranks 0 and 1 disagree)"),
+        ("no-holder", "new_phy2log[layer 1] needs expert 5, which no rank holds in old_phy2log"),
+        ("layout-differs", "expert_weights layout differs between ranks (ranks 0 and 1 disagree)"),
+    ],
+)
+def test_a_fault_stops_every_rank_before_any_weight_moves(faults, scenario, error):
+    for rank, results in enumerate(faults):
+        assert results[scenario] == {"error": f"ValueError: {error}", "unchanged": True}, f"rank {rank}"
+
+
+def test_check_ranks_agree_names_what_differs_on_every_rank(faults):
+    for rank, results in enumerate(faults):
+        assert results["check-ranks-agree"] == "plan differs between ranks (ranks 0 and 1 disagree)", f"rank {rank}"
+
+
+def test_parameters_move_in_place(faults):
+    for rank, results in enumerate(faults):
+        want = {"error": None, "same objects": True, "in place": True, "still trainable": True}
+        assert results["parameters"] == want, f"rank {rank}"
+
+
+def _local_fault_worker(rank: int, world: int, out: str) -> None:
+    S = 5
+    old = _random_placement(L, 7, world * S, seed=3)
+    new = _random_placement(L, 7, world * S, seed=4)
+    bad = new.clone()
+    if rank == 1:
+        bad[2, 3] = -1
+    results = {"negative-id": _attempt(_weights_for(old, rank, S), old, bad)}
+    results["max-inflight"] = _attempt(_weights_for(old, rank, S), old, new, max_inflight=0 if rank == 1 else 4)
+    torch.save(results, f"{out}/{rank}.pt")
+
+
+def test_a_bad_input_on_one_rank_stops_every_rank_without_hanging(tmp_path):
+    _run(2, _local_fault_worker, str(tmp_path))
+    for rank in range(2):
+        results = torch.load(tmp_path / f"{rank}.pt")
+        assert results == {
+            "negative-id": {"error": "ValueError: rank 1: new_phy2log has an expert id < 0 (-1)", "unchanged": True},
+            "max-inflight": {"error": "ValueError: rank 1: max_inflight (0) must be a positive int", "unchanged": True},
+        }, f"rank {rank}"
