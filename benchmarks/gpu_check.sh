@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # The GPU-only tests (real shapes, CUDA-graph capture) and the fixed interpreter-sized ones, now
 # compiled for real; the hypothesis sweeps are left out (each new shape is a new compilation).
 timeout 150 python3 -m pytest -q -p no:cacheprovider -k "not generated and not building_block" \
-  tests/test_kernels.py tests/test_api.py tests/test_online.py 2>&1 | tail -n 30 | tee "$out/pytest.txt"
+  tests/test_kernels.py tests/test_api.py tests/test_online.py tests/test_rounding.py 2>&1 | tail -n 30 | tee "$out/pytest.txt"
 tests_rc=${PIPESTATUS[0]}
 
 timeout 300 python3 benchmarks/gpu_check.py --out "$out" ${data:+--data "$data"}
