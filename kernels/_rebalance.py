@@ -51,43 +51,6 @@ def _load_row(w_ptr, invalid_ptr, row, NUM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pack_greedy_loop(
-    b_w,  # [BLOCK_I] float32 item weights
-    NUM_ITEMS: tl.constexpr,
-    NUM_PACKS: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
-    o_i = tl.arange(0, BLOCK_I)
-    o_p = tl.arange(0, BLOCK_P)
-    m_p = o_p < NUM_PACKS
-    # [BLOCK_I] heaviest item first, then lower index; taken items drop out
-    b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, tl.zeros([BLOCK_I], dtype=tl.int32), BLOCK_I, 1), NO_KEY_MAX)
-    b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
-    b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
-    b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
-    b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for _ in range(NUM_ITEMS):
-        best = tl.max(b_item, axis=0)
-        item = max_key_index(best)
-        weight = key_to_fpval(best)
-        # [BLOCK_P] least-loaded open pack, then lower pack index; the count rides along
-        b_key = tl.where(m_p & (b_cnt < CAPACITY), min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY), NO_KEY_MIN)
-        choice = tl.min(b_key, axis=0)
-        pack = min_key_index(choice)
-        rank = key_payload(choice)
-        m_hit = o_p == pack
-        b_load = tl.where(m_hit, b_load + weight, b_load)
-        b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
-        m_item = o_i == item
-        b_pack = tl.where(m_item, pack, b_pack)
-        b_rank = tl.where(m_item, rank, b_rank)
-        b_item = tl.where(m_item, NO_KEY_MAX, b_item)
-    return b_pack, b_rank
-
-
-@triton.jit
 def _pack_greedy(
     b_w,  # [BLOCK_I] float32 item weights
     NUM_ITEMS: tl.constexpr,
@@ -102,7 +65,32 @@ def _pack_greedy(
         b_pack = o_i
         b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     else:
-        b_pack, b_rank = _pack_greedy_loop(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+        o_p = tl.arange(0, BLOCK_P)
+        m_p = o_p < NUM_PACKS
+        # [BLOCK_I] heaviest item first, then lower index; taken items drop out
+        b_none = tl.zeros([BLOCK_I], dtype=tl.int32)  # no payload
+        b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX)
+        b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
+        b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
+        b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
+        b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for _ in range(NUM_ITEMS):
+            best = tl.max(b_item, axis=0)
+            item = max_key_index(best)
+            weight = key_to_fpval(best)
+            # [BLOCK_P] least-loaded open pack, then lower pack index; the count rides along
+            b_key = min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY)
+            b_key = tl.where(m_p & (b_cnt < CAPACITY), b_key, NO_KEY_MIN)
+            choice = tl.min(b_key, axis=0)
+            pack = min_key_index(choice)
+            rank = key_payload(choice)
+            m_hit = o_p == pack
+            b_load = tl.where(m_hit, b_load + weight, b_load)
+            b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
+            m_item = o_i == item
+            b_pack = tl.where(m_item, pack, b_pack)
+            b_rank = tl.where(m_item, rank, b_rank)
+            b_item = tl.where(m_item, NO_KEY_MAX, b_item)
     return b_pack, b_rank
 
 
