@@ -5,22 +5,31 @@
     eplb-triton bench [benchmark options]   (see ``eplb-triton bench --help``)
 
 Exit codes: 0 success; 2 bad arguments or input, with one line on stderr.
+
+``--out`` and ``--plot`` are computed in full first, then each is written to a temporary file beside
+it and renamed into place: a failure leaves the previous files as they were, never a partial one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import torch
 
 from . import metrics
-from ._validation import BACKENDS
+from ._atomic import replace_files
+from ._validation import check_config
 from .api import rebalance_experts
+from .backends import BACKENDS
 from .bench import OneLineParser as _Parser
-from .io import read_loads
+from .io import one_line, read_loads
+
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def _hottest(weight: torch.Tensor, logcnt: torch.Tensor, k: int) -> str:
@@ -28,8 +37,8 @@ def _hottest(weight: torch.Tensor, logcnt: torch.Tensor, k: int) -> str:
     return " ".join(f"e{e}x{int(logcnt[e])}" for e in top)
 
 
-def plot_placement(before: torch.Tensor, after: torch.Tensor, path: Path, title: str) -> None:
-    """GPU x layer heatmaps of load / layer mean, before (no rebalancing) and after."""
+def render_placement(before: torch.Tensor, after: torch.Tensor, title: str) -> bytes:
+    """PNG of GPU x layer heatmaps of load / layer mean, before (no rebalancing) and after."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,16 +51,67 @@ def plot_placement(before: torch.Tensor, after: torch.Tensor, path: Path, title:
     vmax = float(max(rel_before.max(), rel_after.max()))
     L, P = before.shape
     fig, axes = plt.subplots(1, 2, figsize=(max(11.0, min(22.0, 4 + P / 6)), 3 + L / 8), sharey=True)
-    for ax, data, name in ((axes[0], rel_before, "before (no rebalancing)"), (axes[1], rel_after, "after")):
-        image = ax.imshow(data.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
-        worst = float(metrics.balancedness(data).min())
-        ax.set_title(f"{name}\nworst layer mean/max = {worst:.2f}", fontsize=10)
-        ax.set_xlabel("GPU")
-    axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=list(axes), label="GPU load / layer mean")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        for ax, data, name in ((axes[0], rel_before, "before (no rebalancing)"), (axes[1], rel_after, "after")):
+            image = ax.imshow(data.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            worst = float(metrics.balancedness(data).min())
+            ax.set_title(f"{name}\nworst layer mean/max = {worst:.2f}", fontsize=10)
+            ax.set_xlabel("GPU")
+        axes[0].set_ylabel("layer")
+        fig.colorbar(image, ax=list(axes), label="GPU load / layer mean")
+        fig.suptitle(title)
+        png = BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return png.getvalue()
+
+
+def _describe(exc: BaseException) -> str:
+    text = one_line(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if value > _INT64_MAX:  # indices are int64: a larger count cannot be a plan
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {value}")
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:  # hard links, case-insensitive file systems
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that cannot be written or that would overwrite an input."""
+    outputs = [(name, path) for name, path in (("--out", args.out), ("--plot", args.plot)) if path is not None]
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: the plot is a PNG, the file name must end in .png")
+    for name, path in outputs:
+        if _same_file(path, args.loads):
+            raise ValueError(f"{name} {path} is the load file --loads {args.loads}; refusing to overwrite the input")
+        target = Path(os.path.realpath(path))
+        if target.is_dir():
+            raise ValueError(f"{name} {path}: is a directory")
+        if not target.parent.is_dir():
+            raise ValueError(f"{name} {path}: no such folder {target.parent}")
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{name} {path}: folder {target.parent} is not writable")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise ValueError(f"{name} {path}: file is not writable")
+    if args.out is not None and args.plot is not None and _same_file(args.out, args.plot):
+        raise ValueError(f"--out {args.out} and --plot {args.plot} are the same file")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -60,15 +120,21 @@ def _plan(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'eplb-triton[bench]'") from None
+    _check_outputs(args)
     loads = read_loads(args.loads)
     w = loads.weight
     device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
-    phy2log, log2phy, logcnt = rebalance_experts(
-        w.to(device), args.replicas, args.groups, args.nodes, args.gpus, backend=args.backend
-    )
+    cfg = check_config(w, args.replicas, args.groups, args.nodes, args.gpus)  # its errors say it best, as they are
+    try:
+        phy2log, log2phy, logcnt = rebalance_experts(
+            w.to(device), args.replicas, args.groups, args.nodes, args.gpus, backend=args.backend
+        )
+    except (ValueError, MemoryError, OverflowError, RuntimeError) as exc:  # e.g. --replicas 10**12: too large
+        raise ValueError(
+            f"cannot plan --replicas {args.replicas} --groups {args.groups} --nodes {args.nodes} --gpus {args.gpus} "
+            f"for {w.shape[0]} layers x {w.shape[1]} experts ({_describe(exc)})"
+        ) from None
     phy2log, log2phy, logcnt = phy2log.cpu(), log2phy.cpu(), logcnt.cpu()
-    for note in loads.notes:  # after the plan: a failing call prints only its error
-        print(f"{args.loads.name}: {note}", file=sys.stderr)
     before = metrics.identity_gpu_loads(w, args.gpus)
     after = metrics.gpu_loads(w, phy2log, logcnt, args.gpus)
     b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
@@ -86,7 +152,8 @@ def _plan(args: argparse.Namespace) -> int:
     )
     config = {"replicas": args.replicas, "groups": args.groups, "nodes": args.nodes, "gpus": args.gpus,
               "layers": w.shape[0], "experts": w.shape[1],
-              "policy": "hierarchical" if args.groups % args.nodes == 0 else "global"}  # fmt: skip
+              "policy": cfg.policy}  # fmt: skip
+    files: dict[Path, bytes] = {}  # everything is computed before any file is replaced
     if args.out is not None:
         plan = {
             "config": config,
@@ -97,12 +164,18 @@ def _plan(args: argparse.Namespace) -> int:
             "logcnt": logcnt.tolist(),
             "balancedness": {"before": b_before.tolist(), "after": b_after.tolist()},
         }
-        args.out.write_text(json.dumps(plan))
-        print(f"wrote {args.out}", file=sys.stderr)
+        files[args.out] = json.dumps(plan).encode()
     if args.plot is not None:
         title = f"{args.loads.name}: R={args.replicas} G={args.groups} N={args.nodes} P={args.gpus}"
-        plot_placement(before, after, args.plot, title)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        files[args.plot] = render_placement(before, after, title)
+    try:
+        replace_files(files)
+    except OSError as exc:
+        raise ValueError(f"cannot write {exc.filename}: {exc.strerror}") from None
+    for note in loads.notes:  # at the end: a failing call prints only its error
+        print(f"{args.loads.name}: {note}", file=sys.stderr)
+    for path in files:
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -111,14 +184,14 @@ def build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     plan = sub.add_parser("plan", help="compute a placement for a load file")
     plan.add_argument("--loads", type=Path, required=True, help="load file (.json SGLang, .pt, .npy, .csv)")
-    plan.add_argument("--replicas", type=int, required=True, help="physical expert slots R")
-    plan.add_argument("--groups", type=int, required=True, help="expert groups G")
-    plan.add_argument("--nodes", type=int, required=True, help="nodes N")
-    plan.add_argument("--gpus", type=int, required=True, help="GPUs P")
+    plan.add_argument("--replicas", type=_positive_int, required=True, help="physical expert slots R")
+    plan.add_argument("--groups", type=_positive_int, required=True, help="expert groups G")
+    plan.add_argument("--nodes", type=_positive_int, required=True, help="nodes N")
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs P")
     plan.add_argument("--backend", choices=BACKENDS, default="auto")
     plan.add_argument("--out", type=Path, help="write the placement as JSON")
     plan.add_argument("--plot", type=Path, help="write a GPU x layer heatmap of load, before and after (PNG)")
-    plan.add_argument("--top", type=int, default=3, help="hottest experts listed per layer (default 3)")
+    plan.add_argument("--top", type=_positive_int, default=3, help="hottest experts listed per layer (default 3)")
     sub.add_parser("bench", help="run the benchmark (options: eplb-triton bench --help)", add_help=False)
     return parser
 
@@ -133,9 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _plan(args)
-    except (ValueError, TypeError) as exc:
-        print(f"eplb-triton: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError) as exc:  # bad arguments or input; LoadFileError is a ValueError
+        message = str(exc)
+    except MemoryError as exc:  # a plan too large to hold or to write out
+        message = f"out of memory ({_describe(exc)})"
+    print(f"eplb-triton: error: {one_line(message, limit=None)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,15 +4,21 @@ Formats, chosen by suffix:
 
 * ``.json``: SGLang's expert-distribution dump, ``{"logical_count": [[count] * E] * layers}``.
   Layers whose counts are all zero are the model's dense layers: they are dropped, with a note.
-* ``.pt`` / ``.pth``: a 2-D tensor saved with ``torch.save`` (or a dict holding one under
+* ``.pt`` / ``.pth``: a 2-D dense tensor saved with ``torch.save`` (or a dict holding one under
   ``"logical_count"``).
-* ``.npy``: a 2-D NumPy array.
-* ``.csv``: one layer per line, comma-separated counts (lines starting with ``#`` are skipped).
+* ``.npy``: a 2-D NumPy array of integers or floats.
+* ``.csv``: one layer per line, comma-separated decimal numbers (lines starting with ``#`` are skipped).
+
+Counts are real numbers only: JSON strings, booleans and nulls, NumPy booleans, complex numbers,
+strings, dates and objects, and CSV fields such as ``1_000``, ``nan`` or ``0x10`` are refused.
+Text files are UTF-8, with or without a byte-order mark.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +27,13 @@ import torch
 
 SUFFIXES = (".json", ".pt", ".pth", ".npy", ".csv")
 
+# A decimal number as people write it: optional sign, digits with an optional fraction, optional exponent.
+# Deliberately narrower than float(): no "1_000", "nan", "inf", hex, or non-ASCII digits.
+_CSV_NUMBER = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+
 
 class LoadFileError(ValueError):
-    """Bad or unreadable load file; the message starts with the file's path."""
+    """Bad or unreadable load file; the message starts with the file's path and is one line."""
 
 
 @dataclass
@@ -35,40 +45,101 @@ class Loads:
     notes: list[str] = field(default_factory=list)
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours in library messages
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) written as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def one_line(text: object, limit: int | None = 200) -> str:
+    """``text`` as one printable line for an error message: whitespace runs collapsed, terminal colours
+    dropped, other control characters escaped, at most ``limit`` characters."""
+    flat = _printable(" ".join(_ANSI_ESCAPE.sub("", str(text)).split()))
+    return flat if limit is None or len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _error(path: Path, message: str) -> LoadFileError:
+    return LoadFileError(f"{_printable(str(path))}: {message}")
+
+
+def _check_numbers(value: object, path: Path, name: str) -> None:
+    """Every leaf of nested lists ``value`` is an int or a float; ``bool`` (an int in Python) is not."""
+    stack: list[tuple[tuple[int, ...], object]] = [((), value)]
+    while stack:
+        index, v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(((*index, i), x) for i, x in reversed(list(enumerate(v))))  # first bad leaf first
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            where = name + "".join(f"[{i}]" for i in index)
+            raise _error(path, f"{where} must be a number, got {type(v).__name__} {one_line(repr(v), 40)}")
+
+
 def _matrix(value: object, path: Path) -> torch.Tensor:
-    try:
-        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float64))
-    except (TypeError, ValueError) as exc:
-        raise LoadFileError(f"{path}: loads must be a rectangular 2-D array of numbers ({exc})") from None
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized:
+            kind = "quantized" if value.is_quantized else str(value.layout).removeprefix("torch.")
+            fix = "t.dequantize()" if value.is_quantized else "t.to_dense()"
+            raise _error(path, f"loads must be a dense tensor, got a {kind} tensor (save {fix} instead)")
+        if value.dtype == torch.bool or value.is_complex():
+            raise _error(path, f"loads must be real numbers (integer or floating point), got {value.dtype}")
+        t = value
+    else:
+        if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":
+            raise _error(path, f"loads must be real numbers (integer or floating point), got dtype {value.dtype}")
+        try:
+            t = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except OverflowError:  # a JSON integer beyond float64
+            raise _error(path, "loads must be finite and >= 0, found a number too large for a float") from None
+        except (TypeError, ValueError) as exc:
+            raise _error(path, f"loads must be a rectangular 2-D array of numbers ({one_line(exc)})") from None
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise LoadFileError(f"{path}: loads must be 2-D [num_layers, num_experts] and non-empty, got {tuple(t.shape)}")
-    if t.dtype == torch.bool or t.is_complex():
-        raise LoadFileError(f"{path}: loads must be real numbers, got {t.dtype}")
+        raise _error(path, f"loads must be 2-D [num_layers, num_experts] and non-empty, got {tuple(t.shape)}")
     t = t.to(torch.float64)
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise LoadFileError(f"{path}: loads must be finite and >= 0")
+        raise _error(path, "loads must be finite and >= 0")
     return t
+
+
+def _csv_rows(text: str, path: Path) -> list[list[float]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(",")
+        for column, x in enumerate(fields, start=1):
+            if not _CSV_NUMBER.fullmatch(x):
+                raise _error(path, f"line {number}, field {column}: not a decimal number: {one_line(repr(x), 40)}")
+        rows.append([float(x) for x in fields])
+    return rows
 
 
 def read_loads(path: str | Path) -> Loads:
     """Read a load file (see the module doc for formats).
 
     Raises:
-        LoadFileError: (a ``ValueError``) unknown type, missing file, malformed or invalid content.
+        LoadFileError: (a ``ValueError``) unknown type, missing or unreadable file, malformed or invalid
+            content; the message is one line and starts with the path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise _error(path, "is a directory, not a load file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         expected = ", ".join(SUFFIXES)
-        raise LoadFileError(f"{path}: unknown load file type {suffix or '(none)'}; expected one of {expected}")
+        raise _error(path, f"unknown load file type {_printable(suffix) or '(none)'}; expected one of {expected}")
+    if not path.exists():
+        raise _error(path, "no such file")
     if not path.is_file():
-        raise LoadFileError(f"{path}: no such file")
+        raise _error(path, "not a regular file")
     notes: list[str] = []
     try:
         if suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(data, dict) or "logical_count" not in data:
-                raise LoadFileError(f"{path}: expected a JSON object with a 'logical_count' list (SGLang format)")
+                raise _error(path, "expected a JSON object with a 'logical_count' list (SGLang format)")
+            _check_numbers(data["logical_count"], path, "logical_count")
             weight = _matrix(data["logical_count"], path)
             keep = weight.sum(dim=1) > 0
             if not bool(keep.all()):
@@ -76,25 +147,29 @@ def read_loads(path: str | Path) -> Loads:
                 notes.append(f"dropped {len(dropped)} all-zero (dense) layers: rows {dropped}")
                 weight = weight[keep]
                 if weight.shape[0] == 0:
-                    raise LoadFileError(f"{path}: every layer is all zero")
+                    raise _error(path, "every layer is all zero")
         elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # deprecation notes about old storage formats: not the user's to act on
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict):
                 if "logical_count" not in obj:
-                    raise LoadFileError(f"{path}: expected a tensor or a dict with 'logical_count'")
+                    raise _error(path, "expected a tensor or a dict with 'logical_count'")
                 obj = obj["logical_count"]
+            if not isinstance(obj, torch.Tensor):
+                _check_numbers(obj, path, "loads")
             weight = _matrix(obj, path)
         elif suffix == ".npy":
-            weight = _matrix(np.load(path, allow_pickle=False), path)
+            array = np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy
+                raise _error(path, f"expected one NumPy array, got {type(array).__name__}")
+            weight = _matrix(array, path)
         else:
-            rows = [
-                [float(x) for x in line.split(",")]
-                for line in path.read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#")
-            ]
-            weight = _matrix(rows, path)
+            weight = _matrix(_csv_rows(path.read_text(encoding="utf-8-sig"), path), path)
     except LoadFileError:
         raise
-    except Exception as exc:  # unreadable or malformed content: one clear error naming the file
-        raise LoadFileError(f"{path}: cannot read loads ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise _error(path, f"cannot read ({one_line(exc.strerror or exc)})") from None
+    except Exception as exc:  # malformed content: one clear error naming the file
+        raise _error(path, f"cannot read loads ({type(exc).__name__}: {one_line(exc)})") from None
     return Loads(weight, path, notes)

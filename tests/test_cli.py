@@ -1,6 +1,11 @@
-"""The eplb-triton command and the benchmark, run as users run them (subprocesses, exit codes)."""
+"""The eplb-triton command and the benchmark, run as users run them (subprocesses, exit codes), and
+in-process (``main([...])``) for the failure paths: every user error is one line and exit 2, and a
+failure never damages a file that was there before."""
 
+import errno
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -9,11 +14,23 @@ import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
+from eplb_triton import _atomic
+from eplb_triton.cli import main
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     code = "import sys; from eplb_triton.cli import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """``main(args)`` in-process: (exit code, stdout, stderr); argparse's exits count as exit codes."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture
@@ -40,6 +57,22 @@ def test_plan_writes_the_api_result(tmp_path, loads_file):
     assert plan["logcnt"] == logcnt.tolist()
     assert plan["config"] == {"replicas": 24, "groups": 4, "nodes": 2, "gpus": 8, "layers": 4, "experts": 16,
                               "policy": "hierarchical"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("groups", "nodes", "label"), [(4, 2, "hierarchical"), (1, 1, "global"), (3, 2, "global"), (4, 1, "hierarchical")]
+)
+def test_plan_labels_the_policy_that_runs(tmp_path, loads_file, groups, nodes, label):
+    # G = N = 1 runs the global pipeline (SPEC: global = hierarchical with one group and one node)
+    path, w = loads_file
+    if w.shape[1] % groups:
+        w = w[:, :15]
+        path = tmp_path / "loads15.csv"
+        path.write_text("\n".join(",".join(str(int(x)) for x in row) for row in w.tolist()))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--loads", str(path), "--replicas", "24", "--groups", str(groups), "--nodes", str(nodes),
+                 "--gpus", "8", "--backend", "cpu", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["config"]["policy"] == label
 
 
 def test_plan_plot(tmp_path, loads_file):
@@ -94,3 +127,161 @@ def test_bench_smoke(tmp_path, loads_file):
     assert quality["deployment"] == "custom"
     assert 0 < quality["balancedness_worst"] <= quality["balancedness_mean"] <= quality["bound_mean"] + 1e-9
     assert "custom" in proc.stdout and "no-rebal" in proc.stdout
+
+
+def plan_args(loads) -> list[str]:
+    return ["plan", "--loads", str(loads), "--replicas", "24", "--groups", "4", "--nodes", "2", "--gpus", "8",
+            "--backend", "cpu"]  # fmt: skip
+
+
+def test_plot_writes_exactly_the_named_file(tmp_path, loads_file, capsys):
+    pytest.importorskip("matplotlib")
+    path, _ = loads_file
+    code, _, err = call(capsys, *plan_args(path), "--out", tmp_path / "plan.json", "--plot", tmp_path / "x.png")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loads.json", "plan.json", "x.png"]  # no temporaries
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "plan.json").read_text())["config"]["replicas"] == 24
+
+
+def test_previous_out_survives_a_failing_plot(tmp_path, loads_file, capsys):
+    pytest.importorskip("matplotlib")
+    path, _ = loads_file
+    out = tmp_path / "plan.json"
+    out.write_bytes(b'{"previous": "plan"}\n')
+    code, _, err = call(capsys, *plan_args(path), "--out", out, "--plot", tmp_path / "missing" / "plan.png")
+    assert code == 2
+    assert err.count("\n") == 1 and "no such folder" in err, err
+    assert out.read_bytes() == b'{"previous": "plan"}\n'
+
+
+def test_failed_write_leaves_previous_files_and_no_temporaries(tmp_path, loads_file, capsys, monkeypatch):
+    """A disk that fills up while the new files are written (fsync is where a full disk reports)."""
+    pytest.importorskip("matplotlib")
+    path, _ = loads_file
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    out.write_bytes(b"old plan")
+    png.write_bytes(b"old plot")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_atomic.os, "fsync", full)
+    code, _, err = call(capsys, *plan_args(path), "--out", out, "--plot", png)
+    assert code == 2
+    assert err.count("\n") == 1 and f"cannot write {out}: No space left on device" in err, err
+    assert out.read_bytes() == b"old plan" and png.read_bytes() == b"old plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loads.json", "plan.json", "plan.png"]
+
+
+def test_replaced_out_keeps_its_permissions(tmp_path, loads_file, capsys):
+    path, _ = loads_file
+    out = tmp_path / "plan.json"
+    out.write_bytes(b"old plan")
+    out.chmod(0o640)
+    assert call(capsys, *plan_args(path), "--out", out)[0] == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert json.loads(out.read_text())["config"]["gpus"] == 8
+    new = tmp_path / "new.json"  # a new file gets the usual mode, not the 0600 of a temporary file
+    umask = os.umask(0o022)
+    try:
+        assert call(capsys, *plan_args(path), "--out", new)[0] == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_out_that_is_the_loads_file_is_refused(tmp_path, loads_file, capsys, spelling):
+    path, _ = loads_file
+    before = path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    out = {"same": path, "dotdot": tmp_path / "sub" / ".." / path.name}.get(spelling, tmp_path / "alias.json")
+    if spelling == "symlink":
+        out.symlink_to(path)
+    elif spelling == "hardlink":
+        os.link(path, out)
+    code, _, err = call(capsys, *plan_args(path), "--out", out)
+    assert code == 2
+    assert err.count("\n") == 1 and "refusing to overwrite the input" in err, err
+    assert path.read_bytes() == before
+
+
+def test_out_and_plot_that_are_one_file_are_refused(tmp_path, loads_file, capsys):
+    path, _ = loads_file
+    code, _, err = call(capsys, *plan_args(path), "--out", tmp_path / "a.png", "--plot", tmp_path / "a.png")
+    assert code == 2
+    assert err.count("\n") == 1 and "are the same file" in err, err
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top", "-1"], "argument --top: must be a positive integer, got -1"),
+        (["--top", "0"], "argument --top: must be a positive integer, got 0"),
+        (["--replicas", "0"], "argument --replicas: must be a positive integer, got 0"),
+        (["--groups", "-4"], "argument --groups: must be a positive integer, got -4"),
+        (["--nodes", "0"], "argument --nodes: must be a positive integer, got 0"),
+        (["--gpus", "0"], "argument --gpus: must be a positive integer, got 0"),
+        (["--replicas", str(10**30)], "argument --replicas: must be at most 2**63 - 1"),
+        (["--replicas", str(10**12)], "cannot plan --replicas 1000000000000 --groups 4 --nodes 2 --gpus 8"),
+        (["--replicas", str(2**63 - 8)], "cannot plan --replicas 9223372036854775800"),
+        (["--out", "{tmp}"], "--out {tmp}: is a directory"),
+        (["--out", "{tmp}/missing/plan.json"], "--out {tmp}/missing/plan.json: no such folder {tmp}/missing"),
+        (["--out", "{loads}/plan.json"], "no such folder {loads}"),
+        (["--plot", "{tmp}"], "the file name must end in .png"),
+        (["--plot", "{tmp}/d.png"], "--plot {tmp}/d.png: is a directory"),
+        (["--plot", "{tmp}/missing/plan.png"], "--plot {tmp}/missing/plan.png: no such folder {tmp}/missing"),
+        (["--plot", "{tmp}/plan.svg"], "--plot {tmp}/plan.svg: the plot is a PNG, the file name must end in .png"),
+        (["--plot", "{tmp}/plan"], "the file name must end in .png"),
+        (["--loads", "{tmp}"], "{tmp}: is a directory, not a load file"),
+        (["--loads", "{tmp}/sparse.pt"], "{tmp}/sparse.pt: loads must be a dense tensor, got a sparse_coo tensor"),
+    ],
+)  # fmt: skip
+def test_user_errors_exit_2_with_one_line(tmp_path, loads_file, capsys, extra, message):
+    path, _ = loads_file
+    (tmp_path / "d.png").mkdir()
+    torch.save(make_loads(4, 16, "skewed", 1).to_sparse(), tmp_path / "sparse.pt")
+    args = plan_args(path)
+    for i in range(0, len(extra), 2):  # replace the option if plan_args has it, else add it
+        option, value = extra[i], extra[i + 1].format(tmp=tmp_path, loads=path)
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = call(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("eplb-triton") and message.format(tmp=tmp_path, loads=path) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_unwritable_outputs_exit_2_with_one_line(tmp_path, loads_file, capsys):
+    probe = tmp_path / "probe"
+    probe.touch(mode=0o444)
+    if os.access(probe, os.W_OK):
+        pytest.skip("file permissions are not enforced here (root)")
+    path, _ = loads_file
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "readonly.json").write_bytes(b"keep")
+    (tmp_path / "readonly.json").chmod(0o444)
+    locked.chmod(0o555)
+    try:
+        for out, message in ((locked / "plan.json", "is not writable"), (tmp_path / "readonly.json", "not writable")):
+            code, _, err = call(capsys, *plan_args(path), "--out", out)
+            assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert (tmp_path / "readonly.json").read_bytes() == b"keep"
+    finally:
+        locked.chmod(0o755)
+
+
+def test_huge_replicas_as_a_user_runs_it(tmp_path, loads_file):
+    """The real entry point: no traceback, one line, for a plan too large to allocate."""
+    args = plan_args(loads_file[0])
+    args[args.index("--replicas") + 1] = str(10**12)
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
