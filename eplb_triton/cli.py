@@ -115,12 +115,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    _check_outputs(args)  # the arguments first: their errors do not depend on what is installed
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'eplb-triton[bench]'") from None
-    _check_outputs(args)
     loads = read_loads(args.loads)
     w = loads.weight
     device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
