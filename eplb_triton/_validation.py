@@ -28,12 +28,30 @@ def check_count(name: str, value: object) -> int:
     return v
 
 
+# Bounds checked before anything is allocated: the greedy is sequential over slots, and the
+# outputs hold L x R int64 entries (plus log2phy). Real deployments are far below both
+# (DeepSeek-V3: R = 288..320; 58..256 layers).
+MAX_SLOTS_PER_LAYER = 1 << 16  # num_replicas (num_physical_experts, num_phy)
+MAX_SLOTS = 1 << 27  # num_layers x num_replicas: 1 GiB per int64 output
+
+
 def check_weight(weight: object, name: str = "weight") -> tuple[int, int]:
-    """A 2-D real tensor with at least one column; returns ``(rows, columns)``."""
+    """A 2-D real, dense, materialised tensor with at least one column; returns ``(rows, columns)``."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor")
+    if weight.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {weight.layout}")
+    if weight.is_quantized:
+        raise TypeError(f"{name} must not be quantized, got {weight.dtype}")
+    if weight.device.type == "meta":
+        raise TypeError(f"{name} must hold data, got a tensor on the meta device")
     if weight.dtype == torch.bool or weight.is_complex():
         raise TypeError(f"{name} must have a real dtype (integer or floating point), got {weight.dtype}")
+    # (dynamo cannot trace is_neg; a compiled caller's tensors are materialised by then)
+    if not torch.compiler.is_compiling() and (weight.is_neg() or weight.is_conj()):
+        raise TypeError(f"{name} has the lazy negation/conjugation bit set: pass weight.resolve_neg() instead")
     if weight.dim() != 2:
         raise ValueError(
             f"{name} must be 2-D [num_layers, num_logical_experts], got {weight.dim()}-D shape {tuple(weight.shape)}"
@@ -42,6 +60,17 @@ def check_weight(weight: object, name: str = "weight") -> tuple[int, int]:
     if cols == 0:
         raise ValueError(f"{name} must have at least one expert (column), got shape {tuple(weight.shape)}")
     return rows, cols
+
+
+def check_slots(name: str, num_slots: int, num_layers: int) -> None:
+    """``num_slots`` per layer within :data:`MAX_SLOTS_PER_LAYER`, and ``layers x slots`` within :data:`MAX_SLOTS`."""
+    if num_slots > MAX_SLOTS_PER_LAYER:
+        raise ValueError(f"{name} ({num_slots}) must be <= {MAX_SLOTS_PER_LAYER} slots per layer")
+    if num_layers * num_slots > MAX_SLOTS:
+        raise ValueError(
+            f"num_layers x {name} ({num_layers} x {num_slots}) must be <= {MAX_SLOTS} slots in all; "
+            "plan the layers in smaller batches"
+        )
 
 
 def check_values(w32: torch.Tensor, name: str = "weight") -> None:
@@ -107,10 +136,18 @@ def check_config(
 ) -> Config:
     """Every SPEC rule on shapes and counts. ``require_hierarchical`` adds ``G % N == 0``."""
     L, E = check_weight(weight)
+    return _check_counts(L, E, num_replicas, num_groups, num_nodes, num_gpus, require_hierarchical, replicas_name)
+
+
+def _check_counts(
+    L: int, E: int, num_replicas: object, num_groups: object, num_nodes: object, num_gpus: object,
+    require_hierarchical: bool = False, replicas_name: str = "num_replicas",
+) -> Config:  # fmt: skip
     R = check_count(replicas_name, num_replicas)
     G = check_count("num_groups", num_groups)
     N = check_count("num_nodes", num_nodes)
     P = check_count("num_gpus", num_gpus)
+    check_slots(replicas_name, R, L)
     if E % G:
         raise ValueError(f"num_logical_experts ({E}, weight.shape[1]) must be a multiple of num_groups ({G})")
     if R % P:
@@ -135,4 +172,4 @@ def check_shape_config(
     """:func:`check_config` for objects built from a shape rather than a tensor (planner, balancer)."""
     L = check_count("num_layers", num_layers)
     E = check_count("num_experts", num_experts)
-    return check_config(torch.empty((L, E), device="meta"), num_replicas, num_groups, num_nodes, num_gpus)
+    return _check_counts(L, E, num_replicas, num_groups, num_nodes, num_gpus)

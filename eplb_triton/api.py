@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validation import check_config, check_count, check_weight
+from ._validation import check_config, check_count, check_slots, check_weight
 
 
 def _empty(device: torch.device, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -67,6 +67,7 @@ def replicate_experts(
     """
     X, E = check_weight(weight)
     R = check_count("num_phy", num_phy)
+    check_slots("num_phy", R, X)
     if R < E:
         raise ValueError(f"num_phy ({R}) must be >= the number of logical experts ({E}, weight.shape[1])")
     backend = backends.resolve(backend, weight.device)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import backends, metrics
 from ._validation import check_count, check_shape_config, resolve_device
+from .distributed import check_ranks_agree
 from .launch import log2phy_width
 from .placement import _occurrence, log2phy_from_rank, stable_order
 from .recording import record_dispatch
@@ -50,6 +51,11 @@ class OnlineBalancer:
         keep_slots: reorder each new placement so experts that stay on a GPU keep their slot
             (:func:`stable_slots`); fewer weights move. The GPU loads are the same either way.
         history_size: rebalances kept in :attr:`history`.
+        check_agreement: when a process group is in use, check with one all-gather of a digest that
+            every rank computed the same plan before installing it (every rank raises the same
+            ``ValueError`` otherwise, and the previous placement stays). This reads the plan on the
+            host: one synchronisation per plan. Planning is deterministic, so ranks disagree only
+            after a fault (a rank that skipped a step, a corrupted checkpoint); ``False`` skips it.
         backend: one of :data:`eplb_triton.backends.BACKENDS`: ``"auto"`` (``"triton"`` on CUDA,
             else ``"cpu"``), ``"triton"`` (the sync-free GPU planner and the recording kernel; on
             CPU only under ``TRITON_INTERPRET=1``), ``"cpu"`` (NumPy planning, torch recording) or
@@ -57,10 +63,12 @@ class OnlineBalancer:
 
     All state lives in static tensors updated in place: :attr:`phy2log` ``[L, R]``,
     :attr:`phyrank` ``[L, R]``, :attr:`log2phy` ``[L, E, R - E + 1]`` (``-1`` padded),
-    :attr:`logcnt` ``[L, E]``, the step
-    counts :attr:`counts` ``[L, E]`` int32 and the window. :meth:`record` and the window roll are
-    safe to capture in a CUDA graph; :meth:`step` decides on the host when to plan (a step count,
-    no device read) and plans without synchronising.
+    :attr:`logcnt` ``[L, E]``, the step counts :attr:`counts` ``[L, E]`` and the window (int64, or
+    a float64 EMA); no counter wraps below ``2**63 - 1`` tokens per expert. :attr:`invalid_ids`
+    ``[1]`` int64 counts the skipped ids since construction or the last checkpoint load (zero it
+    to reset). :meth:`record` and the window roll are safe to capture in a CUDA graph;
+    :meth:`step` decides on the host when to plan (a step count, no device read) and plans without
+    synchronising (but for ``check_agreement``).
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class OnlineBalancer:
         keep_slots: bool = True,
         history_size: int = 1000,
         backend: str = "auto",
+        check_agreement: bool = True,
     ):
         self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -99,18 +108,20 @@ class OnlineBalancer:
         self.balancedness_threshold = balancedness_threshold
         self.keep_slots = bool(keep_slots)
         self.process_group = process_group
+        self.check_agreement = bool(check_agreement)
         self.device = resolve_device(device)
         self.backend = backends.resolve(backend, self.device)
 
         R = self.config.num_replicas
         dev = self.device
-        self.counts = torch.zeros((L, E), dtype=torch.int32, device=dev)
-        self.invalid_ids = torch.zeros(1, dtype=torch.int32, device=dev)
+        # int64 wherever counts accumulate: a step's counts, the invalid-id counter, the window
+        self.counts = torch.zeros((L, E), dtype=torch.int64, device=dev)
+        self.invalid_ids = torch.zeros(1, dtype=torch.int64, device=dev)
         if self.window is not None:
             self._ring = torch.zeros((self.window, L, E), dtype=torch.int64, device=dev)
             self._pos = torch.zeros(1, dtype=torch.int64, device=dev)
         else:
-            self._ema = torch.zeros((L, E), dtype=torch.float32, device=dev)
+            self._ema = torch.zeros((L, E), dtype=torch.float64, device=dev)
         self.phy2log = torch.empty((L, R), dtype=torch.int64, device=dev)
         self.phyrank = torch.empty((L, R), dtype=torch.int64, device=dev)
         self.logcnt = torch.empty((L, E), dtype=torch.int64, device=dev)
@@ -147,7 +158,7 @@ class OnlineBalancer:
     # -- stepping ---------------------------------------------------------------------------------
 
     def window_loads(self) -> torch.Tensor:
-        """This rank's loads the next plan would use: the window sum (int64) or the EMA (float32)."""
+        """This rank's loads the next plan would use: the window sum (int64) or the EMA (float64)."""
         return self._ring.sum(dim=0) if self.window is not None else self._ema.clone()
 
     def step(self) -> bool:
@@ -157,10 +168,10 @@ class OnlineBalancer:
         step when a ``balancedness_threshold`` is set, applied only to layers below it then).
         """
         if self.window is not None:
-            self._ring.index_copy_(0, self._pos, self.counts.to(torch.int64).unsqueeze(0))
+            self._ring.index_copy_(0, self._pos, self.counts.unsqueeze(0))
             self._pos.add_(1).remainder_(self.window)
         else:
-            self._ema.mul_(self.ema_decay).add_(self.counts.to(torch.float32), alpha=1.0 - self.ema_decay)
+            self._ema.mul_(self.ema_decay).add_(self.counts.to(torch.float64), alpha=1.0 - self.ema_decay)
         self.counts.zero_()
         self.steps += 1
         if self.steps % self.rebalance_interval == 0:
@@ -172,7 +183,8 @@ class OnlineBalancer:
         return False
 
     def rebalance(self, only_below: float | None = None) -> None:
-        """All-reduce the window over the group and install a new placement (no host sync).
+        """All-reduce the window over the group and install a new placement (no host sync, but for
+        the agreement check of ``check_agreement``).
 
         ``only_below``: re-plan only the layers whose current balancedness is below it.
         """
@@ -191,6 +203,8 @@ class OnlineBalancer:
             replan = before < only_below
             new = tuple(torch.where(replan.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
             after = torch.where(replan, after, before)
+        if group is not None and self.check_agreement:
+            check_ranks_agree([new[0], new[1], new[2]], group, names=["phy2log", "phyrank", "logcnt"])
         self._install(*new)
         self.last_balancedness.copy_(before)
         self.balancedness.copy_(after)
@@ -231,27 +245,93 @@ class OnlineBalancer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output into this balancer's buffers, in place."""
+        """Restore :meth:`state_dict` output into this balancer's buffers, in place: all or nothing.
+
+        Everything is checked before anything is assigned (keys, shapes, dtypes, expert ids in
+        ``[0, E)``, ``logcnt`` equal to the counts of ``phy2log``, ``phyrank`` numbering each
+        expert's replicas ``0 .. logcnt - 1``, counts finite and ``>= 0``, ``steps >= 0``, the window
+        position in range); a bad state raises ``ValueError`` naming the key and changes nothing.
+        Checkpoints of 0.1 (int32 counts, no ``phyrank``: replicas numbered in slot order) load too.
+        """
+        values = self._checked_state(state)
+        self.steps = values.pop("steps")
+        for name, value in values.items():
+            getattr(self, name).copy_(value)
+        log2phy_from_rank(self.phy2log, self.phyrank, self.config.num_experts, self.width, out=self.log2phy)
+
+    def _checked_state(self, state: object) -> dict:
+        """The validated state as ``{attribute: value}``; raises ``ValueError`` naming the bad key."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
         c = self.config
-        mine = (c.num_layers, c.num_experts, c.num_replicas, c.num_groups, c.num_nodes, c.num_gpus)
-        if tuple(state.get("config", ())) != mine:
-            raise ValueError(f"state_dict is for configuration {state.get('config')}, this balancer has {mine}")
-        if state.get("window") != self.window or state.get("ema_decay") != self.ema_decay:
+        L, E, R = c.num_layers, c.num_experts, c.num_replicas
+        tensors = ["counts", "invalid_ids", "phy2log", "logcnt", "balancedness", "last_balancedness"]
+        tensors += ["ring", "pos"] if self.window is not None else ["ema"]
+        missing = [k for k in ("config", "window", "ema_decay", "steps", *tensors) if k not in state]
+        if missing:
+            raise ValueError(f"state_dict is missing {', '.join(map(repr, missing))}")
+        mine = (L, E, R, c.num_groups, c.num_nodes, c.num_gpus)
+        if tuple(state["config"]) != mine:
+            raise ValueError(f"state_dict is for configuration {state['config']}, this balancer has {mine}")
+        if state["window"] != self.window or state["ema_decay"] != self.ema_decay:
             raise ValueError(
-                f"state_dict has window={state.get('window')}, ema_decay={state.get('ema_decay')}; "
+                f"state_dict has window={state['window']}, ema_decay={state['ema_decay']}; "
                 f"this balancer has window={self.window}, ema_decay={self.ema_decay}"
             )
-        self.steps = int(state["steps"])
-        for name in ("counts", "invalid_ids", "phy2log", "logcnt", "balancedness", "last_balancedness"):
-            getattr(self, name).copy_(state[name])
-        # checkpoints of 0.1 carry no phyrank: their replicas were numbered in slot order
-        self.phyrank.copy_(state["phyrank"] if "phyrank" in state else _occurrence(self.phy2log))
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
+
+        def tensor(key: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+            t = state[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state_dict[{key!r}] must be a tensor of shape {shape}, got {got}")
+            integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+            if kind == "int" and not integer:
+                raise ValueError(f"state_dict[{key!r}] must have an integer dtype, got {t.dtype}")
+            if kind == "float" and not t.dtype.is_floating_point:
+                raise ValueError(f"state_dict[{key!r}] must have a floating dtype, got {t.dtype}")
+            t = t.detach().to(self.device, torch.int64 if kind == "int" else torch.float64)
+            if kind == "float" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"state_dict[{key!r}] must be finite")
+            if bool((t < 0).any()):
+                raise ValueError(f"state_dict[{key!r}] must be >= 0")
+            return t
+
+        out = {
+            "steps": steps,
+            "counts": tensor("counts", (L, E), "int"),
+            "invalid_ids": tensor("invalid_ids", (1,), "int"),
+            "phy2log": tensor("phy2log", (L, R), "int"),
+            "logcnt": tensor("logcnt", (L, E), "int"),
+            "balancedness": tensor("balancedness", (L,), "float"),
+            "last_balancedness": tensor("last_balancedness", (L,), "float"),
+        }
+        if bool((out["phy2log"] >= E).any()):
+            raise ValueError(f"state_dict['phy2log'] has expert ids outside [0, {E})")
+        counted = torch.zeros((L, E), dtype=torch.int64, device=self.device)
+        counted.scatter_add_(1, out["phy2log"], torch.ones_like(out["phy2log"]))
+        if not torch.equal(counted, out["logcnt"]):
+            raise ValueError("state_dict['logcnt'] must count the slots of each expert in state_dict['phy2log']")
+        # replicas of 0.1 checkpoints were numbered in slot order
+        phyrank = tensor("phyrank", (L, R), "int") if "phyrank" in state else _occurrence(out["phy2log"])
+        # every (expert, rank) with rank < logcnt exactly once: ranks below the count, and no repeats
+        keys = torch.sort(out["phy2log"] * R + phyrank, dim=1).values
+        if bool((phyrank >= out["logcnt"].gather(1, out["phy2log"])).any()) or bool(
+            (keys[:, 1:] == keys[:, :-1]).any()
+        ):
+            raise ValueError("state_dict['phyrank'] must number the replicas of each expert 0 .. logcnt - 1")
+        out["phyrank"] = phyrank
         if self.window is not None:
-            self._ring.copy_(state["ring"])
-            self._pos.copy_(state["pos"])
+            out["_ring"] = tensor("ring", (self.window, L, E), "int")
+            pos = tensor("pos", (1,), "int")
+            if int(pos) >= self.window:
+                raise ValueError(f"state_dict['pos'] ({int(pos)}) must be in [0, window={self.window})")
+            out["_pos"] = pos
         else:
-            self._ema.copy_(state["ema"])
-        log2phy_from_rank(self.phy2log, self.phyrank, c.num_experts, self.width, out=self.log2phy)
+            out["_ema"] = tensor("ema", (L, E), "float")
+        return out
 
     # -- internals --------------------------------------------------------------------------------
 

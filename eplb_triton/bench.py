@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from ._validation import check_config
+from ._validation import check_shape_config
 from .api import rebalance_experts
 from .configs import DEEPSEEK_V3, MODELS, Deployment
 from .io import read_loads
@@ -270,7 +270,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     if "triton" in backends and not has_gpu:
         parser.error("--backends triton needs a CUDA device")
     for m in models:  # the same rules as the API, before any time is spent
-        check_config(torch.empty(1, m.experts, device="meta"), *m.args)
+        check_shape_config(max(layers), m.experts, *m.args)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import launch
+from . import backends, launch
 from ._validation import Config, check_shape_config, check_weight, resolve_device
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
@@ -86,6 +86,12 @@ class EplbPlanner:
         launch.check_limits(E, self.config.num_replicas)
         self._policy = self.config.effective()
         self.device = resolve_device(device)
+        if not (self.device.type == "cuda" or backends.interpreter_active()):
+            raise ValueError(
+                f"EplbPlanner runs the Triton kernels and needs a CUDA device, got {self.device} (set "
+                "TRITON_INTERPRET=1 before import for the CPU interpreter); on the CPU use "
+                "rebalance_experts(..., backend='cpu') or OnlineBalancer(..., device='cpu')"
+            )
         self._buffers = launch.RebalanceBuffers.allocate(self._policy, self.device)
         self.plan(torch.ones((L, E), dtype=torch.float32, device=self.device))
 

@@ -24,8 +24,8 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
             f"log2phy must be [E, X] with logcnt and counts [E], got {tuple(log2phy.shape)}, "
             f"{tuple(logcnt.shape)}, {tuple(counts.shape)}"
         )
-    if counts.dtype != torch.int32:
-        raise TypeError(f"counts must be int32, got {counts.dtype}")
+    if counts.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"counts must be int64 (or int32, which wraps past 2**31 - 1), got {counts.dtype}")
     devices = {t.device for t in (topk_ids, log2phy, logcnt, counts)}
     if len(devices) != 1:
         raise ValueError(f"topk_ids, log2phy, logcnt and counts must be on one device, got {sorted(map(str, devices))}")
@@ -47,7 +47,7 @@ def record_dispatch_reference(
     token = torch.arange(T, device=ids.device).unsqueeze(1).expand(T, K)
     phy = log2phy[e, token % logcnt[e]]
     phy = torch.where(valid, phy, torch.full_like(phy, -1)).to(topk_ids.dtype)
-    return phy, (~valid).sum().to(torch.int32).view(1)
+    return phy, (~valid).sum().view(1)
 
 
 def record_dispatch(
@@ -70,8 +70,8 @@ def record_dispatch(
         topk_ids: ``[num_tokens, top_k]`` int32/int64 logical expert ids.
         log2phy: ``[E, X]`` slots of each expert (``-1`` padded), e.g. one layer of a planner's.
         logcnt: ``[E]`` replicas of each expert.
-        counts: ``[E]`` int32, accumulated in place.
-        invalid: optional ``[1]`` int32 device counter of invalid ids, accumulated in place.
+        counts: ``[E]`` int64, accumulated in place (int32 is accepted and wraps past ``2**31 - 1``).
+        invalid: optional ``[1]`` int64 (or int32) device counter of invalid ids, accumulated in place.
         check: raise ``ValueError`` on invalid ids (synchronises with the host).
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"triton"``, or
             ``"cpu"`` / ``"reference"`` (both: :func:`record_dispatch_reference`, on any device).
@@ -82,7 +82,7 @@ def record_dispatch(
     _check_dispatch_args(topk_ids, log2phy, logcnt, counts)
     backend = backends.resolve(backend, topk_ids.device)
     if invalid is None:
-        invalid = torch.zeros(1, dtype=torch.int32, device=topk_ids.device)
+        invalid = torch.zeros(1, dtype=torch.int64, device=topk_ids.device)
     before = invalid.clone() if check else None
     phy = backends.run("record_dispatch", backend, topk_ids, log2phy, logcnt, counts, invalid)
     if check:

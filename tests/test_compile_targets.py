@@ -49,7 +49,8 @@ CONFIGS = sorted(
 POINTERS = {  # element type of each pointer argument, by name
     "w_ptr": "*fp32", "phy2log_ptr": "*i64", "phyrank_ptr": "*i64", "logcnt_ptr": "*i64", "log2phy_ptr": "*i64",
     "invalid_ptr": "*i32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "pack_ptr": "*i64", "rank_ptr": "*i64",
-    "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i32", "phy_ptr": "*i64", "n_entries": "i32", "WIDTH": "i32",
+    "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i64", "n_invalid_ptr": "*i64", "phy_ptr": "*i64",
+    "n_entries": "i32", "WIDTH": "i32",
 }  # fmt: skip
 
 

@@ -276,3 +276,25 @@ def test_a_bad_input_on_one_rank_stops_every_rank_without_hanging(tmp_path):
             "negative-id": {"error": "ValueError: rank 1: new_phy2log has an expert id < 0 (-1)", "unchanged": True},
             "max-inflight": {"error": "ValueError: rank 1: max_inflight (0) must be a positive int", "unchanged": True},
         }, f"rank {rank}"
+
+
+def _balancer_fault_worker(rank: int, world: int, out: str) -> None:
+    # A misconfigured rank (keep_slots differs) computes another plan from the same loads: every
+    # rank must refuse to install it, and keep its previous placement.
+    b = OnlineBalancer(L, E, 24, G, N, 8, window=1, rebalance_interval=1, device="cpu", keep_slots=rank == 0)
+    before = b.phy2log.clone()
+    b.counts.copy_(_rank_loads(rank, 0))
+    try:
+        b.step()
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    torch.save({"error": error, "unchanged": torch.equal(b.phy2log, before)}, f"{out}/{rank}.pt")
+
+
+def test_balancer_plans_that_differ_between_ranks_are_not_installed(tmp_path):
+    _run(2, _balancer_fault_worker, str(tmp_path))
+    for rank in range(2):
+        results = torch.load(tmp_path / f"{rank}.pt")
+        assert results["unchanged"], f"rank {rank}"
+        assert results["error"].startswith("phy2log differs between ranks (ranks 0 and 1 disagree)"), results

@@ -20,17 +20,18 @@ def _placement(E=12, R=18, G=4, N=2, P=6, seed=0):
     return padded, logcnt[0]
 
 
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("tokens, top_k", [(1, 1), (37, 2), (300, 4), (1025, 1)])
-def test_dispatch_kernel_matches_torch(tokens, top_k, dtype):
+def test_dispatch_kernel_matches_torch(tokens, top_k, dtype, counts_dtype):
     log2phy, logcnt = _placement()
     g = torch.Generator().manual_seed(tokens * 7 + top_k)
     ids = torch.randint(-2, 14, (tokens, top_k), generator=g, dtype=dtype)  # includes invalid ids
     ids[0, 0] = 12  # == E: invalid
-    want_counts = torch.full((12,), 5, dtype=torch.int32)
+    want_counts = torch.full((12,), 5, dtype=counts_dtype)
     want_phy, want_bad = record_dispatch_reference(ids, log2phy, logcnt, want_counts)
-    counts = torch.full((12,), 5, dtype=torch.int32, device=DEVICE)
-    invalid = torch.full((1,), 3, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((12,), 5, dtype=counts_dtype, device=DEVICE)
+    invalid = torch.full((1,), 3, dtype=counts_dtype, device=DEVICE)
     phy = record_dispatch(
         ids.to(DEVICE), log2phy.to(DEVICE), logcnt.to(DEVICE), counts, invalid=invalid, backend="triton"
     )
@@ -60,10 +61,23 @@ def test_dispatch_argument_errors():
         record_dispatch(torch.zeros(4, 2), log2phy, logcnt, counts)
     with pytest.raises(ValueError, match=r"topk_ids must be a 2-D tensor"):
         record_dispatch(torch.zeros(4, dtype=torch.int64), log2phy, logcnt, counts)
-    with pytest.raises(TypeError, match="counts must be int32"):
-        record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt, counts.long())
+    with pytest.raises(TypeError, match=r"counts must be int64 \(or int32"):
+        record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt, counts.float())
     with pytest.raises(ValueError, match="log2phy must be"):
         record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt[:5], counts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_counters_do_not_wrap_past_int32(backend):
+    """A step's counts and the invalid-id counter are int64: 2**31 - 1 plus more stays positive."""
+    b = OnlineBalancer(1, 4, 6, 2, 1, 2, window=1, rebalance_interval=10, device=DEVICE, backend=backend)
+    b.counts.fill_(2**31 - 1)
+    b.invalid_ids.fill_(2**31 - 1)
+    b.record(0, torch.tensor([[0, 1], [0, 9]], device=DEVICE))  # 9 is invalid
+    assert b.counts[0].tolist() == [2**31 + 1, 2**31, 2**31 - 1, 2**31 - 1]
+    assert int(b.invalid_ids) == 2**31
+    b.step()
+    assert b.window_loads()[0].tolist() == [2**31 + 1, 2**31, 2**31 - 1, 2**31 - 1]
 
 
 def test_stable_slots_keeps_experts_in_place():
@@ -153,10 +167,12 @@ def test_ema():
     b = OnlineBalancer(1, 4, 6, 2, 1, 2, ema_decay=0.9, rebalance_interval=2, device="cpu")
     _feed(b, torch.tensor([[8, 0, 0, 0]]))
     b.step()
-    assert torch.allclose(b.window_loads(), torch.tensor([[0.8, 0.0, 0.0, 0.0]]))  # 0.1 * 8
+    assert torch.allclose(b.window_loads(), torch.tensor([[0.8, 0.0, 0.0, 0.0]], dtype=torch.float64))  # 0.1 * 8
     _feed(b, torch.tensor([[0, 0, 0, 4]]))
     b.step()
-    assert torch.allclose(b.window_loads(), torch.tensor([[0.72, 0.0, 0.0, 0.4]]))  # 0.9 * 0.8, 0.1 * 4
+    assert torch.allclose(
+        b.window_loads(), torch.tensor([[0.72, 0.0, 0.0, 0.4]], dtype=torch.float64)
+    )  # 0.9 * 0.8, 0.1 * 4
 
 
 def test_threshold_replans_the_layers_below_it_before_planning():
