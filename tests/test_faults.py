@@ -143,3 +143,18 @@ def test_planner_on_a_cpu_device_says_what_to_use(monkeypatch):
     assert not interpreter_active()
     with pytest.raises(ValueError, match=r"EplbPlanner runs the Triton kernels and needs a CUDA device, got cpu"):
         eplb.EplbPlanner(*CONFIG, device="cpu")
+
+
+@pytest.mark.parametrize(("value", "message"), [(float("nan"), "must be finite"), (-1.0, "must be >= 0")])
+def test_a_checkpoint_with_a_bad_ema_restores_nothing(value, message):
+    source = OnlineBalancer(*CONFIG, ema_decay=0.9, rebalance_interval=2, device="cpu")
+    source.counts.copy_(make_loads(2, 8, "skewed", 1) % 40)
+    source.step()
+    state = source.state_dict()
+    state["ema"] = state["ema"].clone()
+    state["ema"][1, 3] = value
+    target = OnlineBalancer(*CONFIG, ema_decay=0.9, rebalance_interval=2, device="cpu")
+    before = target.window_loads()
+    with pytest.raises(ValueError, match=rf"state_dict\['ema'\] {message}"):
+        target.load_state_dict(state)
+    assert torch.equal(target.window_loads(), before) and target.steps == 0
