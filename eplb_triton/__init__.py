@@ -4,6 +4,7 @@
 and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA tensors.
 """
 
+from ._validation import EplbArgumentError
 from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
 from .balancer import OnlineBalancer
 from .distributed import RearrangeStats, rearrange_expert_weights
@@ -12,6 +13,7 @@ from .planner import EplbPlanner
 from .recording import record_dispatch
 
 __all__ = [
+    "EplbArgumentError",
     "EplbPlanner",
     "OnlineBalancer",
     "RearrangeStats",

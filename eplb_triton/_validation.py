@@ -15,6 +15,12 @@ import torch
 BACKENDS = ("auto", "cpu", "reference", "triton")  # the one vocabulary; eplb_triton.backends resolves it
 
 
+class EplbArgumentError(ValueError, AssertionError):
+    """A bad argument value. Both a ``ValueError`` and an ``AssertionError``: DeepSeek's ``eplb``
+    asserts its argument rules, so callers written for it (vLLM, SGLang) catch ``AssertionError``.
+    The message names the argument and the rule it broke."""
+
+
 def check_count(name: str, value: object) -> int:
     """A positive Python (or NumPy) integer; ``bool`` and floats are refused."""
     if isinstance(value, bool) or isinstance(value, torch.Tensor):
@@ -24,7 +30,7 @@ def check_count(name: str, value: object) -> int:
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
     if v <= 0:
-        raise ValueError(f"{name} ({v}) must be a positive integer")
+        raise EplbArgumentError(f"{name} ({v}) must be a positive integer")
     return v
 
 
@@ -53,21 +59,21 @@ def check_weight(weight: object, name: str = "weight") -> tuple[int, int]:
     if not torch.compiler.is_compiling() and (weight.is_neg() or weight.is_conj()):
         raise TypeError(f"{name} has the lazy negation/conjugation bit set: pass weight.resolve_neg() instead")
     if weight.dim() != 2:
-        raise ValueError(
+        raise EplbArgumentError(
             f"{name} must be 2-D [num_layers, num_logical_experts], got {weight.dim()}-D shape {tuple(weight.shape)}"
         )
     rows, cols = weight.shape
     if cols == 0:
-        raise ValueError(f"{name} must have at least one expert (column), got shape {tuple(weight.shape)}")
+        raise EplbArgumentError(f"{name} must have at least one expert (column), got shape {tuple(weight.shape)}")
     return rows, cols
 
 
 def check_slots(name: str, num_slots: int, num_layers: int) -> None:
     """``num_slots`` per layer within :data:`MAX_SLOTS_PER_LAYER`, and ``layers x slots`` within :data:`MAX_SLOTS`."""
     if num_slots > MAX_SLOTS_PER_LAYER:
-        raise ValueError(f"{name} ({num_slots}) must be <= {MAX_SLOTS_PER_LAYER} slots per layer")
+        raise EplbArgumentError(f"{name} ({num_slots}) must be <= {MAX_SLOTS_PER_LAYER} slots per layer")
     if num_layers * num_slots > MAX_SLOTS:
-        raise ValueError(
+        raise EplbArgumentError(
             f"num_layers x {name} ({num_layers} x {num_slots}) must be <= {MAX_SLOTS} slots in all; "
             "plan the layers in smaller batches"
         )
@@ -78,7 +84,9 @@ def check_values(w32: torch.Tensor, name: str = "weight") -> None:
     bad = ~(torch.isfinite(w32) & (w32 >= 0))
     if bool(bad.any()):
         row, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} must be finite and >= 0 in float32, found {float(w32[row, col])} at [{row}, {col}]")
+        raise EplbArgumentError(
+            f"{name} must be finite and >= 0 in float32, found {float(w32[row, col])} at [{row}, {col}]"
+        )
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -148,16 +156,19 @@ def _check_counts(
     N = check_count("num_nodes", num_nodes)
     P = check_count("num_gpus", num_gpus)
     check_slots(replicas_name, R, L)
-    if E % G:
-        raise ValueError(f"num_logical_experts ({E}, weight.shape[1]) must be a multiple of num_groups ({G})")
-    if R % P:
-        raise ValueError(f"{replicas_name} ({R}) must be a multiple of num_gpus ({P})")
-    if P % N:
-        raise ValueError(f"num_gpus ({P}) must be a multiple of num_nodes ({N})")
-    if R < E:
-        raise ValueError(f"{replicas_name} ({R}) must be >= num_logical_experts ({E}, weight.shape[1])")
     if require_hierarchical and G % N:
-        raise ValueError(f"num_groups ({G}) must be a multiple of num_nodes ({N}) for the hierarchical policy")
+        raise EplbArgumentError(f"num_groups ({G}) must be a multiple of num_nodes ({N}) for the hierarchical policy")
+    # The divisibility rules of the pipeline that runs: the global policy is G = N = 1, so it
+    # needs neither E % G == 0 nor P % N == 0 (as DeepSeek's eplb, which accepts those calls).
+    _, G_run, N_run = select_policy(G, N)
+    if E % G_run:
+        raise EplbArgumentError(f"num_logical_experts ({E}, weight.shape[1]) must be a multiple of num_groups ({G})")
+    if R % P:
+        raise EplbArgumentError(f"{replicas_name} ({R}) must be a multiple of num_gpus ({P})")
+    if P % N_run:
+        raise EplbArgumentError(f"num_gpus ({P}) must be a multiple of num_nodes ({N})")
+    if R < E:
+        raise EplbArgumentError(f"{replicas_name} ({R}) must be >= num_logical_experts ({E}, weight.shape[1])")
     return Config(L, E, R, G, N, P)
 
 

@@ -1,21 +1,63 @@
 """The public, drop-in API: DeepSeek's ``eplb`` functions with a ``backend=`` keyword.
 
-Every function validates its arguments (SPEC.md "Validation"), never mutates its input, accepts
-any real dtype on any device, and returns ``int64`` tensors on the input's device.
+Every function validates its arguments (docs/algorithm.md, "Validation"), never mutates its input,
+accepts any real dtype on any device, and returns ``int64`` tensors on the input's device.
+``weight`` may also be a numpy array (the outputs are then int64 numpy arrays) or a nested list of
+numbers (torch outputs). Bad argument values raise :class:`EplbArgumentError`, which is both a
+``ValueError`` and an ``AssertionError`` (DeepSeek's ``eplb`` asserts its rules); wrong types raise
+``TypeError``. Both name the argument and the rule.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from . import backends
-from ._validation import check_config, check_count, check_slots, check_weight
+from ._validation import EplbArgumentError, check_config, check_count, check_slots, check_weight
+
+
+def _as_tensor(weight: object) -> tuple[torch.Tensor, bool]:
+    """``(tensor, numpy_in)``: a numpy array or a nested list of real numbers as a CPU tensor.
+
+    The tensor shares the array's memory where it can; nothing writes to it.
+    """
+    if isinstance(weight, torch.Tensor):
+        return weight, False
+    numpy_in = isinstance(weight, np.ndarray)
+    if not (numpy_in or isinstance(weight, (list, tuple))):
+        raise TypeError(f"weight must be a torch.Tensor, a numpy.ndarray or a nested list, got {type(weight).__name__}")
+    try:
+        array = np.asarray(weight)
+    except ValueError as exc:  # ragged nested lists
+        raise TypeError(f"weight must be a rectangular nested list of numbers ({exc})") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"weight must have a real dtype (integer or floating point), got numpy {array.dtype}")
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch has few unsigned kernels
+        array = array.astype(np.float64 if array.dtype.itemsize == 8 else np.int64)
+    return torch.from_numpy(np.ascontiguousarray(array)), numpy_in
+
+
+def _accepts_arrays(fn: Callable) -> Callable:
+    """Let ``fn`` take ``weight`` as a numpy array (numpy out, same dtypes) or a nested list (torch out)."""
+
+    @functools.wraps(fn)
+    def wrapper(weight, *args, **kwargs):
+        tensor, numpy_in = _as_tensor(weight)
+        out = fn(tensor, *args, **kwargs)
+        return tuple(t.numpy() for t in out) if numpy_in else out
+
+    return wrapper
 
 
 def _empty(device: torch.device, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(s, dtype=torch.int64, device=device) for s in shapes)
 
 
+@_accepts_arrays
 def balanced_packing(
     weight: torch.Tensor, num_packs: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +66,7 @@ def balanced_packing(
     Greedy, heaviest item first, into the least-loaded pack that is not full (SPEC.md).
 
     Args:
-        weight: ``[X, n]`` item weights, any real dtype, finite and ``>= 0``.
+        weight: ``[X, n]`` item weights, any real dtype, finite and ``>= 0``; a tensor, numpy array or nested list.
         num_packs: number of packs; must divide ``n``.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
 
@@ -39,20 +81,21 @@ def balanced_packing(
     X, n = check_weight(weight)
     m = check_count("num_packs", num_packs)
     if n % m:
-        raise ValueError(f"number of items ({n}, weight.shape[1]) must be a multiple of num_packs ({m})")
+        raise EplbArgumentError(f"number of items ({n}, weight.shape[1]) must be a multiple of num_packs ({m})")
     backend = backends.resolve(backend, weight.device)
     if X == 0:
         return _empty(weight.device, (0, n), (0, n))  # type: ignore[return-value]
     return backends.run("balanced_packing", backend, weight, m)
 
 
+@_accepts_arrays
 def replicate_experts(
     weight: torch.Tensor, num_phy: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give ``num_phy - E`` redundant slots to the experts with the largest load per replica.
 
     Args:
-        weight: ``[X, E]`` loads, any real dtype, finite and ``>= 0``.
+        weight: ``[X, E]`` loads, any real dtype, finite and ``>= 0``; a tensor, numpy array or nested list.
         num_phy: number of physical slots, ``>= E``.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
 
@@ -69,13 +112,14 @@ def replicate_experts(
     R = check_count("num_phy", num_phy)
     check_slots("num_phy", R, X)
     if R < E:
-        raise ValueError(f"num_phy ({R}) must be >= the number of logical experts ({E}, weight.shape[1])")
+        raise EplbArgumentError(f"num_phy ({R}) must be >= the number of logical experts ({E}, weight.shape[1])")
     backend = backends.resolve(backend, weight.device)
     if X == 0:
         return _empty(weight.device, (0, R), (0, R), (0, E))  # type: ignore[return-value]
     return backends.run("replicate_experts", backend, weight, R)
 
 
+@_accepts_arrays
 def rebalance_experts_hierarchical(
     weight: torch.Tensor,
     num_physical_experts: int,
@@ -88,7 +132,8 @@ def rebalance_experts_hierarchical(
     """The hierarchical policy: groups to nodes, replicas within nodes, replicas to GPUs.
 
     Args:
-        weight: ``[num_layers, num_logical_experts]`` loads, any real dtype, finite and ``>= 0``.
+        weight: ``[num_layers, num_logical_experts]`` loads, any real dtype, finite and ``>= 0``; a
+            tensor, numpy array or nested list.
         num_physical_experts: total slots ``R``, a multiple of ``num_gpus``, ``>= E``.
         num_groups: expert groups ``G`` (a divisor of ``E`` and a multiple of ``num_nodes``).
         num_nodes: server nodes ``N``.
@@ -109,6 +154,7 @@ def rebalance_experts_hierarchical(
     return phy2log, phyrank, logcnt
 
 
+@_accepts_arrays
 def rebalance_experts(
     weight: torch.Tensor,
     num_replicas: int,
@@ -125,10 +171,11 @@ def rebalance_experts(
 
     Args:
         weight: ``[num_layers, num_logical_experts]`` measured load of each expert, any real
-            dtype, finite and ``>= 0``, on any device.
+            dtype, finite and ``>= 0``: a tensor on any device, a numpy array (numpy outputs) or a
+            nested list.
         num_replicas: physical expert slots ``R`` (a multiple of ``num_gpus``, ``>= E``).
-        num_groups: expert groups ``G`` (must divide ``E``).
-        num_nodes: server nodes ``N``; ``num_gpus`` must be a multiple of it.
+        num_groups: expert groups ``G`` (must divide ``E`` when the hierarchical policy runs).
+        num_nodes: server nodes ``N`` (must divide ``num_gpus`` when the hierarchical policy runs).
         num_gpus: GPUs ``P``.
         backend: ``"auto"`` (Triton for CUDA tensors, else CPU), ``"cpu"``, ``"reference"``
             or ``"triton"``.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import cpu, launch, recording, reference
-from ._validation import BACKENDS, Config, check_values
+from ._validation import BACKENDS, Config, EplbArgumentError, check_values
 from .placement import log2phy_from_rank
 
 TABLE: dict[tuple[str, str], Callable] = {}
@@ -63,11 +63,11 @@ def resolve(backend: object, device: torch.device) -> str:
     ``"triton"`` needs CUDA data, or the interpreter.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        raise EplbArgumentError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "cpu"
     if backend == "triton" and not (device.type == "cuda" or interpreter_active()):
-        raise ValueError(
+        raise EplbArgumentError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the kernels "
             f"on the CPU interpreter), got tensors on {device}"
         )
@@ -114,7 +114,7 @@ def _sync_flags(weight: torch.Tensor, invalid: torch.Tensor, *values: torch.Tens
     flagged, *host = torch.stack([invalid.max().to(torch.int64), *(v.to(torch.int64) for v in values)]).tolist()
     if flagged:
         check_values(weight.detach().to(device="cpu", dtype=torch.float32))
-        raise ValueError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
+        raise EplbArgumentError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
     return host
 
 

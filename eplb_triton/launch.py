@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import Config
+from ._validation import Config, EplbArgumentError
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
 MAX_REPLICAS = 2048  # slots per layer
@@ -47,12 +47,12 @@ def _num_warps(block: int) -> int:
 def check_limits(num_experts: int, num_replicas: int) -> None:
     """The kernels hold a row in registers: ``E <= MAX_EXPERTS`` and ``R <= MAX_REPLICAS``."""
     if num_experts > MAX_EXPERTS:
-        raise ValueError(
+        raise EplbArgumentError(
             f"backend='triton' supports up to {MAX_EXPERTS} logical experts per layer, got {num_experts}; "
             "use backend='cpu'"
         )
     if num_replicas > MAX_REPLICAS:
-        raise ValueError(
+        raise EplbArgumentError(
             f"backend='triton' supports up to {MAX_REPLICAS} replicas per layer, got {num_replicas}; use backend='cpu'"
         )
 
@@ -81,7 +81,7 @@ def rebalance_launch(cfg: Config, num_warps: int | None = None) -> Launch:
 
 def packing_launch(num_rows: int, num_items: int, num_packs: int) -> Launch:
     if num_items > MAX_ITEMS:
-        raise ValueError(
+        raise EplbArgumentError(
             f"backend='triton' supports up to {MAX_ITEMS} items per row, got {num_items}; use backend='cpu'"
         )
     block_i = _pow2(num_items)

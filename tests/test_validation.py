@@ -19,7 +19,7 @@ W = torch.ones(2, 12)
             ValueError,
             r"num_logical_experts \(12, weight.shape\[1\]\) must be a multiple of num_groups \(5\)",
         ),
-        ((W, 16, 4, 3, 8), ValueError, r"num_gpus \(8\) must be a multiple of num_nodes \(3\)"),
+        ((W, 16, 6, 3, 8), ValueError, r"num_gpus \(8\) must be a multiple of num_nodes \(3\)"),
         ((W, 0, 4, 2, 8), ValueError, r"num_replicas \(0\) must be a positive integer"),
         ((W, 16, -4, 2, 8), ValueError, r"num_groups \(-4\) must be a positive integer"),
         ((W, 16, 4, 0, 8), ValueError, r"num_nodes \(0\) must be a positive integer"),
@@ -28,7 +28,9 @@ W = torch.ones(2, 12)
         ((W, 16, 4, True, 8), TypeError, r"num_nodes must be a Python int, got bool"),
         ((W, 16, "4", 2, 8), TypeError, r"num_groups must be an int, got str"),
         ((W, 16, 4, 2, torch.tensor(8)), TypeError, r"num_gpus must be a Python int, got Tensor"),
-        ((W.numpy(), 16, 4, 2, 8), TypeError, r"weight must be a torch.Tensor, got ndarray"),
+        (("12 experts", 16, 4, 2, 8), TypeError, r"weight must be a torch.Tensor, a numpy.ndarray or a nested list"),
+        ((W.numpy() > 0, 16, 4, 2, 8), TypeError, r"weight must have a real dtype .* got numpy bool"),
+        (([[1, 2], [3]], 16, 4, 2, 8), TypeError, r"weight must be a rectangular nested list"),
         ((torch.ones(12), 16, 4, 2, 8), ValueError, r"weight must be 2-D .* got 1-D"),
         ((torch.ones(1, 2, 12), 16, 4, 2, 8), ValueError, r"weight must be 2-D .* got 3-D"),
         ((torch.ones(2, 0), 16, 4, 2, 8), ValueError, r"weight must have at least one expert"),
@@ -39,8 +41,10 @@ W = torch.ones(2, 12)
 )
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_shape_and_count_rules(args, exc, message, backend):
-    with pytest.raises(exc, match=message):
+    with pytest.raises(exc, match=message) as info:
         eplb.rebalance_experts(*args, backend=backend)
+    # callers written for DeepSeek's eplb catch AssertionError
+    assert isinstance(info.value, AssertionError) == (exc is ValueError)
 
 
 @pytest.mark.parametrize(
