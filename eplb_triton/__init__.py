@@ -1,7 +1,7 @@
 """eplb-triton: a fast, drop-in expert-parallelism load balancer (EPLB) for MoE models.
 
 ``import eplb_triton as eplb`` replaces DeepSeek's ``eplb`` module: same functions, arguments
-and outputs (SPEC.md), with a vectorised CPU path and Triton kernels for CUDA tensors.
+and outputs (docs/algorithm.md), with a vectorised CPU path and Triton kernels for CUDA tensors.
 """
 
 from ._validation import EplbArgumentError

@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend: SPEC.md "Validation", as clear errors.
+"""Argument checks shared by every backend: docs/algorithm.md "Validation", as clear errors.
 
 Shape and count rules are checked on the host from Python integers and tensor metadata, so
 they never synchronise with a GPU. The value rule (finite, >= 0) needs to look at the data:
@@ -98,7 +98,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def select_policy(num_groups: int, num_nodes: int) -> tuple[str, int, int]:
-    """The one policy rule (SPEC.md): ``(label, G, N)`` of the pipeline that runs.
+    """The one policy rule (docs/algorithm.md): ``(label, G, N)`` of the pipeline that runs.
 
     ``G % N == 0`` selects the hierarchical policy; otherwise the global policy runs, which is the
     hierarchical pipeline with one group and one node. ``G = N = 1`` is that same pipeline, so it
@@ -142,7 +142,7 @@ def check_config(
     require_hierarchical: bool = False,
     replicas_name: str = "num_replicas",
 ) -> Config:
-    """Every SPEC rule on shapes and counts. ``require_hierarchical`` adds ``G % N == 0``."""
+    """Every rule (docs/algorithm.md) on shapes and counts. ``require_hierarchical`` adds ``G % N == 0``."""
     L, E = check_weight(weight)
     return _check_counts(L, E, num_replicas, num_groups, num_nodes, num_gpus, require_hierarchical, replicas_name)
 

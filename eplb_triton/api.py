@@ -63,7 +63,7 @@ def balanced_packing(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the ``n`` items of each row into ``num_packs`` packs of ``n / num_packs`` items each.
 
-    Greedy, heaviest item first, into the least-loaded pack that is not full (SPEC.md).
+    Greedy, heaviest item first, into the least-loaded pack that is not full (docs/algorithm.md).
 
     Args:
         weight: ``[X, n]`` item weights, any real dtype, finite and ``>= 0``; a tensor, numpy array or nested list.

@@ -9,7 +9,7 @@
 Every implementation of an operation takes the same arguments (the validated, unmodified input
 tensor first) and returns ``int64`` tensors on the input's device. The three families:
 
-* ``"reference"``: :mod:`eplb_triton.reference`, SPEC.md literally (the oracle);
+* ``"reference"``: :mod:`eplb_triton.reference`, docs/algorithm.md literally (the oracle);
 * ``"cpu"``: :mod:`eplb_triton.cpu`, NumPy vectorised over rows (torch for recording);
 * ``"triton"``: :mod:`eplb_triton.kernels`, on CUDA tensors (or the interpreter).
 
@@ -96,7 +96,7 @@ def run(op: str, backend: str, *args, **kwargs):
 
 
 def _float32_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """The float32 CPU copy the CPU families work on, after the value check (SPEC: float32 first)."""
+    """The float32 CPU copy the CPU families work on, after the value check (docs/algorithm.md: float32 first)."""
     w = weight.detach().to(device="cpu", dtype=torch.float32)
     check_values(w)
     return w

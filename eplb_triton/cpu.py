@@ -1,4 +1,4 @@
-"""The fast CPU path: SPEC.md vectorised over all rows (layers, and nodes) with NumPy.
+"""The fast CPU path: docs/algorithm.md vectorised over all rows (layers, and nodes) with NumPy.
 
 Each greedy loop of the spec is sequential over its items, so the Python loops that remain
 run over items (packing steps, redundant replicas, experts of a group); every step handles all

@@ -1,4 +1,4 @@
-"""Placement quality measures of SPEC.md, vectorised over layers, on any device.
+"""Placement quality measures of docs/algorithm.md, vectorised over layers, on any device.
 
 Loads are taken in float64 here: these are reports, not part of the algorithm's contract.
 """
@@ -81,7 +81,7 @@ def summarize(per_layer: torch.Tensor) -> dict[str, float]:
 
 
 def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
-    """SPEC lower bound on the max GPU load of any placement with ``num_replicas`` slots.
+    """The lower bound (docs/algorithm.md) on the max GPU load of any placement with ``num_replicas`` slots.
 
     ``max(total / P, t*)``, where ``t*`` is the largest per-replica load after
     ``replicate_experts(weight, num_replicas)``. ``mean / bound`` bounds the balancedness any

@@ -1,4 +1,4 @@
-"""The EPLB algorithm of SPEC.md, literally: per-layer Python loops, float32 arithmetic.
+"""The EPLB algorithm of docs/algorithm.md, literally: per-layer Python loops, float32 arithmetic.
 
 This module is the oracle of the project: every other backend (the vectorised CPU path, the
 Triton kernels) must return exactly what these functions return. It is written to be obviously
@@ -21,7 +21,7 @@ f32 = np.float32
 
 
 def _rows(weight: torch.Tensor) -> list[list[np.float32]]:
-    """Loads as float32 Python scalars (SPEC: the input is converted to float32 first)."""
+    """Loads as float32 Python scalars (docs/algorithm.md: the input is converted to float32 first)."""
     w = weight.detach().to(device="cpu", dtype=torch.float32).numpy()
     return [[f32(v) for v in row] for row in w]
 
@@ -63,7 +63,7 @@ def _replicate_row(row: list[np.float32], num_phy: int) -> tuple[list[int], list
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC ``balanced_packing``: returns ``(pack, rank)``, each ``[X, n]``."""
+    """``balanced_packing`` (docs/algorithm.md): returns ``(pack, rank)``, each ``[X, n]``."""
     rows = [_pack_row(row, num_packs) for row in _rows(weight)]
     shape = tuple(weight.shape)
     pack = torch.tensor([p for p, _ in rows], dtype=torch.int64).reshape(shape)
@@ -72,7 +72,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
 
 
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC ``replicate_experts``: returns ``(phy2log [X, num_phy], rank [X, num_phy], cnt [X, E])``."""
+    """``replicate_experts`` (docs/algorithm.md): returns ``(phy2log [X, num_phy], rank [X, num_phy], cnt [X, E])``."""
     rows = [_replicate_row(row, num_phy) for row in _rows(weight)]
     x, e = weight.shape
     phy2log = torch.tensor([r[0] for r in rows], dtype=torch.int64).reshape(x, num_phy)
@@ -119,7 +119,7 @@ def _hierarchical_layer(w: list[np.float32], R: int, G: int, N: int, P: int) -> 
 def rebalance_experts_hierarchical(
     weight: torch.Tensor, num_physical_experts: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC hierarchical policy: returns ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``."""
+    """The hierarchical policy (docs/algorithm.md): returns ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``."""
     L, E = weight.shape
     R = num_physical_experts
     layers = [_hierarchical_layer(w, R, num_groups, num_nodes, num_gpus) for w in _rows(weight)]
@@ -144,7 +144,7 @@ def log2phy(phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor) 
 def rebalance_experts(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC entry point: returns ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``."""
+    """The entry point (docs/algorithm.md): returns ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``."""
     _, G, N = select_policy(num_groups, num_nodes)
     phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, G, N, num_gpus)
     return phy2log, log2phy(phy2log, phyrank, logcnt), logcnt

@@ -1,6 +1,6 @@
 """Selection keys: one int64 per candidate, so that one ``tl.max``/``tl.min`` makes an exact choice.
 
-Every greedy step of SPEC.md picks the candidate with the largest (or smallest) float32 value,
+Every greedy step of docs/algorithm.md picks the candidate with the largest (or smallest) float32 value,
 ties to the lower index. Non-negative float32 values order like their bit patterns, so a key is
 
     bits 63..32   the value's float32 bits           (fpval_to_key)

@@ -1,4 +1,4 @@
-"""Triton code of the rebalance (SPEC.md): the two greedy loops and three kernels.
+"""Triton code of the rebalance (docs/algorithm.md): the two greedy loops and three kernels.
 
 One program of :func:`_rebalance_kernel` runs the complete pipeline for one (layer, node) row: the
 group packing of its layer (recomputed by every node's program: it is tiny and saves a launch),
@@ -58,7 +58,7 @@ def _pack_greedy(
     BLOCK_I: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """SPEC balanced_packing of one row: returns (pack, rank), each [BLOCK_I] int32."""
+    """balanced_packing of one row (docs/algorithm.md): returns (pack, rank), each [BLOCK_I] int32."""
     CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
     o_i = tl.arange(0, BLOCK_I)
     if CAPACITY == 1:  # one item per pack: no sorting at all
@@ -102,7 +102,7 @@ def _replicate_greedy(
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """SPEC replicate_experts of one row.
+    """replicate_experts of one row (docs/algorithm.md).
 
     Returns (phy2log [BLOCK_R], rank [BLOCK_R], cnt [BLOCK_E]) int32 and share [BLOCK_E] float32,
     the final ``w / cnt`` of each expert.
