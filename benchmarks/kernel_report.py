@@ -1,0 +1,1509 @@
+"""Static cost report of the Triton kernels for a real NVIDIA target, without a GPU.
+
+Each kernel is compiled ahead of time for ``sm_<arch>`` (default 90, H100/H200) with the ``ptxas``
+that Triton ships, at every shipped configuration, with exactly the constexprs and ``num_warps`` of
+:mod:`eplb_triton.launch` (the functions the launchers call). From the cubin it reads:
+
+* registers, shared memory and local memory (spills) from ``cuobjdump --dump-resource-usage``;
+* the SASS (``cuobjdump -sass``: instructions and their control bits) and its source lines
+  (``nvdisasm -c -gi``). Loops are the backward branches (``BRA`` to a lower address);
+  each is mapped to its source loop through the line information (the inline chain tells the group
+  packing from the slot packing), its trip count comes from the loop counter in the SASS, and its
+  iteration count from the constexprs;
+* per loop iteration: shuffles (SHFL), barriers (BAR), warp reductions (REDUX), shared-memory ops
+  (LDS/STS), global-memory ops (LDG/STG/ATOM/RED);
+* an estimated critical path in cycles: one warp issuing the SASS in order with the stall counts
+  ptxas wrote into the control bits, plus published Hopper/Ampere latencies for the scoreboarded
+  instructions (SHFL, REDUX, LDS, LDG, ...; see ``LATENCY`` and the report), and the time of one call
+  from it. It is an order-of-magnitude estimate, not a measurement.
+
+Writes ``kernel_report-<label>.csv`` (this run), ``kernel_report.csv`` (the rows of every label found
+in the output folder) and ``kernel_report.md`` (the detailed report of this run and a
+comparison table across labels) under ``--out``. A later change to the kernels records itself with
+``--label after`` next to the committed ``baseline``.
+
+Run (no GPU needed; refuses to run under ``TRITON_INTERPRET``)::
+
+    python benchmarks/kernel_report.py [--out DIR] [--arch 90] [--label baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import datetime
+import inspect
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "static-sm90"
+
+# ----------------------------------------------------------------------------------------------
+# Timing model. ptxas encodes its own schedule in every instruction's control bits: a stall count
+# (cycles before the warp may issue its next instruction; it covers every fixed-latency dependence
+# and the pipe throughput ptxas knows for sm_90), and for variable-latency instructions a scoreboard
+# that later instructions wait on. The model takes the stall counts as they are and needs a latency
+# only for the scoreboarded instructions (cycles from issue to result). Rough values inside the ranges
+# published for Volta-Hopper: Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via
+# Microbenchmarking" (2018) and "... Turing T4 ..." (2019); Luo et al., "Benchmarking and Dissecting the
+# Nvidia Hopper GPU Architecture" (2024). The report prints this table.
+# ----------------------------------------------------------------------------------------------
+LATENCY = {
+    "shfl": 26,  # SHFL round trip: ~23-30
+    "redux": 26,  # REDUX (sm_80+ warp reduction into a uniform register): no published figure; taken as SHFL
+    "lds": 28,  # shared-memory load: ~23-33
+    "ldg": 260,  # global load, L2 hit: ~200-300 (the rows and the scratch were just written: L2-resident)
+    "atom": 260,  # global atomic with a return value: an L2 round trip
+    "xu": 20,  # MUFU.RCP, FCHK (special-function unit): ~15-25 (assumed)
+    "conv": 6,  # POPC, I2F-class conversions on the XU (assumed)
+    "const": 10,  # LDC/ULDC constant cache hit, S2R/S2UR special registers (assumed)
+    "bar": 20,  # BAR.SYNC with all warps arriving together: ~20
+    "read": 4,  # a store's or load's source operands read (read scoreboard released; assumed)
+}
+L2_MISS = 500  # global load from DRAM: ~400-600 (quoted, not used by the model)
+CLOCK_GHZ = 1.98  # H100 SXM / H200 boost clock (same SM)
+NUM_SMS = 132  # H100 SXM / H200
+LAUNCH_US = 5.0  # launch overhead of one eager kernel launch (assumed, ~3-6 us)
+HBM_TBPS = 3.35  # H100 SXM HBM3 bandwidth (H200: 4.8), for the log2phy fill's bytes
+
+# Opcode (before the first '.') -> counter column, for the per-iteration counts.
+COUNTED = {
+    "SHFL": "shfl",
+    "BAR": "bar",
+    "REDUX": "redux",
+    "CREDUX": "redux",
+    "LDS": "lds",
+    "STS": "sts",
+    "LDSM": "lds",
+    "ATOMS": "lds",
+    "LDG": "ldg",
+    "STG": "stg",
+    "ATOMG": "atom",
+    "ATOM": "atom",
+    "RED": "atom",
+    "REDG": "atom",
+    "LDL": "local",
+    "STL": "local",
+}
+COUNT_COLUMNS = ["shfl", "bar", "redux", "lds", "sts", "ldg", "stg", "atom", "local"]
+
+CONTROL = {"BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "NOP", "WARPSYNC", "DEPBAR", "YIELD", "BPT", "BMOV"}
+CONVERSIONS = {"I2F", "F2I", "F2F", "I2I", "FRND", "POPC", "FLO", "BREV"}
+XU = {"MUFU", "FCHK"}
+CONSTANTS = {"LDC", "ULDC", "S2R", "S2UR", "CS2R"}
+
+# Source loops: (function holding the `for`, text of the call site or of the `for`, name, iterations).
+SOURCE_LOOPS = [
+    ("_pack_greedy", "_pack_greedy(b_gload", "group packing: G groups onto N nodes", lambda c: c["G"]),
+    ("_pack_greedy", "_pack_greedy(b_items", "slot packing: R/N slots onto P/N GPUs", lambda c: c["R"] // c["N"]),
+    ("_pack_greedy", "_pack_greedy(b_w", "packing: NUM_ITEMS items", lambda c: c["NUM_ITEMS"]),
+    (
+        "_replicate_greedy",
+        "_replicate_greedy(b_wn",
+        "replication: R/N - E/N replicas",
+        lambda c: c["R"] // c["N"] - c["E"] // c["N"],
+    ),
+    (
+        "_replicate_greedy",
+        "_replicate_greedy(b_w,",
+        "replication: NUM_PHY - NUM_LOG replicas",
+        lambda c: c["NUM_PHY"] - c["NUM_LOG"],
+    ),
+    ("_rebalance_kernel", "range(GS)", "group loads: E/G experts per group", lambda c: c["E"] // c["G"]),
+    (
+        "_rebalance_kernel",
+        "range(0, WIDTH, BLOCK_X)",
+        "log2phy -1 fill: WIDTH/BLOCK_X tiles",
+        lambda c: -(-c["WIDTH"] // c["BLOCK_X"]),
+    ),
+]
+GREEDY = ("packing", "replication")  # loop names of the greedy chains
+
+
+# ----------------------------------------------------------------------------------------------
+# SASS parsing
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Instr:
+    addr: int
+    text: str  # without the trailing ';'
+    opcode: str  # with modifiers, e.g. SHFL.BFLY
+    guard: str | None  # e.g. "!P0"
+    operands: list[str]
+    chain: tuple[tuple[str, int], ...] = ()  # (file name, line), innermost first
+    target: int | None = None  # branch / call target
+    stall: int = 1  # control bits: cycles before the next instruction may issue
+    write_sb: int = 7  # scoreboard released when the result is ready (7: none)
+    read_sb: int = 7  # scoreboard released when the operands have been read (7: none)
+    wait: int = 0  # mask of the scoreboards waited on before issue
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_INS_HEX = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\*\s*0x[0-9a-f]+\s*\*/\s*\n\s*/\*\s*(0x[0-9a-f]+)\s*\*/")
+_LOC = re.compile(r'//## File "([^"]+)", line (\d+)')
+_TARGET = re.compile(r"(0x[0-9a-f]+)\s*$")
+
+
+def _split_operands(rest: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in rest:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def parse_instruction(addr: int, text: str) -> Instr:
+    guard = None
+    body = text.strip()
+    if body.startswith("@"):
+        guard, body = body[1:].split(None, 1)
+    parts = body.split(None, 1)
+    opcode, rest = parts[0], (parts[1] if len(parts) > 1 else "")
+    ins = Instr(addr, text.strip(), opcode, guard, _split_operands(rest))
+    if ins.base in ("BRA", "CALL", "BSSY"):
+        m = _TARGET.search(rest)
+        ins.target = int(m.group(1), 16) if m else None
+    return ins
+
+
+def parse_cuobjdump_sass(text: str) -> list[Instr]:
+    """Instructions of ``cuobjdump -sass``, with numeric branch targets and the control bits of the
+    second 64-bit word (Volta and later: stall bits 41-44, yield 45, write scoreboard 46-48, read
+    scoreboard 49-51, wait mask 52-57)."""
+    out = []
+    for m in _INS_HEX.finditer(text):
+        ins = parse_instruction(int(m.group(1), 16), m.group(2))
+        ctrl = int(m.group(3), 16)
+        ins.stall = (ctrl >> 41) & 0xF
+        ins.write_sb = (ctrl >> 46) & 0x7
+        ins.read_sb = (ctrl >> 49) & 0x7
+        ins.wait = (ctrl >> 52) & 0x3F
+        out.append(ins)
+    return out
+
+
+def attach_lines(instrs: list[Instr], nvdisasm_gi: str) -> None:
+    """Give each instruction the inline chain of source lines that ``nvdisasm -gi`` prints above it."""
+    by_addr = {i.addr: i for i in instrs}
+    chain: list[tuple[str, int]] = []
+    fresh = False  # consecutive '//##' lines form one chain, innermost first
+    for line in nvdisasm_gi.splitlines():
+        m = _LOC.search(line)
+        if m:
+            if not fresh:
+                chain, fresh = [], True
+            chain.append((Path(m.group(1)).name, int(m.group(2))))
+            continue
+        m = _INS.search(line)
+        if m:
+            fresh = False
+            ins = by_addr.get(int(m.group(1), 16))
+            if ins is not None:
+                ins.chain = tuple(chain)
+
+
+# ----------------------------------------------------------------------------------------------
+# Instruction classes
+# ----------------------------------------------------------------------------------------------
+def classify(ins: Instr) -> str:
+    """Class of an instruction: a ``COUNTED`` column, or ctrl / xu / conv / const / other."""
+    base = ins.base
+    if base in COUNTED:
+        return COUNTED[base]
+    if base in CONTROL:
+        return "ctrl"
+    if base in XU:
+        return "xu"
+    if base in CONVERSIONS:
+        return "conv"
+    if base in CONSTANTS:
+        return "const"
+    return "other"
+
+
+def latency_of(kind: str) -> int:
+    """Cycles from issue to the result of a scoreboarded instruction of class ``kind``."""
+    if kind in ("local",):
+        return LATENCY["ldg"]
+    return LATENCY.get(kind, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loops
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Cost:
+    """Cycles of a stretch of the path: ptxas's stall counts, plus the waits on scoreboards beyond
+    them, by class of the instruction that the wait was for."""
+
+    static: float = 0.0
+    waits: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> float:
+        return self.static + sum(self.waits.values())
+
+    def add(self, other: Cost, times: float = 1.0) -> None:
+        self.static += times * other.static
+        for k, v in other.waits.items():
+            self.waits[k] += times * v
+
+    def minus(self, other: Cost) -> Cost:
+        out = Cost(self.static - other.static, Counter(self.waits))
+        out.waits.subtract(other.waits)
+        return out
+
+    def copy(self) -> Cost:
+        return Cost(self.static, Counter(self.waits))
+
+
+@dataclass
+class Loop:
+    start: int  # index of the first instruction of the body (the branch target)
+    end: int  # index of the backward branch
+    name: str = "?"
+    mapping: str = "guess"  # "line info" or "guess (order)"
+    iterations: int | None = None  # of the source loop
+    trips: int | None = None  # of the SASS loop (from its counter)
+    unroll: int | None = None  # source iterations per SASS trip
+    counts: Counter = field(default_factory=Counter)  # per SASS trip
+    reductions: str = ""
+    by_line: str = ""  # share of the body's instructions by source line (top 4)
+    cost: Cost | None = None  # estimated, all trips (set by simulate)
+    additive: float = 0.0  # pessimistic model, all trips
+    note: str = ""
+    unrolled: int = 0  # > 0: no SASS loop, this many straight-line instructions (fully unrolled)
+
+    @property
+    def size(self) -> int:
+        return self.unrolled or self.end - self.start + 1
+
+
+def subroutines(instrs: list[Instr]) -> set[int]:
+    """Addresses of the subroutines that ``CALL`` s reach (div_rn's slow path): targets from which a
+    ``RET`` comes before any ``EXIT``. (sm_80 code also leaves loops with ``CALL.REL.NOINC`` to the
+    instruction after the loop, which is no subroutine.)"""
+    out = set()
+    for target in {i.target for i in instrs if i.base == "CALL" and i.target is not None}:
+        after = [i for i in instrs if i.addr >= target]
+        end = next((i for i in after if i.base in ("RET", "EXIT") and not i.guard), None)
+        if end is not None and end.base == "RET":
+            out.add(target)
+    return out
+
+
+def is_slow_call(ins: Instr, subs: set[int]) -> bool:
+    return ins.base == "CALL" and ins.target in subs
+
+
+def main_function(instrs: list[Instr]) -> list[Instr]:
+    """The kernel body: everything before the first subroutine (div_rn's slow path)."""
+    subs = subroutines(instrs)
+    limit = min(subs) if subs else math.inf
+    body = [i for i in instrs if i.addr < limit]
+    while body and body[-1].base in ("NOP", "BRA") and body[-1].target == body[-1].addr:
+        body.pop()  # the trailing `BRA self` trap
+    return body
+
+
+def find_loops(body: list[Instr]) -> list[Loop]:
+    index = {i.addr: k for k, i in enumerate(body)}
+    loops = []
+    for k, ins in enumerate(body):
+        if ins.base == "BRA" and ins.target is not None and ins.target < ins.addr and ins.target in index:
+            loops.append(Loop(index[ins.target], k))
+    return loops
+
+
+_IMM = re.compile(r"-?0x[0-9a-f]+")
+_CMP = {
+    "EQ": lambda a, b: a == b,
+    "NE": lambda a, b: a != b,
+    "LT": lambda a, b: a < b,
+    "LE": lambda a, b: a <= b,
+    "GT": lambda a, b: a > b,
+    "GE": lambda a, b: a >= b,
+}
+
+
+def _counter_trips(body: list[Instr], loop: Loop) -> int | None:
+    """Trip count of a loop from its counter: the compare that feeds the back branch, the constant
+    step of the compared register in the body, and the constant it holds before the loop; the
+    counter is then stepped until the branch falls through."""
+    br = body[loop.end]
+    if not br.guard:  # rotated loop (sm_80): an unconditional back branch, a conditional exit inside
+        exits = [i for i in body[loop.start : loop.end] if i.guard and i.base in ("BRA", "CALL") and i.target > br.addr]
+        if len(exits) != 1:
+            return None
+        br = exits[0]
+        pred, negated = br.guard.lstrip("!"), not br.guard.startswith("!")  # goes on while the exit is not taken
+    else:
+        pred, negated = br.guard.lstrip("!"), br.guard.startswith("!")
+    k_exit = body.index(br)
+    for _ in range(2):  # sm_80 copies a uniform predicate: PLOP3.LUT P0, PT, PT, PT, UP0, 0x80, 0x0
+        writer = next((i for i in reversed(body[loop.start : k_exit]) if i.operands[:1] == [pred]), None)
+        if writer is None or writer.base not in ("PLOP3", "UPLOP3") or writer.operands[5:6] != ["0x80"]:
+            break
+        sources = [o for o in writer.operands[2:5] if o not in ("PT", "UPT")]
+        if len(sources) != 1:
+            break
+        pred, negated = sources[0].lstrip("!"), negated != sources[0].startswith("!")
+    setps = [i for i in body[loop.start : k_exit] if i.base in ("ISETP", "UISETP") and i.operands[0] == pred]
+    setps = [i for i in setps if ".EX" not in i.opcode]  # the high word of a 64-bit compare is against 0
+    if not setps:
+        return None
+    cmp = setps[-1]
+    a, b = cmp.operands[2:4]
+    if re.fullmatch(r"U?R\d+", a) and (b in ("RZ", "URZ") or _IMM.fullmatch(b)):
+        reg, const, swapped = a, b, False
+    elif re.fullmatch(r"U?R\d+", b) and (a in ("RZ", "URZ") or _IMM.fullmatch(a)):
+        reg, const, swapped = b, a, True
+    else:
+        return None
+    if len(cmp.operands) > 4 and cmp.operands[4] not in ("PT", "!PT", "UPT", "!UPT"):
+        return None  # combined with another condition
+    op = next((m for m in cmp.opcode.split(".")[1:] if m in _CMP), None)
+    if op is None:
+        return None
+    limit = 0 if const in ("RZ", "URZ") else int(const, 16)
+    unsigned = ".U32" in cmp.opcode
+    k_cmp = body.index(cmp)
+    step = k_step = None
+    for k in range(loop.start, loop.end):
+        i = body[k]
+        if i.operands and i.operands[0] == reg and i.base in ("IADD3", "UIADD3", "VIADD", "IADD", "UIADD"):
+            rest = [o for o in i.operands[1:] if not re.fullmatch(r"!?U?P(\d+|T)", o) and o not in ("RZ", "URZ")]
+            imm = [o for o in rest if _IMM.fullmatch(o)]
+            if len(imm) == 1 and [o for o in rest if o not in imm] == [reg]:
+                step, k_step = int(imm[0], 16), k
+    if not step:
+        return None
+    init = None
+    pair = re.fullmatch(r"(U?R)(\d+)", reg)
+    low_half = f"{pair.group(1)}{int(pair.group(2)) - 1}"  # CS2R Rk, SRZ zeroes Rk and Rk+1
+    for i in reversed(body[: loop.start]):
+        if i.base == "CS2R" and ".32" not in i.opcode and i.operands[:2] == [low_half, "SRZ"]:
+            init = 0
+            break
+        if i.operands and i.operands[0] == reg:
+            imm = [o for o in i.operands[1:] if _IMM.fullmatch(o)]
+            zero = [o for o in i.operands[1:] if o not in ("RZ", "URZ", "SRZ")] == []
+            if i.base in ("MOV", "UMOV") and imm:
+                init = int(imm[0], 16)
+            elif i.base in ("MOV", "UMOV", "CS2R") and zero:
+                init = 0
+            elif i.base == "IMAD" and "MOV" in i.opcode and (imm or zero):
+                init = int(imm[-1], 16) if imm else 0
+            break
+    if init is None:
+        return None
+
+    def goes_on(x: int) -> bool:
+        u, v = (x % 2**32, limit % 2**32) if unsigned else (x, limit)
+        result = _CMP[op](v, u) if swapped else _CMP[op](u, v)
+        return result != negated
+
+    x, post = init, k_cmp > k_step
+    for trips in range(1, 1 << 20):
+        if post:
+            x += step
+        if not goes_on(x):
+            return trips
+        if not post:
+            x += step
+    return None
+
+
+def _reductions(ins_list: list[Instr]) -> str:
+    redux = Counter(i.opcode for i in ins_list if i.base in ("REDUX", "CREDUX"))
+    shfl = Counter()
+    for i in ins_list:
+        if i.base == "SHFL":
+            shfl[f"{i.opcode}[{i.operands[3] if len(i.operands) > 3 else '?'}]"] += 1
+    parts = [f"{k} x{v}" for k, v in sorted(redux.items())] + [f"{k} x{v}" for k, v in sorted(shfl.items())]
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Source loops and their names
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceFor:
+    file: str
+    function: str
+    first: int
+    last: int
+    text: str  # the `for` line
+
+
+def source_fors(paths: list[Path]) -> tuple[list[SourceFor], dict[tuple[str, int], str]]:
+    """Every ``for`` in the kernel files, and the source text of each line (for the call sites)."""
+    fors, lines = [], {}
+    for path in paths:
+        src = path.read_text()
+        for n, text in enumerate(src.splitlines(), 1):
+            lines[(path.name, n)] = text.strip()
+        for fn in ast.walk(ast.parse(src)):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.For):
+                        fors.append(
+                            SourceFor(path.name, fn.name, node.lineno, node.end_lineno, lines[(path.name, node.lineno)])
+                        )
+    return fors, lines
+
+
+def loop_identity(ins: Instr, fors: list[SourceFor], lines: dict) -> tuple[SourceFor, str] | None:
+    """(innermost source ``for`` holding ``ins``, the call site line or the ``for`` line)."""
+    for depth, (file, line) in enumerate(ins.chain):
+        inside = [f for f in fors if f.file == file and f.first <= line <= f.last]
+        if inside:
+            f = min(inside, key=lambda f: f.last - f.first)
+            site = ins.chain[depth + 1] if depth + 1 < len(ins.chain) else None
+            return f, (lines.get(site, "") if site else f.text)
+    return None
+
+
+def name_of(identity: tuple[SourceFor, str], constexprs: dict) -> tuple[str, int | None]:
+    f, site = identity
+    for function, pattern, name, iterations in SOURCE_LOOPS:
+        if f.function == function and (pattern in site or pattern in f.text):
+            try:
+                return name, iterations(constexprs)
+            except KeyError:
+                return name, None
+    return f"{f.function}: {f.text}", None
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue model: one warp, in-order issue, results ready after their latency
+# ----------------------------------------------------------------------------------------------
+EXACT_TRIPS = 4  # trips simulated exactly before extrapolating with the last trip's cycles
+
+
+def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None = None) -> tuple[Cost, dict, Counter]:
+    """Critical path of one program along the common path; fills ``loop.cost``.
+
+    The warp issues the SASS in order: each instruction ``stall`` cycles after the previous one (the
+    control bits), later if a scoreboard in its wait mask is still pending; a scoreboarded result is
+    pending ``LATENCY`` cycles after issue; a barrier costs ``LATENCY["bar"]``. Loops run the trips
+    read from their counter (the first ``EXACT_TRIPS`` exactly, the others at the last trip's cost).
+    Forward branches fall through (a valid row takes every ``if``) except those that skip a ``CALL``
+    (the float division's slow path, taken only for subnormal or special operands). Returns the
+    program's cost, per tag of ``tags`` (one per instruction) the cost of the tagged ones, and the
+    waits outside loops by index of the instruction waited for.
+    """
+    index = {i.addr: k for k, i in enumerate(body)}
+    by_end = {lp.end: lp for lp in loops}
+    starts: dict[int, list[Loop]] = {}
+    for lp in loops:
+        starts.setdefault(lp.start, []).append(lp)
+    kinds = [classify(i) for i in body]
+    subs = {i.target for i in body if i.base == "CALL" and i.target is not None and i.target > body[-1].addr}
+    skips_call = {}
+    for n, ins in enumerate(body):
+        if ins.base == "BRA" and ins.target is not None and ins.target > ins.addr and ins.target in index:
+            skips_call[n] = any(is_slow_call(b, subs) for b in body[n + 1 : index[ins.target]])
+    sb_ready = [0.0] * 6
+    sb_kind = ["other"] * 6
+    sb_from = [-1] * 6  # index of the instruction that set the pending time
+    straight_waits: Counter = Counter()
+    clock = 0.0  # earliest issue of the next instruction
+    total = Cost()
+    active: dict[int, Cost] = {}  # loop end -> cost so far
+    trip_marks: dict[int, list[Cost]] = {}  # loop end -> cost at the end of each trip
+    by_tag: dict[str, Cost] = {}
+    k = steps = 0
+    while k < len(body):
+        steps += 1
+        if steps > 5_000_000:
+            raise RuntimeError("timing model did not terminate")
+        for lp in starts.get(k, []):
+            if lp.end not in active:
+                active[lp.end] = Cost()
+                trip_marks[lp.end] = [Cost()]
+        ins, kind = body[k], kinds[k]
+        t = clock
+        blame, source = "other", -1
+        for b in range(6):
+            if ins.wait >> b & 1 and sb_ready[b] > t:
+                t, blame, source = sb_ready[b], sb_kind[b], sb_from[b]
+        step = Cost(float(max(1, ins.stall)))
+        if t > clock:
+            step.waits[blame] += t - clock
+            if not active:
+                straight_waits[source] += t - clock
+        if ins.write_sb < 6 and t + latency_of(kind) >= sb_ready[ins.write_sb]:
+            sb_ready[ins.write_sb], sb_kind[ins.write_sb], sb_from[ins.write_sb] = t + latency_of(kind), kind, k
+        if ins.read_sb < 6 and t + LATENCY["read"] >= sb_ready[ins.read_sb]:
+            sb_ready[ins.read_sb], sb_kind[ins.read_sb], sb_from[ins.read_sb] = t + LATENCY["read"], "read", k
+        clock = t + max(1, ins.stall)
+        if kind == "bar" and LATENCY["bar"] > max(1, ins.stall):
+            step.waits["bar"] += LATENCY["bar"] - max(1, ins.stall)
+            clock = t + LATENCY["bar"]
+        total.add(step)
+        for end, cost in active.items():
+            if by_end[end].start <= k <= end:
+                cost.add(step)
+        if tags and tags[k]:
+            by_tag.setdefault(tags[k], Cost()).add(step)
+        if ins.base == "EXIT" and not ins.guard:
+            break
+        if k in by_end and k in active:  # back branch of a loop being run
+            lp = by_end[k]
+            marks = trip_marks[k]
+            marks.append(active[k].copy())
+            done, want = len(marks) - 1, lp.trips or 1
+            if done < min(want, EXACT_TRIPS):
+                k = lp.start
+                continue
+            if want > done:  # steady state: the remaining trips at the last trip's cost
+                last = marks[-1].minus(marks[-2])
+                extra = want - done
+                for end, cost in active.items():
+                    if by_end[end].start <= lp.start and lp.end <= end:
+                        cost.add(last, extra)
+                total.add(last, extra)
+                shift = extra * last.total
+                clock += shift
+                sb_ready = [v + shift for v in sb_ready]
+            lp.cost = active.pop(k)
+            del trip_marks[k]
+            k += 1
+            continue
+        if ins.base == "BRA" and ins.target is not None and ins.target > ins.addr:
+            if not ins.guard or skips_call.get(k):
+                k = index[ins.target]
+                continue
+        k += 1
+    return total, by_tag, straight_waits
+
+
+def static_cycles(ins_list: list[Instr]) -> float:
+    """ptxas's stall cycles of ``ins_list``: its time if every scoreboarded result came at once."""
+    return float(sum(max(1, i.stall) for i in ins_list))
+
+
+def additive_cycles(ins_list: list[Instr]) -> float:
+    """Pessimistic model: the stall cycles plus every scoreboarded instruction's full latency, one
+    after the other, nothing overlapped."""
+    total = static_cycles(ins_list)
+    for ins in ins_list:
+        kind = classify(ins)
+        if ins.write_sb < 6 or kind == "bar":
+            total += latency_of(kind)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------
+POINTERS = {  # element type of each pointer argument, by name (as in tests/test_compile_targets.py)
+    "w_ptr": "*fp32",
+    "phy2log_ptr": "*i64",
+    "phyrank_ptr": "*i64",
+    "logcnt_ptr": "*i64",
+    "log2phy_ptr": "*i64",
+    "invalid_ptr": "*i32",
+    "scratch_i_ptr": "*i32",
+    "scratch_f_ptr": "*fp32",
+    "pack_ptr": "*i64",
+    "rank_ptr": "*i64",
+    "cnt_ptr": "*i64",
+    "ids_ptr": "*i64",
+    "counts_ptr": "*i64",
+    "n_invalid_ptr": "*i64",
+    "phy_ptr": "*i64",
+    "n_entries": "i32",
+    "WIDTH": "i32",
+}
+
+
+def _bin() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
+    """cubin, Triton's shared-memory size, resource usage and SASS (with lines) of one compilation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
+    else:  # triton < 3.3
+        src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TRITON_DEFAULT_FP_FUSION notice; the default is what runs
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+
+        def tool(*args):
+            return subprocess.run(
+                [str(_bin() / args[0]), *args[1:], str(cubin)], capture_output=True, text=True, check=True
+            ).stdout
+
+        usage = tool("cuobjdump", "--dump-resource-usage")
+        sass = tool("cuobjdump", "-sass")
+        lined = tool("nvdisasm", "-c", "-gi")
+    return {"usage": usage, "sass": sass, "lined": lined, "shared": int(getattr(compiled.metadata, "shared", 0))}
+
+
+def resources(usage: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs: kernel x configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    kernel: str  # function name
+    config: str  # configuration name(s)
+    shape: str
+    constexprs: dict
+    num_warps: int
+    programs: int  # grid size of one call
+    layers: int
+
+
+def jobs() -> list[Job]:
+    from eplb_triton import launch
+    from eplb_triton._validation import Config
+    from eplb_triton.configs import DEEPSEEK_V3, MODELS
+
+    shapes: dict[tuple, list[str]] = {}
+    layers: dict[tuple, int] = {}
+    for d in (*DEEPSEEK_V3.values(), *MODELS.values()):
+        key = (d.experts, d.replicas, d.groups, d.nodes, d.gpus)
+        shapes.setdefault(key, []).append(d.name)
+        layers.setdefault(key, d.layers)
+    for name, key in (("limits-hierarchical", (1024, 2048, 16, 4, 64)), ("limits-global", (1024, 2048, 1, 1, 128))):
+        assert key[:2] == (launch.MAX_EXPERTS, launch.MAX_REPLICAS)
+        shapes.setdefault(key, []).append(name)
+        layers.setdefault(key, 58)
+    out = []
+    tokens, top_k = 8192, 8
+    for key, names in shapes.items():
+        E, R, G, N, P = key
+        L = layers[key]
+        cfg = Config(L, E, R, G, N, P)
+        eff = cfg.effective()
+        config = " = ".join(names)
+        shape = f"E={E} R={R} G={G} N={N} P={P} ({cfg.policy}" + (
+            ", runs G=N=1)" if (eff.num_groups, eff.num_nodes) != (G, N) else ")"
+        )
+        ln = launch.rebalance_launch(eff)
+        out.append(Job("_rebalance_kernel", config, shape, ln.constexprs, ln.num_warps, ln.grid[0], L))
+        ln = launch.replicate_launch(L, E, R)
+        out.append(
+            Job("_replicate_kernel", config, f"X={L} E={E} -> R={R}", ln.constexprs, ln.num_warps, ln.grid[0], L)
+        )
+        ln = launch.packing_launch(L, R, P)
+        out.append(
+            Job(
+                "_balanced_packing_kernel",
+                config,
+                f"X={L} R={R} items -> P={P} packs",
+                ln.constexprs,
+                ln.num_warps,
+                ln.grid[0],
+                L,
+            )
+        )
+        ln = launch.dispatch_launch(tokens * top_k, top_k, E)
+        out.append(
+            Job(
+                "_record_dispatch_kernel",
+                config,
+                f"T={tokens} K={top_k} E={E}",
+                ln.constexprs,
+                ln.num_warps,
+                ln.grid[0],
+                L,
+            )
+        )
+    return out
+
+
+def kernel_functions() -> dict:
+    from eplb_triton.kernels import _dispatch, _rebalance
+
+    return {
+        "_rebalance_kernel": _rebalance._rebalance_kernel,
+        "_replicate_kernel": _rebalance._replicate_kernel,
+        "_balanced_packing_kernel": _rebalance._balanced_packing_kernel,
+        "_record_dispatch_kernel": _dispatch._record_dispatch_kernel,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis of one compilation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    res: dict
+    shared: int
+    instructions: int
+    loops: list[Loop]  # SASS loops, then greedy loops the compiler unrolled completely
+    cost: Cost  # whole program, timing model
+    additive: float  # whole program, additive model (loops x trips + straight-line code once)
+    spills: int  # LDL/STL instructions
+    waits_by_line: list[tuple[str, str, float]]  # outside loops: (source line, class, cycles waited for it)
+
+
+def _source_line(ins: Instr, lines: dict) -> str:
+    """The innermost line of the kernel files in the instruction's inline chain, as source text."""
+    for file, line in ins.chain:
+        if (file, line) in lines:
+            return f"{file}:{line} `{lines[(file, line)]}`"
+    return "(no line)"
+
+
+def _by_line(seg: list[Instr], lines: dict, top: int = 4) -> str:
+    counts = Counter(_source_line(i, lines) for i in seg)
+    return "; ".join(f"{100 * n / len(seg):.0f}% {text}" for text, n in counts.most_common(top))
+
+
+def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict) -> Analysis:
+    instrs = parse_cuobjdump_sass(compiled["sass"])
+    attach_lines(instrs, compiled["lined"])
+    body = main_function(instrs)
+    loops = find_loops(body)
+    ids = [loop_identity(i, fors, lines) for i in body]
+    in_loop = set()
+    for lp in loops:
+        in_loop.update(range(lp.start, lp.end + 1))
+    named_sass = set()
+    for n, lp in enumerate(loops):
+        votes = Counter(ids[k] for k in range(lp.start, lp.end + 1) if ids[k] is not None)
+        if votes:
+            identity = votes.most_common(1)[0][0]
+            lp.name, lp.iterations = name_of(identity, constexprs)
+            lp.mapping = "line info"
+            named_sass.add(identity)
+        else:
+            lp.name, lp.mapping = f"loop {n + 1}", "guess: no line info"
+        seg = body[lp.start : lp.end + 1]
+        lp.counts = Counter(COUNTED[i.base] if i.base in COUNTED else "other" for i in seg)
+        lp.reductions = _reductions(seg)
+        lp.by_line = _by_line(seg, lines)
+        lp.trips = _counter_trips(body, lp)
+        if lp.iterations is not None and lp.trips:
+            if lp.iterations % lp.trips == 0:
+                lp.unroll = lp.iterations // lp.trips
+            else:
+                lp.note = f"trips {lp.trips} do not divide the {lp.iterations} iterations"
+        elif lp.iterations is not None:
+            lp.trips, lp.unroll = lp.iterations, 1
+            lp.note = "loop counter not found: one iteration per trip assumed"
+        if any(i.base == "CALL" and i.target is not None and i.target > body[-1].addr for i in seg):
+            lp.note = (lp.note + "; " if lp.note else "") + "holds the div_rn slow-path call (not taken)"
+        lp.additive = additive_cycles(seg) * (lp.trips or 1)
+    # greedy source loops present in the straight-line code only: fully unrolled by the compiler
+    tags: list[str | None] = [None] * len(body)
+    for identity in {ids[k] for k in range(len(body)) if k not in in_loop and ids[k] is not None}:
+        name, iterations = name_of(identity, constexprs)
+        if identity in named_sass or not iterations or iterations < 2 or not any(g in name for g in GREEDY):
+            continue
+        members = [k for k in range(len(body)) if k not in in_loop and ids[k] == identity]
+        seg = [body[k] for k in members]
+        for k in members:
+            tags[k] = name
+        loops.append(
+            Loop(
+                members[0],
+                members[-1],
+                name=name,
+                mapping="line info",
+                iterations=iterations,
+                trips=1,
+                unroll=iterations,
+                counts=Counter(COUNTED[i.base] if i.base in COUNTED else "other" for i in seg),
+                reductions=_reductions(seg),
+                by_line=_by_line(seg, lines),
+                additive=additive_cycles(seg),
+                note="fully unrolled: straight-line code, no SASS loop",
+                unrolled=len(seg),
+            )
+        )
+    real = [lp for lp in loops if not lp.unrolled]
+    cost, by_tag, straight_waits = simulate(body, real, tags)
+    waits: Counter = Counter()
+    for k, cycles in straight_waits.items():
+        if k >= 0:
+            waits[(_source_line(body[k], lines), classify(body[k]))] += cycles
+    waits_by_line = [(text, kind, cycles) for (text, kind), cycles in waits.most_common()]
+    for lp in loops:
+        if lp.unrolled:
+            lp.cost = by_tag.get(lp.name, Cost())
+    straight_ins = [body[k] for k in range(len(body)) if k not in in_loop]
+    additive = additive_cycles(straight_ins) + sum(lp.additive for lp in real)
+    res = resources(compiled["usage"])
+    spills = sum(1 for i in body if i.base in ("LDL", "STL"))
+    return Analysis(res, compiled["shared"], len(body), loops, cost, additive, spills, waits_by_line)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+CSV_FIELDS = [
+    "label", "kernel", "config", "shape", "num_warps", "constexprs", "registers", "local_bytes", "stack_bytes",
+    "ldl_stl", "shared_triton_bytes", "shared_static_bytes", "instructions", "row", "loop", "mapping", "body",
+    "iterations", "trips", "unroll", "instr_per_iter", *[f"{c}_per_iter" for c in COUNT_COLUMNS], "reductions",
+    "by_line", "cycles_per_iter", "cycles", "static", "wait_reduce", "wait_shared", "wait_global", "wait_other",
+    "additive_cycles", "programs", "waves", "us", "note", "waits_by_line",
+]  # fmt: skip
+# Classes of the scoreboard waits, for the columns wait_<group>.
+WAIT_GROUPS = {"reduce": ("shfl", "redux"), "shared": ("lds", "sts", "bar"), "global": ("ldg", "stg", "atom", "local")}
+
+
+def _cost_columns(cost: Cost) -> dict:
+    out = {"cycles": round(cost.total), "static": round(cost.static)}
+    grouped = {k for g in WAIT_GROUPS.values() for k in g}
+    for group, kinds in WAIT_GROUPS.items():
+        out[f"wait_{group}"] = round(sum(cost.waits.get(k, 0.0) for k in kinds))
+    out["wait_other"] = round(sum(v for k, v in cost.waits.items() if k not in grouped))
+    return out
+
+
+def waves(programs: int, num_warps: int) -> int:
+    """Rounds of programs when each SM runs ``4 // num_warps`` programs at full single-warp speed (one
+    warp per scheduler; a latency-bound program gains little from sharing a scheduler)."""
+    per_sm = max(1, 4 // num_warps)
+    return -(-programs // (NUM_SMS * per_sm))
+
+
+def call_us(cycles: float, programs: int, num_warps: int) -> float:
+    return waves(programs, num_warps) * cycles / (CLOCK_GHZ * 1e3) + LAUNCH_US
+
+
+def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
+    base = dict(
+        label=label,
+        kernel=job.kernel,
+        config=job.config,
+        shape=job.shape,
+        num_warps=job.num_warps,
+        constexprs=" ".join(f"{k}={v}" for k, v in job.constexprs.items()),
+        registers=a.res.get("REG", ""),
+        local_bytes=a.res.get("LOCAL", 0),
+        stack_bytes=a.res.get("STACK", 0),
+        ldl_stl=a.spills,
+        shared_triton_bytes=a.shared,
+        shared_static_bytes=a.res.get("SHARED", 0),
+        instructions=a.instructions,
+        programs=job.programs,
+    )
+    note = ""
+    if "WIDTH" in job.constexprs:  # the fused kernel writes all of log2phy [L, E, WIDTH] int64 every call
+        c = job.constexprs
+        mb = job.layers * c["E"] * c["WIDTH"] * 8 / 1e6
+        note = f"writes {mb:.1f} MB of log2phy per call: >= {mb / HBM_TBPS:.1f} us at {HBM_TBPS} TB/s (not modelled)"
+    waited = "; ".join(f"{c:.0f} cycles on {kind} {text}" for text, kind, c in a.waits_by_line[:8] if c >= 20)
+    total = dict(
+        base,
+        row="total",
+        waits_by_line=waited,
+        loop="(whole program)",
+        **_cost_columns(a.cost),
+        additive_cycles=round(a.additive),
+        waves=waves(job.programs, job.num_warps),
+        us=round(call_us(a.cost.total, job.programs, job.num_warps), 1),
+        note=note,
+    )
+    out = [total]
+    for lp in a.loops:
+        n = lp.iterations or 0
+        u = lp.unroll or 1
+        cost = lp.cost or Cost()
+        out.append(
+            dict(
+                base,
+                row="loop",
+                loop=lp.name,
+                mapping=lp.mapping,
+                body=lp.size,
+                iterations=lp.iterations or "",
+                trips="-" if lp.unrolled else (lp.trips or ""),
+                unroll=lp.unroll or "",
+                instr_per_iter=round(sum(lp.counts.values()) / u, 1),
+                **{f"{c}_per_iter": round(lp.counts.get(c, 0) / u, 2) for c in COUNT_COLUMNS},
+                reductions=lp.reductions,
+                by_line=lp.by_line,
+                **_cost_columns(cost),
+                additive_cycles=round(lp.additive),
+                cycles_per_iter=round(cost.total / n, 1) if n else "",
+                note=lp.note,
+            )
+        )
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+
+
+def read_labels(out: Path) -> dict[str, list[dict]]:
+    """Rows of every ``kernel_report-<label>.csv`` in ``out``, by label (baseline first)."""
+    labels = {}
+    for path in sorted(out.glob("kernel_report-*.csv"), key=lambda p: (p.stem != "kernel_report-baseline", p.stem)):
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            labels[rows[0]["label"]] = rows
+    return labels
+
+
+def provenance(arch: int) -> dict[str, str]:
+    import torch
+    import triton
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+
+    ptxas = subprocess.run([str(_bin() / "ptxas"), "--version"], capture_output=True, text=True).stdout
+    dirty = git("status", "--porcelain", "--", "../kernels", "../eplb_triton/launch.py")
+    return {
+        "target": f"sm_{arch}, compiled ahead of time on a CPU-only machine (no GPU involved)",
+        "triton": triton.__version__,
+        "ptxas": (re.findall(r"release [^\n]*", ptxas) or ["?"])[0],
+        "torch": torch.__version__,
+        "commit": git("rev-parse", "--short", "HEAD") + (" + uncommitted changes to the kernels" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _short(kernel: str) -> str:
+    return kernel.strip("_").removesuffix("_kernel")
+
+
+HEADLINE = {"prefill-EP32": "DeepSeek-V3 prefill EP32", "decode-EP144": "DeepSeek-V3 decode EP144"}
+EXPLAINED = {**HEADLINE, "limits-hierarchical": "limits, hierarchical", "limits-global": "limits, global"}
+
+
+def _rows_for(rows: list[dict], kernel: str, config_name: str) -> tuple[dict | None, list[dict]]:
+    mine = [r for r in rows if r["kernel"] == kernel and config_name in r["config"].split(" = ")]
+    total = next((r for r in mine if r["row"] == "total"), None)
+    return total, [r for r in mine if r["row"] == "loop"]
+
+
+def _describe_reduction(loop: dict) -> str:
+    """One sentence on how a greedy step is reduced across lanes, read from the loop's SASS counts."""
+    red = loop["reductions"]
+    u = float(loop["unroll"] or 1)
+    parts = []
+    for op in ("MAX", "MIN"):
+        if f"REDUX.{op}.S32" in red:
+            parts.append(
+                f"a 64-bit {op.lower()} over the whole warp is two dependent REDUX: REDUX.{op}.S32 on the high words, "
+                f"then REDUX.{op} (unsigned) on the low words of the lanes whose high word won (the others "
+                f"select {'0' if op == 'MAX' else '0xffffffff'})"
+            )
+    offsets = sorted({int(x, 16) for x in re.findall(r"SHFL\.BFLY\[(0x[0-9a-f]+)\]", red)}, reverse=True)
+    if offsets:
+        shfl = float(loop["shfl_per_iter"])
+        parts.append(
+            f"a butterfly of SHFL.BFLY with offsets {', '.join(map(str, offsets))} ({shfl:g} SHFL per step: both "
+            f"32-bit halves of the key at each level, then a 64-bit compare ISETP.U32 + ISETP.EX and two SEL)"
+        )
+    if float(loop["bar_per_iter"]):
+        parts.append(
+            f"across warps, each warp's partial result goes through shared memory: {float(loop['sts_per_iter']):g} "
+            f"STS, {float(loop['bar_per_iter']):g} BAR.SYNC, {float(loop['lds_per_iter']):g} LDS per step"
+        )
+    if float(loop["ldg_per_iter"]):
+        parts.append(f"{float(loop['ldg_per_iter']):g} global load(s) per step")
+    head = f"{loop['instr_per_iter']} SASS instructions per step"
+    if u > 1 and loop["trips"] != "-":
+        head += f" (the body of {loop['body']} instructions holds {int(u)} steps)"
+    elif loop["trips"] == "-":
+        head += f" (fully unrolled: {loop['body']} straight-line instructions for {loop['iterations']} steps)"
+    return head + ("; " + "; ".join(parts) if parts else "; no cross-lane instruction") + "."
+
+
+PARTS = {
+    "static": "ptxas stall cycles",
+    "wait_reduce": "SHFL/REDUX waits",
+    "wait_shared": "shared memory / barrier waits",
+    "wait_global": "global memory waits",
+    "wait_other": "other waits",
+}
+
+
+def _verdict(r: dict) -> str:
+    """The largest part of an estimate and its share."""
+    total = float(r["cycles"] or 0)
+    if not total:
+        return "-"
+    part = max(PARTS, key=lambda p: float(r[p] or 0))
+    return f"{PARTS[part]} ({100 * float(r[part]) / total:.0f}%)"
+
+
+def _per(r: dict, key: str) -> str:
+    n = float(r["iterations"] or 0)
+    return f"{float(r[key]) / n:.0f}" if n else "-"
+
+
+def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, list[dict]], prov: dict) -> None:
+    arch = prov["target"].split()[0].rstrip(",")
+    L = [f"# Static cost report of the Triton kernels ({arch})", ""]
+    L += [
+        "Generated by `python benchmarks/kernel_report.py`; do not edit by hand. Every number comes from the "
+        "cubin that Triton builds for the target with the constexprs and `num_warps` of "
+        "`eplb_triton.launch.*_launch`, i.e. what runs. Registers, spills, shared memory and instruction "
+        "counts are exact for this toolchain. **Cycles and microseconds are rough, order-of-magnitude "
+        "estimates from a simple latency model (last section), not measurements**: trust ratios between "
+        "rows more than absolute values, and replace them with `benchmarks/gpu_check.py` timings when a GPU "
+        "is available.",
+        "",
+        "## Provenance",
+        "",
+    ]
+    L += [f"- {k}: {v}" for k, v in prov.items()] + [f"- label of this run (detailed sections): `{label}`", ""]
+
+    # headline
+    L += ["## Headline: the fused rebalance kernel, DeepSeek-V3 prefill EP32 and decode EP144", ""]
+    head = []
+    for key, title in HEADLINE.items():
+        total, loops = _rows_for(rows, "_rebalance_kernel", key)
+        if total is None:
+            continue
+        bodies = "; ".join(
+            f"{lp['loop'].split(':')[0]}: {lp['body']}"
+            + (" (unrolled)" if lp["trips"] == "-" else f" x{lp['trips']} trips")
+            + f", {lp['iterations']} iterations at {lp['cycles_per_iter']} cycles"
+            for lp in loops
+        )
+        cycles = int(total["cycles"])
+        in_loops = sum(int(lp["cycles"]) for lp in loops)
+        head.append(
+            [
+                title,
+                total["shape"],
+                total["num_warps"],
+                total["registers"],
+                total["local_bytes"],
+                total["shared_triton_bytes"],
+                bodies,
+                f"{in_loops:,}",
+                f"{cycles:,}",
+                f"{int(total['additive_cycles']):,}",
+                f"{cycles / (CLOCK_GHZ * 1e3):.1f}",
+                f"{total['programs']} / {total['waves']}",
+                total["us"],
+            ]
+        )
+    L += _table(
+        [
+            "deployment",
+            "shape (policy)",
+            "warps",
+            "regs",
+            "spill B",
+            "shared B",
+            "loops: SASS body (instructions), trips, iterations at est. cycles each",
+            "est. cycles in loops",
+            "est. cycles / program",
+            "additive bound",
+            "us / program",
+            "programs / waves",
+            "est. us / call",
+        ],
+        head,
+    )
+    L += [
+        "",
+        f"`est. us / call` = waves x cycles / {CLOCK_GHZ} GHz + {LAUNCH_US:g} us launch overhead (assumed). The "
+        f"programs (58 layers x N nodes) run in parallel across the {NUM_SMS} SMs of an H100 SXM / H200; with "
+        "`num_warps` warps a program holds `num_warps` of an SM's four schedulers, so up to `4 // num_warps` "
+        f"programs per SM run at full single-warp speed; waves = ceil(programs / ({NUM_SMS} x 4 // num_warps)). "
+        "Every program of a call runs the same critical path (the same loop counts), so a call takes about one "
+        "program's path per wave. The 'additive bound' serialises every latency (see the model) and is an upper "
+        "estimate.",
+        "",
+    ]
+
+    # reductions in prose
+    L += ["## How a greedy step is reduced across lanes", ""]
+    L += [
+        "Each greedy step is one `tl.max` over int64 selection keys (the next item, or the expert with the "
+        "largest share) and, in the packings, one `tl.min` over the packs' keys. A block of keys is spread over "
+        "the threads of the program, several per thread; Triton reduces first inside each thread (a chain of "
+        "64-bit compares, ISETP.U32 + ISETP.EX + two SEL per key, a tree or a short chain in the SASS), "
+        "then across the lanes of a warp, then (with more than one warp) across warps through shared memory. "
+        "What the SASS of each configuration actually does per step:",
+        "",
+    ]
+    for key, title in EXPLAINED.items():
+        total, loops = _rows_for(rows, "_rebalance_kernel", key)
+        if total is None:
+            continue
+        L += [f"**{title}** ({total['shape']}, {total['num_warps']} warp(s), {total['constexprs']}):", ""]
+        for lp in loops:
+            if any(g in lp["loop"] for g in GREEDY):
+                L.append(f"- {lp['loop']} ({lp['iterations']} steps): {_describe_reduction(lp)}")
+                L.append(f"  Instructions of the step by source line: {lp['by_line']}.")
+        L.append("")
+
+    # what dominates
+    L += ["## What dominates the estimate", ""]
+    L += [
+        "The model's cycles split into ptxas's stall cycles (the fixed-latency schedule: dependent ALU chains and "
+        "pipe throughput, what the step would cost if every shuffle, warp reduction and load answered at once) "
+        "and the extra cycles the warp waits on a scoreboard, by class of the instruction waited for. Per greedy "
+        "step of the fused kernel:",
+        "",
+    ]
+    dom = []
+    for r in rows:
+        if r["kernel"] == "_rebalance_kernel" and r["row"] == "loop" and any(g in r["loop"] for g in GREEDY):
+            dom.append(
+                [
+                    r["config"],
+                    r["loop"].split(":")[0],
+                    r["iterations"],
+                    r["instr_per_iter"],
+                    r["cycles_per_iter"],
+                    _per(r, "static"),
+                    _per(r, "wait_reduce"),
+                    _per(r, "wait_shared"),
+                    _per(r, "wait_global"),
+                    _per(r, "wait_other"),
+                    f"{int(r['cycles']):,}",
+                    _verdict(r),
+                ]
+            )
+    L += _table(
+        [
+            "configuration",
+            "loop",
+            "steps",
+            "instr / step",
+            "est. cycles / step",
+            "stall cycles / step",
+            "SHFL/REDUX waits / step",
+            "shared/BAR waits / step",
+            "global waits / step",
+            "other waits / step",
+            "est. cycles, all steps",
+            "largest part",
+        ],
+        dom,
+    )
+    inner = [
+        f"{_short(r['kernel'])} {r['config']} {r['loop'].split(':')[0]} ({r['ldg_per_iter']} per step)"
+        for r in rows
+        if r["row"] == "loop" and any(g in r["loop"] for g in GREEDY) and float(r["ldg_per_iter"]) > 0
+    ]
+    L += [
+        "",
+        "Global loads (LDG) inside the greedy loops, any kernel: "
+        + ("; ".join(inner) if inner else "none")
+        + ". (The LDS of the 4-warp configurations are the cross-warp reduction's shared-memory exchange.)",
+    ]
+    L += ["", "Whole program, and the share of each loop:", ""]
+    for key, title in HEADLINE.items():
+        total, loops = _rows_for(rows, "_rebalance_kernel", key)
+        if total is None:
+            continue
+        whole = float(total["cycles"])
+        split = ", ".join(f"{PARTS[p]} {100 * float(total[p]) / whole:.0f}%" for p in PARTS if float(total[p]))
+        parts = [f"{lp['loop'].split(':')[0]} {100 * float(lp['cycles']) / whole:.0f}%" for lp in loops]
+        rest = whole - sum(float(lp["cycles"]) for lp in loops)
+        L.append(
+            f"- {title}, {int(whole):,} cycles: {split}. By loop: "
+            + ", ".join(parts)
+            + f", the rest (row loads, validity, group loads, output stores) {100 * rest / whole:.0f}%."
+            + (f" It also {total['note']}." if total["note"] else "")
+        )
+        if total["waits_by_line"]:
+            L.append(f"  Waits outside the loops, by the source line of the instruction waited for: "
+                     f"{total['waits_by_line']}.")  # fmt: skip
+    L += [""]
+
+    # comparison across labels
+    L += ["## Before / after", ""]
+    L += [
+        "One column per label found next to this file (`kernel_report-<label>.csv`). After a change to the "
+        "kernels, `python benchmarks/kernel_report.py --label <name>` adds a column here and to "
+        "`kernel_report.csv`. Whole-program cells: estimated cycles per program / registers / SASS "
+        "instructions; loop cells (fused kernel): estimated cycles per iteration / SASS body.",
+        "",
+    ]
+    names = list(labels)
+
+    def cell(r: dict) -> str:
+        if r["row"] == "total":
+            return f"{int(r['cycles']):,} / {r['registers']} / {r['instructions']}"
+        return f"{r['cycles_per_iter']} / {r['body']}"
+
+    keys = []  # (kernel, configuration, loop) in the order of the first label, then any new ones
+    for name in names:
+        for r in labels[name]:
+            key = (r["kernel"], r["config"], r["loop"])
+            if (r["row"] == "total" or r["kernel"] == "_rebalance_kernel") and key not in keys:
+                keys.append(key)
+    comp = []
+    for kernel, config, loop in keys:
+        line = [_short(kernel), config, "whole program" if loop == "(whole program)" else loop.split(":")[0]]
+        for name in names:
+            hit = [x for x in labels[name] if (x["kernel"], x["config"], x["loop"]) == (kernel, config, loop)]
+            line.append(cell(hit[0]) if hit else "-")
+        comp.append(line)
+    L += _table(["kernel", "configuration", "loop", *names], comp) + [""]
+
+    # resources
+    L += ["## Resources per kernel and configuration", ""]
+    res = []
+    for r in rows:
+        if r["row"] == "total":
+            res.append(
+                [
+                    _short(r["kernel"]),
+                    r["config"],
+                    r["shape"],
+                    r["num_warps"],
+                    r["registers"],
+                    r["local_bytes"],
+                    r["ldl_stl"],
+                    r["shared_triton_bytes"],
+                    r["shared_static_bytes"],
+                    r["instructions"],
+                    f"{int(r['cycles']):,}",
+                    f"{int(r['additive_cycles']):,}",
+                    f"{r['programs']} / {r['waves']}",
+                    r["us"],
+                ]
+            )
+    L += _table(
+        [
+            "kernel",
+            "configuration",
+            "shape",
+            "warps",
+            "regs",
+            "local B",
+            "LDL/STL",
+            "shared B (Triton)",
+            "shared B (cuobjdump)",
+            "SASS instr.",
+            "est. cycles",
+            "additive",
+            "programs / waves",
+            "est. us / call",
+        ],
+        res,
+    )
+    L += [
+        "",
+        "Configurations with the same shape are one row (`a = b`). The standalone kernels are shown at the shape "
+        "each configuration gives them: `replicate` E experts onto R slots, `balanced_packing` R items onto P "
+        "packs, `record_dispatch` 8192 tokens x top-8 (its grid; the code depends on E only). `local B` is "
+        "local memory (spills; `LDL/STL` counts the instructions); `shared B (Triton)` is the dynamic shared "
+        "memory Triton requests (reduction scratch); `shared B (cuobjdump)` is the static figure, which on "
+        "sm_90 includes the 1 KiB the driver reserves per block. `est. us / call` as in the headline.",
+        "",
+    ]
+
+    # loops
+    L += ["## Loops in the SASS", ""]
+    L += [
+        "A loop is a backward `BRA`; its body runs from the branch target to the branch (`body`: SASS "
+        "instructions). `mapping: line info` means the loop was tied to its source loop through the inline "
+        "chain of the cubin's line table (it tells the group packing from the slot packing): not a guess. "
+        "`trips` is read from the SASS loop counter, `unroll` = iterations / trips, and the op counts are per "
+        "source iteration (body counts / unroll). Greedy loops the compiler unrolled completely have no SASS "
+        "loop (`trips` -): their straight-line instructions are counted instead, and their cycles are the span "
+        "of those instructions in the simulation.",
+        "",
+    ]
+    loops = []
+    for r in rows:
+        if r["row"] == "loop":
+            loops.append(
+                [
+                    _short(r["kernel"]),
+                    r["config"],
+                    r["num_warps"],
+                    r["loop"],
+                    r["mapping"],
+                    r["body"],
+                    r["iterations"],
+                    r["trips"],
+                    r["unroll"],
+                    r["instr_per_iter"],
+                    *[r[f"{c}_per_iter"] for c in COUNT_COLUMNS],
+                    r["cycles_per_iter"],
+                    f"{int(r['cycles']):,}",
+                    r["note"],
+                ]
+            )
+    L += _table(
+        [
+            "kernel",
+            "configuration",
+            "warps",
+            "loop",
+            "mapping",
+            "body",
+            "iterations",
+            "trips",
+            "unroll",
+            "instr / iter",
+            "SHFL",
+            "BAR",
+            "REDUX",
+            "LDS",
+            "STS",
+            "LDG",
+            "STG",
+            "ATOM/RED",
+            "LDL/STL",
+            "est. cycles / iter",
+            "est. cycles",
+            "note",
+        ],
+        loops,
+    )
+    L += ["", "Cross-lane instructions in each distinct loop body (per SASS trip):", ""]
+    seen = set()
+    for r in rows:
+        if r["row"] == "loop" and r["reductions"]:
+            key = (r["kernel"], r["shape"], r["loop"])
+            if key not in seen:
+                seen.add(key)
+                L.append(f"- `{_short(r['kernel'])}` {r['config']}, {r['loop']}: {r['reductions']}")
+    L += [""]
+    L += MODEL_TEXT
+    path.write_text("\n".join(L) + "\n")
+
+
+MODEL_TEXT = [
+    "## Latency model",
+    "",
+    "`simulate` walks one warp through the SASS in program order along the path a valid row takes, using "
+    "the schedule ptxas wrote into each instruction's control bits: the next instruction issues `stall` "
+    "cycles later (ptxas sets the stall counts from its own fixed latencies and pipe rates for the target: "
+    "e.g. 2 between independent INT32 instructions of one warp, 4-5 before a dependent one), and no earlier "
+    "than the scoreboards in its wait mask are released. Only the scoreboarded (variable-latency) "
+    "instructions need a latency from outside, the table below; a barrier costs its latency. Loops run the "
+    f"trip count read from their counter (the first {EXACT_TRIPS} trips exactly, the others at the last "
+    "trip's cost); forward branches fall through, except around the `div_rn` slow-path call (taken only for "
+    "subnormal or special operands). With several warps each warp runs the same code on its own scheduler, "
+    "so one warp's path is the program's path; the barriers tie them together. In short: cycles = ptxas "
+    "stall cycles on the path + the waits for SHFL / REDUX / LDS / LDG results beyond them.",
+    "",
+    "| scoreboarded instruction | latency (cycles) | basis |",
+    "|---|---|---|",
+    f"| SHFL | {LATENCY['shfl']} | ~23-30: Jia et al. 2018 (Volta), 2019 (Turing); Luo et al. 2024 (Hopper) |",
+    f"| REDUX (sm_80+ warp reduction into a uniform register) | {LATENCY['redux']} | no published figure found: "
+    "assumed equal to SHFL |",
+    f"| LDS (shared-memory load) | {LATENCY['lds']} | ~23-33: Jia et al.; Luo et al. |",
+    f"| BAR.SYNC | {LATENCY['bar']} | ~20 when all warps arrive together |",
+    f"| LDG, ATOM with a return value | {LATENCY['ldg']} | L2 hit ~200-300 (an L2 miss: ~{L2_MISS - 100}-"
+    f"{L2_MISS + 100}); the loads and the scratch rows were just written, hence L2 hits; reloads of lines the "
+    "program has just read may even hit L1 (~35), so the global waits are an upper end |",
+    f"| MUFU.RCP, FCHK | {LATENCY['xu']} | ~15-25 (assumed) |",
+    f"| POPC and conversions / LDC, S2R | {LATENCY['conv']} / {LATENCY['const']} | assumed |",
+    f"| operands of a store read (read scoreboard) | {LATENCY['read']} | assumed |",
+    "",
+    'References: Z. Jia, M. Maggioni, B. Staiger, D. P. Scarpazza, "Dissecting the NVIDIA Volta GPU '
+    'Architecture via Microbenchmarking", arXiv:1804.06826 (2018); Z. Jia, M. Maggioni, J. Smith, D. P. '
+    'Scarpazza, "Dissecting the NVidia Turing T4 GPU via Microbenchmarking", arXiv:1903.07486 (2019); W. Luo '
+    'et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", arXiv:2402.13499 (2024). The '
+    "values are picked inside the ranges these sources report for Volta to Hopper; none is measured here. "
+    "Control-bit layout (Volta and later, second 64-bit word): stall bits 41-44, yield 45, write scoreboard "
+    "46-48, read scoreboard 49-51, wait mask 52-57, as decoded by Jia et al. 2018 and the open SASS "
+    "assemblers.",
+    "",
+    "`additive` is a second, pessimistic model: the stall cycles plus every scoreboarded instruction's full "
+    "latency, one after the other, nothing overlapped. For this latency-bound single warp the truth should lie "
+    "between the two. Neither models bank conflicts, instruction-cache misses, clocks below boost, programs "
+    "sharing a scheduler, or DRAM bandwidth (the fused kernel's `log2phy` stores: see the note in the "
+    "headline). Time: "
+    f"{CLOCK_GHZ} GHz (H100 SXM boost; H200 has the same SM), {NUM_SMS} SMs, {LAUNCH_US:g} us per launch "
+    "(assumed; a CUDA-graph replay costs less). These are sm_90 parts: with another `--arch` the cycles still "
+    "follow from that target's SASS, the microseconds do not.",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TRITON_INTERPRET"):
+        print(
+            "kernel_report.py: TRITON_INTERPRET is set; the kernels would be decorated for the interpreter "
+            "and nothing could be compiled for a GPU target. Run it without TRITON_INTERPRET.",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--label", default="baseline", help="name of this run (a column of the comparison)")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.label):
+        parser.error("--label: letters, digits and _.+- only")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    fns = kernel_functions()
+    kernel_dir = Path(inspect.getsourcefile(fns["_rebalance_kernel"].fn)).parent
+    fors, lines = source_fors(sorted(kernel_dir.glob("_*.py")))
+    cache: dict[tuple, Analysis] = {}
+    rows = []
+    for job in jobs():
+        key = (job.kernel, tuple(sorted(job.constexprs.items())), job.num_warps)
+        if key not in cache:
+            print(f"compiling {job.kernel} {job.shape} (num_warps={job.num_warps})", file=sys.stderr)
+            compiled = compile_kernel(fns[job.kernel], job.constexprs, job.num_warps, args.arch)
+            cache[key] = analyse(compiled, job.constexprs, fors, lines)
+        rows += rows_of(args.label, job, cache[key])
+    write_csv(args.out / f"kernel_report-{args.label}.csv", rows)
+    labels = read_labels(args.out)
+    write_csv(args.out / "kernel_report.csv", [r for name in labels for r in labels[name]])
+    write_markdown(args.out / "kernel_report.md", args.label, rows, labels, provenance(args.arch))
+    print(f"wrote {args.out / 'kernel_report.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The static cost report (benchmarks/kernel_report.py): its SASS reading and timing model on
+hand-written SASS, its refusal to run under the interpreter, and one real sm_90 compilation.
+
+Expected values are worked out by hand from the control bits written here, not from the report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "kernel_report.py"
+
+
+@pytest.fixture(scope="module")
+def kr():
+    spec = importlib.util.spec_from_file_location("kernel_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def sass(*lines: tuple[str, int, int, int]) -> str:
+    """cuobjdump-style SASS: ``(text, stall, write scoreboard, wait mask)`` at 0x0, 0x10, ..."""
+    out = []
+    for n, (text, stall, write_sb, wait) in enumerate(lines):
+        ctrl = (stall << 41) | (write_sb << 46) | (7 << 49) | (wait << 52)
+        out.append(f"        /*{16 * n:04x}*/   {text} ;   /* 0x0000000000000000 */")
+        out.append(f"                                 /* 0x{ctrl:016x} */")
+    return "\n".join(out) + "\n"
+
+
+def test_control_bits_and_a_scoreboard_wait(kr):
+    body = kr.parse_cuobjdump_sass(
+        sass(
+            ("SHFL.BFLY PT, R2, R3, 0x1, 0x1f", 1, 0, 0),
+            ("ISETP.GT.U32.AND P0, PT, R2, R3, PT", 2, 7, 0b1),
+            ("EXIT", 1, 7, 0),
+        )
+    )
+    assert [(i.stall, i.write_sb, i.wait) for i in body] == [(1, 0, 0), (2, 7, 1), (1, 7, 0)]
+    cost, _, _ = kr.simulate(body, [])
+    # SHFL at 0, result at 26; ISETP waits from 1 to 26, next issue at 28; EXIT at 28, done at 29
+    assert cost.static == 4
+    assert cost.waits == {"shfl": kr.LATENCY["shfl"] - 1}
+    assert cost.total == kr.LATENCY["shfl"] + 3
+
+
+def test_loop_trips_from_a_decrementing_counter(kr):
+    body = kr.parse_cuobjdump_sass(
+        sass(
+            ("UMOV UR4, 0x48", 1, 7, 0),
+            ("UIADD3 UR4, UR4, -0x4, URZ", 1, 7, 0),
+            ("ISETP.NE.U32.AND P1, PT, RZ, UR4, PT", 1, 7, 0),
+            ("@P1 BRA 0x10", 1, 7, 0),
+            ("EXIT", 1, 7, 0),
+        )
+    )
+    (loop,) = kr.find_loops(body)
+    assert (loop.start, loop.end, loop.size) == (1, 3, 3)
+    loop.trips = kr._counter_trips(body, loop)
+    assert loop.trips == 72 // 4
+    cost, _, _ = kr.simulate(body, [loop])
+    assert cost.total == 1 + 18 * 3 + 1
+    assert loop.cost.total == 18 * 3
+
+
+def test_loop_trips_from_a_64_bit_counter_compared_after_the_step(kr):
+    # x0 = -16; do { x0 += 16; ... } while (x0 < 17): x0 = 0, 16, 32 -> three trips
+    body = kr.parse_cuobjdump_sass(
+        sass(
+            ("IMAD.MOV.U32 R3, RZ, RZ, -0x10", 1, 7, 0),
+            ("IADD3 R3, P0, R3, 0x10, RZ", 1, 7, 0),
+            ("ISETP.GE.U32.AND P0, PT, R3, 0x11, PT", 1, 7, 0),
+            ("ISETP.GE.U32.AND.EX P0, PT, R4, RZ, PT, P0", 1, 7, 0),
+            ("@!P0 BRA 0x10", 1, 7, 0),
+            ("EXIT", 1, 7, 0),
+        )
+    )
+    (loop,) = kr.find_loops(body)
+    assert kr._counter_trips(body, loop) == 3
+
+
+def test_the_slow_path_call_is_skipped_and_not_part_of_the_kernel(kr):
+    body = kr.parse_cuobjdump_sass(
+        sass(
+            ("FCHK P0, R2, R3", 1, 0, 0),
+            ("@!P0 BRA 0x40", 1, 7, 0b1),
+            ("MOV R4, 0x40", 1, 7, 0),
+            ("CALL.REL.NOINC 0x60", 1, 7, 0),
+            ("EXIT", 1, 7, 0),
+            ("NOP", 1, 7, 0),
+            ("RET.REL.NODEC R4 0x0", 1, 7, 0),
+        )
+    )
+    body = kr.main_function(body)
+    assert [i.base for i in body] == ["FCHK", "BRA", "MOV", "CALL", "EXIT", "NOP"]
+    cost, _, _ = kr.simulate(body, [])
+    # FCHK at 0 (result at 20), BRA waits until 20, jumps over MOV and CALL, EXIT at 21
+    assert cost.total == kr.LATENCY["xu"] + 2
+
+
+def test_refuses_to_run_under_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "TRITON_INTERPRET" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+ANALYSE_ONE = """
+import sys
+sys.path.insert(0, {bench!r})
+import kernel_report as kr
+from eplb_triton import launch
+from eplb_triton._validation import Config
+import inspect
+from pathlib import Path
+fns = kr.kernel_functions()
+fors, lines = kr.source_fors(sorted(Path(inspect.getsourcefile(fns["_rebalance_kernel"].fn)).parent.glob("_*.py")))
+ln = launch.rebalance_launch(Config(58, 256, 256, 1, 1, 8).effective())  # EP8-no-redundancy: only the packing
+a = kr.analyse(kr.compile_kernel(fns["_rebalance_kernel"], ln.constexprs, ln.num_warps, 90), ln.constexprs, fors, lines)
+greedy = [lp for lp in a.loops if "packing" in lp.name]
+print(len(greedy), greedy[0].mapping, greedy[0].iterations, greedy[0].trips, greedy[0].unroll, a.res["REG"] > 0)
+"""
+
+
+def test_one_real_compilation_maps_its_loop_through_the_line_table():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ANALYSE_ONE.format(bench=str(SCRIPT.parent))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # R = E: no replica to place; 256 slots packed onto 8 GPUs, one item per step
+    assert done.stdout.split() == ["1", "line", "info", "256", "256", "1", "True"]
