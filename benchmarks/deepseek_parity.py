@@ -19,30 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-import eplb_triton as eplb
-from eplb_triton import metrics
-from eplb_triton.bench import provenance
+from eplb_triton.bench import deepseek_agreement, load_deepseek, provenance
 from eplb_triton.configs import DEEPSEEK_V3
 from eplb_triton.io import read_loads
-
-
-def load_module(path: Path):
-    """DeepSeek's module from a file path; a clear error if it is not one."""
-    if not path.is_file():
-        raise SystemExit(f"deepseek_parity: error: --deepseek {path}: no such file")
-    spec = importlib.util.spec_from_file_location("deepseek_eplb", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "rebalance_experts", None)):
-        raise SystemExit(f"deepseek_parity: error: --deepseek {path} defines no rebalance_experts")
-    return module
 
 
 @contextlib.contextmanager
@@ -66,30 +51,14 @@ def stable_sorts():
 
 
 def compare(module, paths: list[Path]) -> list[dict]:
-    rows = []
-    for d in DEEPSEEK_V3.values():
-        layers = differ = differ_stable = 0
-        same_max = True
-        for path in paths:
-            w = read_loads(path).weight
-            ours = eplb.rebalance_experts(w, *d.args, backend="cpu")
-            theirs = module.rebalance_experts(w, *d.args)
-            with stable_sorts():
-                theirs_stable = module.rebalance_experts(w, *d.args)
-
-            def differs(a, b=ours):
-                return (a[0] != b[0]).any(1) | (a[2] != b[2]).any(1)
-
-            layers += w.shape[0]
-            differ += int(differs(theirs).sum())
-            differ_stable += int(differs(theirs_stable).sum())
-            peak_ours = metrics.gpu_loads(w, ours[0], ours[2], d.gpus).max(1).values
-            peak_theirs = metrics.gpu_loads(w, theirs[0], theirs[2], d.gpus).max(1).values
-            same_max &= bool(torch.equal(peak_ours, peak_theirs))
-        rows.append({
-            "deployment": d.name, "layers": layers, "differ": differ, "differ_share": differ / layers,
-            "same_max_gpu_load_every_layer": same_max, "differ_with_stable_sort": differ_stable,
-        })  # fmt: skip
+    """:func:`eplb_triton.bench.deepseek_agreement` as published, and again with stable sorts."""
+    files = [read_loads(p) for p in paths]
+    deployments = list(DEEPSEEK_V3.values())
+    rows = deepseek_agreement(files, deployments, module)
+    with stable_sorts():
+        stable = deepseek_agreement(files, deployments, module)
+    for row, again in zip(rows, stable, strict=True):
+        row["differ_with_stable_sort"] = again["differ"]
     return rows
 
 
@@ -99,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loads", type=Path, nargs="+", required=True, help="load files (SGLang JSON, .pt, .npy, .csv)")
     p.add_argument("--out", type=Path, default=Path("bench-out/deepseek-parity"), help="output folder")
     args = p.parse_args(argv)
-    module = load_module(args.deepseek)
+    try:
+        module = load_deepseek(args.deepseek)
+    except ValueError as exc:
+        raise SystemExit(f"deepseek_parity: error: {exc}") from None
     rows = compare(module, args.loads)
     lines = [
         f"{'deployment':22s} {'layers':>6s} {'differ':>7s} {'share':>6s} {'same max GPU load':>17s} "
@@ -108,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(
             f"{r['deployment']:22s} {r['layers']:6d} {r['differ']:7d} {r['differ_share']:6.1%} "
-            f"{str(r['same_max_gpu_load_every_layer']):>17s} {r['differ_with_stable_sort']:19d}"
+            f"{str(r['same_max_gpu_load']):>17s} {r['differ_with_stable_sort']:19d}"
         )
     table = "\n".join(lines)
     print(table)

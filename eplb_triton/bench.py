@@ -7,7 +7,16 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   custom ``--experts/--replicas/--groups/--nodes/--gpus``, on synthetic skewed loads; the literal
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
-  worst layer), the SPEC lower bound's ceiling on it, and the balancedness with no rebalancing.
+  worst layer), the SPEC lower bound's ceiling on it, and the balancedness with no rebalancing;
+* DeepSeek's published implementation (``--deepseek PATH/eplb.py``, the file ``eplb.py`` of
+  github.com/deepseek-ai/EPLB, supplied by the user; nothing of it ships here): its
+  ``rebalance_experts`` timed on the same loads as an extra backend column ``deepseek`` (CPU,
+  with the reference's time budget) and, with ``--loads``, per deployment the share of layers
+  where its ``phy2log`` or ``logcnt`` differ from ours and whether the max GPU load is the same
+  on every layer (they differ only where loads tie).
+
+Load files are read the same way whatever their format: all-zero layers (a model's dense layers)
+are dropped with a note, and every layer keeps its model layer index (its row in the file).
 
 Writes ``latency.csv``, ``results.json`` (with provenance), ``summary.txt`` (the printed tables)
 and ``latency.png`` under ``--out``.
@@ -18,6 +27,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
+import importlib.util
 import json
 import math
 import platform
@@ -25,7 +36,9 @@ import statistics
 import sys
 import time
 from functools import partial
+from importlib.machinery import SourceFileLoader
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -34,10 +47,39 @@ from . import metrics
 from ._validation import check_shape_config
 from .api import rebalance_experts
 from .configs import DEEPSEEK_V3, MODELS, Deployment
-from .io import read_loads
+from .io import Loads, one_line, read_loads
 
 FULL_LAYERS = [1, 8, 16, 32, 58, 64, 128, 256]
 QUICK_LAYERS = [1, 8, 58]
+DEEPSEEK = "deepseek"  # the backend column of DeepSeek's published rebalance_experts (--deepseek FILE)
+BUDGETED = ("reference", DEEPSEEK)  # slow Python loops: at most 3 repeats, skipped past the time budget
+
+
+def load_deepseek(path: Path) -> ModuleType:
+    """DeepSeek's published ``eplb`` module (``eplb.py`` of github.com/deepseek-ai/EPLB) from the user's file.
+
+    Raises:
+        ValueError: one line: no such file, not importable, or no ``rebalance_experts`` function in it.
+    """
+    shown = f"--deepseek {one_line(path, limit=None)}"
+    if not path.exists():
+        raise ValueError(f"{shown}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{shown}: not a file (expected DeepSeek's eplb.py)")
+    loader = SourceFileLoader("eplb_triton_deepseek_eplb", str(path))  # any file name, not only *.py
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        loader.exec_module(module)
+    except Exception as exc:  # SyntaxError, ImportError, ...: the user's file, one line
+        raise ValueError(f"{shown}: cannot import it ({type(exc).__name__}: {one_line(exc)})") from None
+    if not callable(getattr(module, "rebalance_experts", None)):
+        raise ValueError(f"{shown}: defines no rebalance_experts function (expected DeepSeek's eplb.py)")
+    return module
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def synthetic_loads(layers: int, experts: int, seed: int = 0) -> torch.Tensor:
@@ -92,24 +134,27 @@ def median_gpu_s(fn) -> float:
 
 
 def sweep_latency(models: list[Deployment], layers: list[int], backends: list[str], repeats: int, budget_s: float,
-                  log=print, native: bool = False) -> list[dict]:  # fmt: skip
+                  log=print, native: bool = False, deepseek: ModuleType | None = None) -> list[dict]:  # fmt: skip
     """One row per (model, layers, backend); skipped points carry a ``note`` and no time.
 
     ``native``: add each model's own layer count (e.g. 94 for Qwen3-235B) to the sweep.
+    ``deepseek``: DeepSeek's module, timed as the backend ``"deepseek"`` (on the CPU, as it runs).
     """
+    if DEEPSEEK in backends and deepseek is None:
+        raise ValueError("the deepseek backend needs DeepSeek's module (--deepseek PATH/eplb.py)")
     per_model = {m.name: sorted(set(layers) | ({m.layers} if native and m.layers else set())) for m in models}
     rows = []
     total = sum(len(v) for v in per_model.values()) * len(backends)
     done = 0
     for model in models:
-        last_ref: tuple[int, float] | None = None  # (layers, seconds) of the last reference point
+        last: dict[str, tuple[int, float]] = {}  # budgeted backend -> (layers, seconds) of its last point
         for L in per_model[model.name]:
             w = synthetic_loads(L, model.experts, seed=L)
             for backend in backends:
                 done += 1
                 row = {"model": model.name, "layers": L, "backend": backend, "median_ms": None, "note": ""}
-                if backend == "reference" and last_ref is not None:
-                    predicted = last_ref[1] * L / last_ref[0] * (min(repeats, 3) + 1)
+                if backend in last:
+                    predicted = last[backend][1] * L / last[backend][0] * (min(repeats, 3) + 1)
                     if predicted > budget_s:
                         row["note"] = f"skipped: predicted {predicted:.0f} s > budget {budget_s:.0f} s"
                 if not row["note"]:
@@ -117,23 +162,32 @@ def sweep_latency(models: list[Deployment], layers: list[int], backends: list[st
                         wd = w.cuda()
                         seconds = median_gpu_s(partial(rebalance_experts, wd, *model.args, backend="triton"))
                     else:
-                        n = min(repeats, 3) if backend == "reference" else repeats
-                        seconds = median_cpu_s(partial(rebalance_experts, w, *model.args, backend=backend), n)
-                        if backend == "reference":
-                            last_ref = (L, seconds)
-                    row["median_ms"] = seconds * 1e3
+                        fn = (partial(deepseek.rebalance_experts, w, *model.args) if backend == DEEPSEEK
+                              else partial(rebalance_experts, w, *model.args, backend=backend))  # fmt: skip
+                        try:
+                            seconds = median_cpu_s(fn, min(repeats, 3) if backend in BUDGETED else repeats)
+                        except Exception as exc:
+                            if backend != DEEPSEEK:
+                                raise
+                            seconds = None  # the user's module refused this shape: say so, time the rest
+                            row["note"] = f"failed: {type(exc).__name__}: {one_line(exc, limit=80)}"
+                        if backend in BUDGETED and seconds is not None:
+                            last[backend] = (L, seconds)
+                    row["median_ms"] = seconds * 1e3 if seconds is not None else None
                 rows.append(row)
                 shown = f"{row['median_ms']:10.3f} ms" if row["median_ms"] is not None else row["note"]
                 log(f"[{done:3d}/{total}] {model.name:26s} L={L:<4d} {backend:>9s}  {shown}")
     return rows
 
 
-def quality_report(paths: list[Path], deployments: list[Deployment], log=print) -> list[dict]:
+def _fitting(files: list[Loads], d: Deployment) -> list[Loads]:
+    return [f for f in files if f.weight.shape[1] == d.experts]
+
+
+def quality_report(files: list[Loads], deployments: list[Deployment], log=print) -> list[dict]:
     rows = []
-    for path in paths:
-        loads = read_loads(path)
-        for note in loads.notes:
-            log(f"{path.name}: {note}")
+    for loads in files:
+        path = loads.path
         w = loads.weight
         L, E = w.shape
         for d in deployments:
@@ -155,16 +209,68 @@ def quality_report(paths: list[Path], deployments: list[Deployment], log=print) 
     return rows
 
 
+def _max_gpu_load(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, gpus: int) -> torch.Tensor:
+    """``[L]`` max GPU load (:func:`eplb_triton.metrics.gpu_loads`), each GPU's replica shares summed in
+    sorted order: placements that put the same shares on a GPU, in any slot order, give the same float."""
+    share = (weight.double() / logcnt.double()).gather(1, phy2log)
+    return share.view(share.shape[0], gpus, -1).sort(dim=-1).values.sum(dim=-1).max(dim=1).values
+
+
+def deepseek_agreement(files: list[Loads], deployments: list[Deployment], deepseek: ModuleType) -> list[dict]:
+    """Per deployment, over every layer of every file: DeepSeek's ``rebalance_experts`` against ours.
+
+    ``differ``: layers whose ``phy2log`` or ``logcnt`` are not equal; ``same_max_gpu_load``: whether
+    the max GPU load (the quantity EPLB minimises) is the same on every layer. DeepSeek orders equal
+    loads with torch's non-stable sort, so layers with ties may differ while balancing equally well.
+    """
+    rows = []
+    for d in deployments:
+        fitting = _fitting(files, d)
+        if not fitting:
+            continue
+        layers = differ = 0
+        same_max = True
+        for loads in fitting:
+            w = loads.weight
+            phy2log, _, logcnt = rebalance_experts(w, *d.args, backend="cpu")
+            theirs = deepseek.rebalance_experts(w, *d.args)
+            theirs_phy2log, theirs_logcnt = torch.as_tensor(theirs[0]).cpu(), torch.as_tensor(theirs[2]).cpu()
+            if theirs_phy2log.shape != phy2log.shape or theirs_logcnt.shape != logcnt.shape:
+                raise ValueError(
+                    f"--deepseek: rebalance_experts returned phy2log {tuple(theirs_phy2log.shape)} and logcnt "
+                    f"{tuple(theirs_logcnt.shape)} for {loads.path.name} and {d.name}; expected "
+                    f"{tuple(phy2log.shape)} and {tuple(logcnt.shape)}"
+                )
+            differs = (theirs_phy2log != phy2log).any(1) | (theirs_logcnt != logcnt).any(1)
+            peak = _max_gpu_load(w, phy2log, logcnt, d.gpus)
+            theirs_peak = _max_gpu_load(w, theirs_phy2log, theirs_logcnt, d.gpus)
+            layers += w.shape[0]
+            differ += int(differs.sum())
+            same_max &= bool(torch.equal(peak, theirs_peak))
+        rows.append({
+            "deployment": d.name, "policy": d.policy, "files": [f.path.name for f in fitting], "layers": layers,
+            "differ": differ, "differ_share": differ / layers, "same_max_gpu_load": same_max,
+        })  # fmt: skip
+    return rows
+
+
 def format_latency(rows: list[dict], backends: list[str]) -> str:
-    lines = [f"{'model':26s} {'layers':>6s} " + " ".join(f"{b + ' ms':>13s}" for b in backends)]
+    """Median ms per backend; with the ``deepseek`` column, also ``ds/<backend>``: DeepSeek's time over
+    that backend's (how many times faster it is than DeepSeek's implementation)."""
+    ours = [b for b in backends if b != DEEPSEEK] if DEEPSEEK in backends else []
+    lines = [f"{'model':26s} {'layers':>6s} " + " ".join(f"{b + ' ms':>13s}" for b in backends)
+             + "".join(f" {'ds/' + b:>11s}" for b in ours)]  # fmt: skip
     keys = sorted({(r["model"], r["layers"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0])
                   if k[0] in MODELS else 99, k[0], k[1]))  # fmt: skip
-    by_key = {(r["model"], r["layers"], r["backend"]): r for r in rows}
+    ms = {(r["model"], r["layers"], r["backend"]): r["median_ms"] for r in rows}
     for model, L in keys:
         cells = []
         for b in backends:
-            r = by_key.get((model, L, b))
-            cells.append(f"{r['median_ms']:13.3f}" if r and r["median_ms"] is not None else f"{'skipped':>13s}")
+            t = ms.get((model, L, b))
+            cells.append(f"{t:13.3f}" if t is not None else f"{'skipped':>13s}")
+        for b in ours:
+            t, t_ds = ms.get((model, L, b)), ms.get((model, L, DEEPSEEK))
+            cells.append(f"{t_ds / t:10.1f}x" if t and t_ds is not None else f"{'-':>11s}")
         lines.append(f"{model:26s} {L:6d} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -178,6 +284,16 @@ def format_quality(rows: list[dict]) -> str:
             f"{r['file']:28s} {r['deployment']:20s} {r['policy']:12s} {r['balancedness_mean']:6.3f} "
             f"{r['balancedness_worst']:6.3f} {r['bound_mean']:6.3f} {r['no_rebalance_mean']:8.3f} "
             f"{r['no_rebalance_worst']:6.3f}"
+        )
+    return "\n".join(lines)
+
+
+def format_agreement(rows: list[dict]) -> str:
+    lines = [f"{'deployment':20s} {'policy':12s} {'layers':>6s} {'differ':>6s} {'share':>6s}  same max GPU load"]
+    for r in rows:
+        lines.append(
+            f"{r['deployment']:20s} {r['policy']:12s} {r['layers']:6d} {r['differ']:6d} {r['differ_share']:6.1%}  "
+            f"{'yes, every layer' if r['same_max_gpu_load'] else 'NO'}"
         )
     return "\n".join(lines)
 
@@ -226,20 +342,34 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"layers {QUICK_LAYERS}, 3 repeats (< 2 min on 2 CPU cores)")
-    p.add_argument("--layers", type=int, nargs="+",
-                   help=f"layer counts (default {FULL_LAYERS} and each model's own)")  # fmt: skip
-    p.add_argument("--models", nargs="+", choices=[*MODELS, "custom"], help="default: all named models")
-    for name in ("experts", "replicas", "groups", "nodes", "gpus"):
-        p.add_argument(f"--{name}", type=int, help="custom configuration (all five together)")
-    p.add_argument("--backends", nargs="+", choices=["reference", "cpu", "triton"], help="default: all available")
-    p.add_argument("--repeats", type=int, help="timed repeats per point (default 10, --quick 3)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"layers {QUICK_LAYERS}, 3 repeats, reference budget 8 s (< 2 min on 2 CPU cores; "
+                        "default: off)")  # fmt: skip
+    p.add_argument("--layers", type=int, nargs="+", metavar="L",
+                   help=f"layer counts (default: {FULL_LAYERS} and each model's own; --quick: "
+                        f"{QUICK_LAYERS})")  # fmt: skip
+    p.add_argument("--models", nargs="+", choices=[*MODELS, "custom"], metavar="MODEL",
+                   help=f"{', '.join([*MODELS, 'custom'])} (default: all named models, or custom when "
+                        "--experts ... --gpus are given)")  # fmt: skip
+    for name, what in (("experts", "logical experts E"), ("replicas", "slots R"), ("groups", "expert groups G"),
+                       ("nodes", "nodes N"), ("gpus", "GPUs P")):  # fmt: skip
+        p.add_argument(f"--{name}", type=int, help=f"custom configuration: {what} (all five together; default: none)")
+    p.add_argument("--backends", nargs="+", choices=["reference", "cpu", "triton"],
+                   help="backends to time (default: reference, cpu, and triton when CUDA is present)")  # fmt: skip
+    p.add_argument("--repeats", type=int,
+                   help="timed repeats per point (default: 10, --quick 3; reference and deepseek at "
+                        "most 3)")  # fmt: skip
     p.add_argument("--reference-budget", type=float, default=None, metavar="S",
-                   help="skip the reference past this predicted time per point (default 20, --quick 8)")  # fmt: skip
+                   help="skip the reference and deepseek past this predicted time per point, in seconds "
+                        "(default: 20, --quick 8)")  # fmt: skip
     p.add_argument("--loads", type=Path, action="append", default=[], metavar="FILE",
-                   help="real load file for the quality report (repeatable)")  # fmt: skip
-    p.add_argument("--no-latency", action="store_true", help="only the quality report")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out)")
+                   help="real load file for the quality report (repeatable; default: none)")  # fmt: skip
+    p.add_argument("--deepseek", type=Path, metavar="PATH/eplb.py",
+                   help="DeepSeek's published eplb.py (github.com/deepseek-ai/EPLB): time its rebalance_experts "
+                        "as the backend 'deepseek' and, with --loads, compare its placements with ours "
+                        "(default: none)")  # fmt: skip
+    p.add_argument("--no-latency", action="store_true", help="only the quality report (default: off)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
     return p
 
 
@@ -247,7 +377,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         return _main(argv, prog)
     except (ValueError, TypeError) as exc:  # bad configuration or load file
-        print(f"{prog or 'bench'}: error: {exc}", file=sys.stderr)
+        print(f"{prog or 'bench'}: error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 2
 
 
@@ -271,18 +401,25 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         parser.error("--backends triton needs a CUDA device")
     for m in models:  # the same rules as the API, before any time is spent
         check_shape_config(max(layers), m.experts, *m.args)
+    deepseek = load_deepseek(args.deepseek) if args.deepseek is not None else None
+    if deepseek is not None:
+        backends = [DEEPSEEK, *backends]
+    files = [read_loads(path) for path in args.loads]  # bad files fail here, before any timing
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     info = provenance()
+    if args.deepseek is not None:
+        info["deepseek_eplb"] = f"{args.deepseek} (sha256 {file_sha256(args.deepseek)})"
     log(f"device: {info['gpu'] or 'no GPU (CPU backends only)'}; cpu: {info['cpu']}; torch {info['torch']}, "
         f"triton {info['triton']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"provenance": info, "args": {k: str(v) for k, v in vars(args).items()}}
     tables: list[str] = []
     if not args.no_latency and models:
-        rows = sweep_latency(models, layers, backends, repeats, budget, log, native=args.layers is None)
+        rows = sweep_latency(models, layers, backends, repeats, budget, log, native=args.layers is None,
+                             deepseek=deepseek)  # fmt: skip
         for r in rows:
             m = next(d for d in models if d.name == r["model"])
             r.update(experts=m.experts, replicas=m.replicas, groups=m.groups, nodes=m.nodes, gpus=m.gpus)
@@ -300,14 +437,26 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             log(f"wrote {args.out / 'latency.png'}")
         else:
             log("matplotlib not installed (pip install 'eplb-triton[bench]'): no plot")
-    if args.loads:
-        quality = quality_report(
-            args.loads, list(DEEPSEEK_V3.values()) + [m for m in models if m.name == "custom"], log
-        )
+    if files:
+        for loads in files:
+            for note in loads.notes:
+                log(f"{loads.path.name}: {note}")
+        deployments = list(DEEPSEEK_V3.values()) + [m for m in models if m.name == "custom"]
+        quality = quality_report(files, deployments, log)
         result["quality"] = quality
         tables.append(format_quality(quality))
         print()
         print(tables[-1])
+        if deepseek is not None:
+            log("comparing placements with DeepSeek's rebalance_experts on the load files")
+            agreement = deepseek_agreement(files, deployments, deepseek)
+            result["deepseek_agreement"] = agreement
+            tables.append(
+                "DeepSeek's eplb.py against eplb-triton on the real layers (differ: phy2log or logcnt not equal)\n"
+                + format_agreement(agreement)
+            )
+            print()
+            print(tables[-1])
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     header = "\n".join(f"{k}: {v}" for k, v in info.items())
     (args.out / "summary.txt").write_text("\n\n".join([header, *tables]) + "\n")

@@ -1,10 +1,16 @@
-"""The ``eplb-triton`` command.
+"""The ``eplb-triton`` command (also ``python -m eplb_triton``).
 
     eplb-triton plan --loads FILE --replicas R --groups G --nodes N --gpus P
-                     [--backend auto|cpu|reference|triton] [--out plan.json] [--plot plan.png]
+                     [--policy auto|hierarchical|global] [--backend auto|cpu|reference|triton]
+                     [--out plan.json] [--plot plan.png] [--top K]
     eplb-triton bench [benchmark options]   (see ``eplb-triton bench --help``)
+    eplb-triton --version
 
-Exit codes: 0 success; 2 bad arguments or input, with one line on stderr.
+Exit codes: 0 success (``eplb-triton`` alone prints the usage and the commands, exit 0); 2 bad
+arguments or input, with one line on stderr.
+
+Every load file format is read the same way: all-zero (dense) layers are dropped with a note, and
+layers are labelled with their model layer index (their row in the file) in the table and the plot.
 
 ``--out`` and ``--plot`` are computed in full first, then each is written to a temporary file beside
 it and renamed into place: a failure leaves the previous files as they were, never a partial one.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from io import BytesIO
@@ -21,13 +28,15 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import __version__, metrics
 from ._atomic import replace_files
 from ._validation import check_config
 from .api import rebalance_experts
 from .backends import BACKENDS
 from .bench import OneLineParser as _Parser
 from .io import one_line, read_loads
+
+POLICIES = ("auto", "hierarchical", "global")
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -37,8 +46,12 @@ def _hottest(weight: torch.Tensor, logcnt: torch.Tensor, k: int) -> str:
     return " ".join(f"e{e}x{int(logcnt[e])}" for e in top)
 
 
-def render_placement(before: torch.Tensor, after: torch.Tensor, title: str) -> bytes:
-    """PNG of GPU x layer heatmaps of load / layer mean, before (no rebalancing) and after."""
+def placement_figure(before: torch.Tensor, after: torch.Tensor, title: str, layers: list[int], nodes: int = 1):
+    """GPU x layer heatmaps of load / layer mean, before (no rebalancing) and after, as a matplotlib figure.
+
+    ``layers[i]`` labels row ``i`` (its model layer index); with ``nodes > 1`` dividing the GPU count,
+    a vertical line marks each node boundary (every ``P / nodes`` GPUs).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,16 +63,35 @@ def render_placement(before: torch.Tensor, after: torch.Tensor, title: str) -> b
     rel_before, rel_after = relative(before), relative(after)
     vmax = float(max(rel_before.max(), rel_after.max()))
     L, P = before.shape
+    ticks = list(range(0, L, max(1, math.ceil(L / 40))))  # at most 40 labels: readable at any layer count
     fig, axes = plt.subplots(1, 2, figsize=(max(11.0, min(22.0, 4 + P / 6)), 3 + L / 8), sharey=True)
     try:
         for ax, data, name in ((axes[0], rel_before, "before (no rebalancing)"), (axes[1], rel_after, "after")):
             image = ax.imshow(data.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
             worst = float(metrics.balancedness(data).min())
             ax.set_title(f"{name}\nworst layer mean/max = {worst:.2f}", fontsize=10)
-            ax.set_xlabel("GPU")
-        axes[0].set_ylabel("layer")
+            if nodes > 1 and P % nodes == 0:
+                for k in range(1, nodes):
+                    ax.axvline(k * (P // nodes) - 0.5, color="cyan", linewidth=0.8)
+                ax.set_xlabel(f"GPU (lines: node boundaries, {P // nodes} GPUs per node)")
+            else:
+                ax.set_xlabel("GPU")
+        axes[0].set_yticks(ticks, [str(layers[i]) for i in ticks])
+        axes[0].set_ylabel("model layer")
         fig.colorbar(image, ax=list(axes), label="GPU load / layer mean")
         fig.suptitle(title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def render_placement(before: torch.Tensor, after: torch.Tensor, title: str, layers: list[int], nodes: int = 1) -> bytes:
+    """PNG of :func:`placement_figure`."""
+    fig = placement_figure(before, after, title, layers, nodes)
+    import matplotlib.pyplot as plt
+
+    try:
         png = BytesIO()
         fig.savefig(png, format="png", dpi=100)
     finally:
@@ -121,13 +153,20 @@ def _plan(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'eplb-triton[bench]'") from None
+    if args.policy == "hierarchical" and args.groups % args.nodes:
+        raise ValueError(
+            f"--policy hierarchical needs --groups ({args.groups}) to be a multiple of --nodes ({args.nodes}); "
+            "use --policy global or auto"
+        )
     loads = read_loads(args.loads)
     w = loads.weight
     device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
-    cfg = check_config(w, args.replicas, args.groups, args.nodes, args.gpus)  # its errors say it best, as they are
+    # auto and hierarchical: rebalance_experts applies the one rule (select_policy); global is G = N = 1
+    groups, nodes = (1, 1) if args.policy == "global" else (args.groups, args.nodes)
+    cfg = check_config(w, args.replicas, groups, nodes, args.gpus)  # its errors say it best, as they are
     try:
         phy2log, log2phy, logcnt = rebalance_experts(
-            w.to(device), args.replicas, args.groups, args.nodes, args.gpus, backend=args.backend
+            w.to(device), args.replicas, groups, nodes, args.gpus, backend=args.backend
         )
     except (ValueError, MemoryError, OverflowError, RuntimeError) as exc:  # e.g. --replicas 10**12: too large
         raise ValueError(
@@ -140,10 +179,10 @@ def _plan(args: argparse.Namespace) -> int:
     b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
 
     print(f"{'layer':>5s} {'before':>7s} {'after':>7s}  hottest experts (replicas)")
-    for layer in range(w.shape[0]):
+    for row, layer in enumerate(loads.layers):  # labelled with the model layer index (row in the file)
         print(
-            f"{layer:5d} {float(b_before[layer]):7.3f} {float(b_after[layer]):7.3f}  "
-            f"{_hottest(w[layer], logcnt[layer], args.top)}"
+            f"{layer:5d} {float(b_before[row]):7.3f} {float(b_after[row]):7.3f}  "
+            f"{_hottest(w[row], logcnt[row], args.top)}"
         )
     s_before, s_after = metrics.summarize(b_before), metrics.summarize(b_after)
     print(
@@ -159,6 +198,7 @@ def _plan(args: argparse.Namespace) -> int:
             "config": config,
             "loads": str(args.loads),
             "notes": loads.notes,
+            "model_layers": loads.layers,  # model layer index of each row below (its row in the load file)
             "phy2log": phy2log.tolist(),
             "log2phy": log2phy.tolist(),
             "logcnt": logcnt.tolist(),
@@ -166,8 +206,9 @@ def _plan(args: argparse.Namespace) -> int:
         }
         files[args.out] = json.dumps(plan).encode()
     if args.plot is not None:
-        title = f"{args.loads.name}: R={args.replicas} G={args.groups} N={args.nodes} P={args.gpus}"
-        files[args.plot] = render_placement(before, after, title)
+        config_text = f"R={args.replicas} G={args.groups} N={args.nodes} P={args.gpus}"
+        title = f"{args.loads.name}: {config_text}, {cfg.policy} policy"
+        files[args.plot] = render_placement(before, after, title, loads.layers, args.nodes)
     try:
         replace_files(files)
     except OSError as exc:
@@ -180,18 +221,66 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> _Parser:
-    parser = _Parser(prog="eplb-triton", description="Expert-parallelism load balancer (EPLB) for MoE models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    plan = sub.add_parser("plan", help="compute a placement for a load file")
-    plan.add_argument("--loads", type=Path, required=True, help="load file (.json SGLang, .pt, .npy, .csv)")
-    plan.add_argument("--replicas", type=_positive_int, required=True, help="physical expert slots R")
-    plan.add_argument("--groups", type=_positive_int, required=True, help="expert groups G")
-    plan.add_argument("--nodes", type=_positive_int, required=True, help="nodes N")
-    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs P")
-    plan.add_argument("--backend", choices=BACKENDS, default="auto")
-    plan.add_argument("--out", type=Path, help="write the placement as JSON")
-    plan.add_argument("--plot", type=Path, help="write a GPU x layer heatmap of load, before and after (PNG)")
-    plan.add_argument("--top", type=_positive_int, default=3, help="hottest experts listed per layer (default 3)")
+    parser = _Parser(
+        prog="eplb-triton",
+        description="Expert-parallelism load balancer (EPLB) for MoE models: a drop-in for DeepSeek's "
+        "eplb.rebalance_experts. Also runs as python -m eplb_triton.",
+        epilog="Exit codes: 0 success (and this help, which eplb-triton alone prints); 2 bad arguments or input, "
+        "with one line on stderr.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"eplb-triton {__version__}", help="print the version and exit"
+    )
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=_Parser)
+    plan = sub.add_parser(
+        "plan",
+        help="compute a placement for a load file",
+        description="Compute a placement (rebalance_experts) for a load file: print the balancedness before and "
+        "after and the hottest experts' replica counts per model layer; optionally write the placement as JSON "
+        "and a heatmap PNG. All-zero (dense) layers are dropped, with a note, whatever the file format.",
+    )
+    plan.add_argument(
+        "--loads",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="load file: .json (SGLang expert distribution), .pt/.pth, .npy or .csv; required",
+    )
+    plan.add_argument(
+        "--replicas",
+        type=_positive_int,
+        required=True,
+        metavar="R",
+        help="physical expert slots, a multiple of --gpus; required",
+    )
+    plan.add_argument("--groups", type=_positive_int, required=True, metavar="G", help="expert groups; required")
+    plan.add_argument("--nodes", type=_positive_int, required=True, metavar="N", help="nodes; required")
+    plan.add_argument("--gpus", type=_positive_int, required=True, metavar="P", help="GPUs; required")
+    plan.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="auto",
+        help="auto: hierarchical when G %% N == 0 and not G = N = 1, else global; hierarchical: "
+        "the same, an error when G %% N != 0; global: G = N = 1 (default: auto)",
+    )
+    plan.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="auto: triton on a CUDA device, else cpu (default: auto)"
+    )
+    plan.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.json",
+        help="write the placement (phy2log, log2phy, logcnt, config) as JSON (default: none)",
+    )
+    plan.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="write a GPU x layer heatmap of load, before and after, to exactly this PNG file (default: none)",
+    )
+    plan.add_argument(
+        "--top", type=_positive_int, default=3, metavar="K", help="hottest experts listed per layer (default: 3)"
+    )
     sub.add_parser("bench", help="run the benchmark (options: eplb-triton bench --help)", add_help=False)
     return parser
 
@@ -204,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:], prog="eplb-triton bench")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # eplb-triton alone: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         return _plan(args)
     except (ValueError, TypeError) as exc:  # bad arguments or input; LoadFileError is a ValueError

@@ -3,7 +3,6 @@
 Formats, chosen by suffix:
 
 * ``.json``: SGLang's expert-distribution dump, ``{"logical_count": [[count] * E] * layers}``.
-  Layers whose counts are all zero are the model's dense layers: they are dropped, with a note.
 * ``.pt`` / ``.pth``: a 2-D dense tensor saved with ``torch.save`` (or a dict holding one under
   ``"logical_count"``).
 * ``.npy``: a 2-D NumPy array of integers or floats.
@@ -11,7 +10,9 @@ Formats, chosen by suffix:
 
 Counts are real numbers only: JSON strings, booleans and nulls, NumPy booleans, complex numbers,
 strings, dates and objects, and CSV fields such as ``1_000``, ``nan`` or ``0x10`` are refused.
-Text files are UTF-8, with or without a byte-order mark.
+Text files are UTF-8, with or without a byte-order mark. In every format, layers whose counts are
+all zero are the model's dense layers: they are dropped, with a note, and :attr:`Loads.layers`
+keeps each remaining row's index in the file.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class LoadFileError(ValueError):
 
 @dataclass
 class Loads:
-    """Loads read from a file: ``weight`` is ``[L, E]`` float64; ``notes`` say what was dropped."""
+    """Loads read from a file: ``weight`` is ``[L, E]`` float64 without all-zero layers, ``layers[i]``
+    the model layer index of row ``i`` (its row in the file), ``notes`` what was dropped."""
 
     weight: torch.Tensor
     path: Path
     notes: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours in library messages
@@ -141,13 +144,6 @@ def read_loads(path: str | Path) -> Loads:
                 raise _error(path, "expected a JSON object with a 'logical_count' list (SGLang format)")
             _check_numbers(data["logical_count"], path, "logical_count")
             weight = _matrix(data["logical_count"], path)
-            keep = weight.sum(dim=1) > 0
-            if not bool(keep.all()):
-                dropped = (~keep).nonzero().view(-1).tolist()
-                notes.append(f"dropped {len(dropped)} all-zero (dense) layers: rows {dropped}")
-                weight = weight[keep]
-                if weight.shape[0] == 0:
-                    raise _error(path, "every layer is all zero")
         elif suffix in (".pt", ".pth"):
             with warnings.catch_warnings():  # deprecation notes about old storage formats: not the user's to act on
                 warnings.simplefilter("ignore")
@@ -172,4 +168,13 @@ def read_loads(path: str | Path) -> Loads:
         raise _error(path, f"cannot read ({one_line(exc.strerror or exc)})") from None
     except Exception as exc:  # malformed content: one clear error naming the file
         raise _error(path, f"cannot read loads ({type(exc).__name__}: {one_line(exc)})") from None
-    return Loads(weight, path, notes)
+    # All-zero layers are the model's dense layers (DeepSeek-V3's first three), in every format.
+    keep = weight.sum(dim=1) > 0
+    if not bool(keep.any()):
+        raise _error(path, "every layer is all zero")
+    layers = keep.nonzero().view(-1).tolist()
+    if len(layers) < weight.shape[0]:
+        dropped = (~keep).nonzero().view(-1).tolist()
+        notes.append(f"dropped {len(dropped)} all-zero (dense) layers: rows {dropped}")
+        weight = weight[keep]
+    return Loads(weight, path, notes, layers)

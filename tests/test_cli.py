@@ -2,20 +2,28 @@
 in-process (``main([...])``) for the failure paths: every user error is one line and exit 2, and a
 failure never damages a file that was there before."""
 
+import argparse
 import errno
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton import _atomic
+from eplb_triton import _atomic, bench, cli
 from eplb_triton.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -285,3 +293,204 @@ def test_huge_replicas_as_a_user_runs_it(tmp_path, loads_file):
     proc = run(*args)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# --- entry points, help, packaging
+
+
+def test_version(tmp_path):
+    version = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert eplb.__version__ == version
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout == f"eplb-triton {version}\n", proc
+
+
+def test_python_m_eplb_triton_is_the_command(tmp_path, loads_file):
+    def module(*args):
+        return subprocess.run([sys.executable, "-m", "eplb_triton", *args], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    for args in (["--version"], []):
+        proc, want = module(*args), run(*args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (want.returncode, want.stdout, want.stderr), args
+    out = tmp_path / "plan.json"
+    proc = module(*plan_args(loads_file[0]), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["phy2log"] == eplb.rebalance_experts(loads_file[1], 24, 4, 2, 8)[0].tolist()
+
+
+def test_bare_command_prints_usage_and_commands():
+    proc = run()
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: eplb-triton [-h] [--version] COMMAND ...")
+    commands = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("    ")]
+    assert commands == ["plan", "bench"]
+
+
+def _options(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += [(f"{name} {o}", a) for o, a in _options(sub)]
+        elif action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            found.append((action.option_strings[-1], action))
+    return found
+
+
+def test_every_option_has_help_with_its_default():
+    options = _options(cli.build_parser()) + [(f"bench {o}", a) for o, a in _options(bench.build_parser())]
+    assert {"plan --policy", "plan --plot", "bench --deepseek", "bench --out"} <= {name for name, _ in options}
+    for name, action in options:
+        assert action.help, name
+        assert action.required or "(default: " in action.help or "; default: " in action.help, name
+        if action.default not in (None, False, []):
+            assert f"default: {action.default}" in action.help, name
+
+
+def test_license_and_py_typed_are_declared():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^license = \{ text = "MIT" \}$', pyproject, re.MULTILINE)
+    # setuptools >= 69 adds py.typed by itself; the declared floor (>= 64) needs it as package data
+    assert re.search(r'^\[tool\.setuptools\.package-data\]\neplb_triton = \["py\.typed"\]', pyproject, re.MULTILINE)
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the eplb-triton authors\n")
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+    assert (ROOT / "eplb_triton" / "py.typed").is_file()
+
+
+def test_license_and_py_typed_ship_in_the_wheel(tmp_path):
+    """A wheel built from the project's files holds eplb_triton/py.typed and the MIT LICENSE."""
+    pytest.importorskip("setuptools.build_meta")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("eplb_triton", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / "dist" / proc.stdout.split()[-1]) as wheel:
+        names = wheel.namelist()
+        licenses = [n for n in names if n.endswith("/LICENSE") and ".dist-info/" in n]
+        assert "eplb_triton/py.typed" in names and "eplb_triton/__main__.py" in names
+        assert len(licenses) == 1 and wheel.read(licenses[0]) == (ROOT / "LICENSE").read_bytes()
+
+
+# --- plan: policy, dense layers, labels, plot
+
+
+@pytest.mark.parametrize(
+    ("policy", "groups", "nodes", "label", "runs"),
+    [("auto", 4, 2, "hierarchical", (4, 2)), ("hierarchical", 4, 2, "hierarchical", (4, 2)),
+     ("global", 4, 2, "global", (1, 1)), ("auto", 3, 2, "global", (1, 1)), ("global", 1, 1, "global", (1, 1)),
+     ("hierarchical", 1, 1, "global", (1, 1))],
+)  # fmt: skip
+def test_plan_policy(tmp_path, loads_file, capsys, policy, groups, nodes, label, runs):
+    path, w = loads_file
+    hierarchical = eplb.rebalance_experts(w, 24, 4, 2, 8)[0]
+    flat = eplb.rebalance_experts(w, 24, 1, 1, 8)[0]
+    assert not torch.equal(hierarchical, flat)  # the loads tell the two policies apart
+    out = tmp_path / "plan.json"
+    args = plan_args(path)
+    args[args.index("--groups") + 1], args[args.index("--nodes") + 1] = str(groups), str(nodes)
+    code, _, err = call(capsys, *args, "--policy", policy, "--out", out)
+    assert code == 0, err
+    plan = json.loads(out.read_text())
+    assert plan["config"]["policy"] == label
+    assert (plan["config"]["groups"], plan["config"]["nodes"]) == (groups, nodes)  # the deployment, as given
+    assert plan["phy2log"] == (hierarchical if runs == (4, 2) else flat).tolist()
+
+
+def test_plan_hierarchical_policy_needs_groups_divisible_by_nodes(tmp_path, loads_file, capsys):
+    args = plan_args(loads_file[0])
+    args[args.index("--groups") + 1] = "3"
+    code, out, err = call(capsys, *args, "--policy", "hierarchical", "--out", tmp_path / "plan.json")
+    assert code == 2 and out == ""
+    assert err == ("eplb-triton: error: --policy hierarchical needs --groups (3) to be a multiple of --nodes (2); "
+                   "use --policy global or auto\n")  # fmt: skip
+    assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.fixture
+def dense_layer_files(tmp_path):
+    """4 MoE layers with all-zero (dense) layers at rows 0 and 3 of the file, in every format."""
+    w = make_loads(4, 16, "skewed", 5)
+    rows = w.tolist()
+    rows = [[0] * 16, rows[0], rows[1], [0] * 16, rows[2], rows[3]]
+    table = torch.tensor(rows)
+    paths = {
+        "json": tmp_path / "l.json", "csv": tmp_path / "l.csv", "npy": tmp_path / "l.npy", "pt": tmp_path / "l.pt",
+    }  # fmt: skip
+    paths["json"].write_text(json.dumps({"logical_count": rows}))
+    paths["csv"].write_text("\n".join(",".join(str(x) for x in row) for row in rows) + "\n")
+    np.save(paths["npy"], table.numpy())
+    torch.save(table, paths["pt"])
+    return paths, w
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "npy", "pt"])
+def test_plan_drops_dense_layers_in_every_format(tmp_path, capsys, dense_layer_files, fmt):
+    paths, w = dense_layer_files
+    out = tmp_path / "plan.json"
+    code, stdout, err = call(capsys, *plan_args(paths[fmt]), "--out", out)
+    assert code == 0, err
+    assert err.splitlines()[0] == f"l.{fmt}: dropped 2 all-zero (dense) layers: rows [0, 3]"
+    labels = [int(line.split()[0]) for line in stdout.splitlines()[1:-1]]
+    assert labels == [1, 2, 4, 5]  # the model layer index: the row in the file
+    plan = json.loads(out.read_text())
+    assert plan["model_layers"] == [1, 2, 4, 5] and plan["config"]["layers"] == 4
+    assert plan["phy2log"] == eplb.rebalance_experts(w, 24, 4, 2, 8)[0].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "npy"])
+def test_plan_refuses_a_file_of_only_dense_layers(tmp_path, capsys, fmt):
+    path = tmp_path / f"zeros.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps({"logical_count": [[0] * 16] * 2}))
+    elif fmt == "csv":
+        path.write_text("0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n" * 2)
+    else:
+        np.save(path, np.zeros((2, 16)))
+    code, _, err = call(capsys, *plan_args(path))
+    assert code == 2
+    assert err == f"eplb-triton: error: {path}: every layer is all zero\n"
+
+
+def test_plot_labels_model_layers_and_draws_node_boundaries(tmp_path, capsys, dense_layer_files, monkeypatch):
+    pytest.importorskip("matplotlib")
+    paths, _ = dense_layer_files
+    figures = []
+    original = cli.placement_figure
+    monkeypatch.setattr(cli, "placement_figure", lambda *a, **k: figures.append(original(*a, **k)) or figures[-1])
+    args = plan_args(paths["csv"])
+    args[args.index("--gpus") + 1], args[args.index("--replicas") + 1] = "12", "36"  # 2 nodes of 6 GPUs
+    png = tmp_path / "x.png"
+    code, _, err = call(capsys, *args, "--plot", png)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    before, after = fig.axes[:2]
+    assert list(before.get_yticks()) == [0, 1, 2, 3]
+    assert [t.get_text() for t in before.get_yticklabels()] == ["1", "2", "4", "5"]
+    for ax in (before, after):
+        vertical = [line.get_xdata()[0] for line in ax.lines if line.get_xdata()[0] == line.get_xdata()[1]]
+        assert vertical == [5.5]  # between GPU 5 and GPU 6
+
+
+def test_plot_tick_labels_stay_readable_for_many_layers():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    loads = torch.rand(100, 8, dtype=torch.float64)
+    layers = list(range(3, 103))
+    fig = cli.placement_figure(loads, loads, "t", layers, nodes=4)
+    try:
+        ax = fig.axes[0]
+        assert list(ax.get_yticks()) == list(range(0, 100, 3))
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(layers[i]) for i in range(0, 100, 3)]
+        assert sorted(line.get_xdata()[0] for line in ax.lines) == [1.5, 3.5, 5.5]
+    finally:
+        plt.close(fig)

@@ -1,0 +1,79 @@
+"""SGLang: its ``deepseek`` EPLB algorithm, computed by :func:`eplb_triton.rebalance_experts`.
+
+SGLang (``sglang/srt/eplb/eplb_algorithms/``) picks the algorithm by ``--eplb-algorithm``
+(``auto``, ``deepseek``, ``deepseek_hierarchical``, ``deepseek_vec``, ...); its dispatcher
+``eplb_algorithms.rebalance_experts(tokens_per_expert, num_physical_experts,
+num_local_physical_experts, num_groups, num_nodes, algorithm)`` sums ``tokens_per_expert`` over its
+first dimension and, for ``deepseek`` and ``deepseek_hierarchical`` (what ``auto`` selects), calls
+``eplb_algorithms.deepseek.rebalance_experts`` by module attribute, with keywords.
+:func:`install` replaces that attribute with :func:`rebalance_experts` in the calling process;
+SGLang computes placements in its scheduler processes, so run ``install`` there: from a
+``sglang.srt.plugins`` entry point (SGLang's ``load_plugins`` runs those in every scheduler
+process), or in a launcher that calls it before ``sglang.launch_server``'s ``main`` when the
+processes are forked. The ``deepseek_vec`` and ``elasticity_aware`` algorithms are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validation import EplbArgumentError, check_count
+from ..api import rebalance_experts as _rebalance_experts
+
+
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int | None,
+    num_nodes: int,
+    num_gpus: int,
+    enable_hierarchical: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SGLang's ``eplb_algorithms.deepseek.rebalance_experts``, on ``eplb_triton``.
+
+    Unlike DeepSeek's ``eplb``, SGLang picks the policy with ``enable_hierarchical`` rather than
+    ``num_groups % num_nodes``; the global policy ignores ``num_groups`` and ``num_nodes``.
+
+    Args:
+        weight: ``[num_layers, num_logical_experts]`` load of each expert, any real dtype, any device
+            (CUDA loads run the Triton kernel).
+        num_replicas: physical experts ``R``, a multiple of ``num_gpus``.
+        num_groups: expert groups ``G`` (``None`` is accepted when ``enable_hierarchical`` is false).
+        num_nodes: server nodes ``N``.
+        num_gpus: GPUs ``P`` (SGLang passes ``num_physical_experts // num_local_physical_experts``).
+        enable_hierarchical: ``True`` for ``deepseek_hierarchical`` (needs ``G % N == 0``), ``False``
+            for ``deepseek`` (the global policy).
+
+    Returns:
+        ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``, int64 on the CPU as SGLang's are;
+        ``log2phy`` is ``-1`` padded to ``X = max(logcnt)``.
+
+    Example:
+        >>> w = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+        >>> phy2log, log2phy, logcnt = rebalance_experts(w, 16, 4, 2, 8, enable_hierarchical=True)
+        >>> phy2log[0].tolist(), log2phy.shape
+        ([5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], torch.Size([1, 12, 2]))
+    """
+    if not enable_hierarchical:
+        num_groups, num_nodes = 1, 1
+    elif num_groups is None or check_count("num_groups", num_groups) % check_count("num_nodes", num_nodes):
+        # SGLang asserts it; eplb_triton would run the global policy instead
+        raise EplbArgumentError(
+            f"enable_hierarchical needs num_groups ({num_groups}) to be a multiple of num_nodes ({num_nodes})"
+        )
+    out = _rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    return tuple(t.cpu() for t in out)  # type: ignore[return-value]
+
+
+def install() -> None:
+    """Make SGLang's ``deepseek`` and ``deepseek_hierarchical`` algorithms run :func:`rebalance_experts`.
+
+    Idempotent; affects the calling process only (module docstring).
+
+    Example:
+        >>> from eplb_triton.integrations import sglang as eplb_sglang
+        >>> eplb_sglang.install()  # needs SGLang
+    """
+    from sglang.srt.eplb.eplb_algorithms import deepseek
+
+    deepseek.rebalance_experts = rebalance_experts

@@ -1,0 +1,155 @@
+"""vLLM: an EPLB policy class whose placements come from :func:`eplb_triton.rebalance_experts`.
+
+vLLM (``vllm/distributed/eplb/``) looks its policy class up in the dict
+``vllm.distributed.eplb.policy.EPLB_POLICIES`` by ``--eplb-config.policy``, which only accepts
+``"default"``; :func:`register` puts :class:`EplbTritonPolicy` under that key. The policy runs in
+the worker processes, so ``register`` must run there too: from a ``vllm.general_plugins`` entry
+point (vLLM loads those in every process), or before the engine starts when the workers are forked.
+
+The policy interface changed in vLLM 0.19, and :class:`EplbTritonPolicy` follows the installed one:
+
+* vLLM >= 0.19: ``rebalance_experts(...)`` returns ``phy2log [L, R]`` only, an int64 CPU tensor;
+  vLLM derives ``log2phy`` and the replica counts itself.
+* vLLM 0.13 - 0.18: it returns ``(phy2log [L, R], log2phy [L, E, R - E + 1], logcnt [L, E])``,
+  int64 on ``weight.device``; ``log2phy`` is ``-1`` padded to ``num_redundant_experts + 1`` columns
+  (not to ``max(logcnt)`` as DeepSeek's ``eplb`` pads it).
+
+Both forms are what vLLM's ``DefaultEplbPolicy`` returns, ``old_global_expert_indices`` included
+(vLLM >= 0.14 pass it): like vLLM, the new placement is reordered within each GPU so that experts
+already there keep their slot (vLLM's ``preserve_intragpu_slots``, here
+:func:`eplb_triton.placement.stable_order`). Two things can make a placement differ from vLLM's:
+ties between equal loads (vLLM sorts with NumPy's unstable sort; SPEC.md: lower index first), and
+choices that float rounding decides (vLLM divides and sums GPU loads in float64; SPEC.md, like
+DeepSeek's ``eplb.py``, in float32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import ClassVar
+
+import torch
+
+from .._validation import EplbArgumentError
+from ..api import rebalance_experts as _rebalance_experts
+from ..placement import stable_order
+
+try:
+    from vllm.distributed.eplb.policy import AbstractEplbPolicy as _PolicyBase
+except ImportError:  # vLLM is not installed: the same classmethod on a plain class
+    _PolicyBase = object
+
+
+def _returns_maps(policy: type) -> bool:
+    """Whether a vLLM policy class returns ``(phy2log, log2phy, logcnt)`` (vLLM 0.14 - 0.18) rather
+    than ``phy2log`` alone (vLLM >= 0.19), read from its ``rebalance_experts`` return annotation."""
+    method = getattr(policy, "rebalance_experts", None)
+    if method is None:
+        return False
+    annotation = inspect.signature(method).return_annotation
+    if isinstance(annotation, str):  # under ``from __future__ import annotations``
+        return annotation.strip("'\" ").startswith(("tuple[", "Tuple[", "typing.Tuple["))
+    return typing.get_origin(annotation) is tuple
+
+
+class EplbTritonPolicy(_PolicyBase):
+    """vLLM's EPLB policy interface, computed by :func:`eplb_triton.rebalance_experts`.
+
+    A subclass of vLLM's ``AbstractEplbPolicy`` when vLLM is importable, else a plain class with
+    the same classmethod. Placements are ``DefaultEplbPolicy``'s, up to ties and float rounding
+    (module docstring).
+
+    Example:
+        >>> w = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+        >>> phy2log = EplbTritonPolicy.rebalance_experts(w, 16, 4, 2, 8)  # vLLM >= 0.19 (or none)
+        >>> phy2log[0].tolist()
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]
+    """
+
+    returns_maps: ClassVar[bool] = _returns_maps(_PolicyBase)
+    """``True``: return ``(phy2log, log2phy, logcnt)`` (vLLM 0.13 - 0.18); ``False``: ``phy2log``."""
+    backend: ClassVar[str] = "auto"
+    """The ``eplb_triton`` backend: ``"auto"`` runs Triton for CUDA loads, else the CPU path."""
+
+    @classmethod
+    def rebalance_experts(
+        cls,
+        weight: torch.Tensor,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_global_expert_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entry point of vLLM's expert-parallelism load balancer.
+
+        Args:
+            weight: ``[num_layers, num_logical_experts]`` load of each expert, any real dtype.
+            num_replicas: physical experts ``R``, a multiple of ``num_ranks``.
+            num_groups: expert groups ``G``; ``G % num_nodes == 0`` selects the hierarchical policy.
+            num_nodes: server nodes ``N``.
+            num_ranks: EP ranks (GPUs) ``P``.
+            old_global_expert_indices: optional ``[num_layers, >= R]`` current ``phy2log``; the new
+                placement is reordered within each GPU so that experts already there keep their
+                slot (ids outside ``[0, E)``, such as vLLM's ``-1``, match nothing).
+
+        Returns:
+            ``phy2log [L, R]`` int64 on the CPU when :attr:`returns_maps` is ``False`` (vLLM >= 0.19);
+            else ``(phy2log [L, R], log2phy [L, E, R - E + 1], logcnt [L, E])`` int64 on
+            ``weight.device``, ``log2phy`` padded with ``-1``.
+        """
+        phy2log, log2phy, logcnt = _rebalance_experts(
+            weight, num_replicas, num_groups, num_nodes, num_ranks, backend=cls.backend
+        )
+        if old_global_expert_indices is not None:
+            order = _kept_slot_order(old_global_expert_indices, phy2log, logcnt.shape[1], num_ranks)
+            phy2log = phy2log.gather(1, order)
+            if cls.returns_maps:
+                log2phy = _move_slots(log2phy, order)
+        if not cls.returns_maps:
+            return phy2log.cpu()
+        width = num_replicas - logcnt.shape[1] + 1  # vLLM: num_redundant_experts + 1
+        log2phy = torch.nn.functional.pad(log2phy, (0, width - log2phy.shape[2]), value=-1)
+        return phy2log, log2phy, logcnt
+
+
+def register() -> None:
+    """Make vLLM's ``"default"`` EPLB policy :class:`EplbTritonPolicy` in this process (idempotent).
+
+    Example:
+        >>> from eplb_triton.integrations import vllm as eplb_vllm
+        >>> eplb_vllm.register()  # needs vLLM; run it in every vLLM process (module docstring)
+    """
+    from vllm.distributed.eplb.policy import EPLB_POLICIES
+
+    EPLB_POLICIES["default"] = EplbTritonPolicy
+
+
+def _kept_slot_order(old: torch.Tensor, phy2log: torch.Tensor, num_experts: int, num_gpus: int) -> torch.Tensor:
+    """The gather order of vLLM's ``preserve_intragpu_slots`` on ``phy2log``, by :func:`stable_order`."""
+    L, R = phy2log.shape
+    if old.dim() != 2 or old.shape[0] != L or old.shape[1] < R:
+        raise EplbArgumentError(
+            f"old_global_expert_indices must have shape [{L}, >= {R}] (layers, slots), got {list(old.shape)}"
+        )
+    old = old[:, :R].to(device=phy2log.device, dtype=torch.int64)  # vLLM reads the first R slots
+    # stable_order keys a slot by gpu * R + expert, so a -1 on GPU g would read as expert R - 1 of
+    # GPU g - 1: give ids outside [0, E) an expert id that GPU g does not hold.
+    S = R // num_gpus
+    if num_experts < R:
+        filler: torch.Tensor | int = num_experts  # no slot holds expert E
+    elif num_gpus == 1:
+        filler = -1  # key -1 is below every key of the only GPU
+    else:  # R == E: every expert has one slot, so GPU g + 1's first expert is not on GPU g
+        filler = phy2log[:, ::S].roll(-1, dims=1).repeat_interleave(S, dim=1)
+    old = torch.where((old < 0) | (old >= num_experts), filler, old)
+    return stable_order(old, phy2log, num_gpus)
+
+
+def _move_slots(log2phy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``log2phy`` after ``phy2log.gather(1, order)``: each replica follows its expert to its new slot."""
+    L, R = order.shape
+    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(R, device=order.device).expand(L, R))
+    moved = new_slot.gather(1, log2phy.clamp_min(0).reshape(L, -1)).view_as(log2phy)
+    return torch.where(log2phy >= 0, moved, log2phy)
