@@ -224,3 +224,19 @@ def test_planner_starts_with_the_equal_load_plan():
     assert_same((planner.phy2log, planner.logcnt), (want[0], want[2]))
     assert torch.equal(planner.log2phy[:, :, : want[1].shape[2]].cpu(), want[1])
     assert (planner.invalid == 0).all()
+
+
+# Shapes that take the kernels' wide-block paths (>= 128 experts per program: one division per
+# replication step; >= 32 packs: one pack key rewritten per packing step), on the interpreter.
+WIDE_CASES = [Case(2, 130, 170, 1, 1, 34, kind) for kind in ("skewed", "ties", "equal", "zeros", "sparse")]
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.id)
+def test_wide_blocks_match_reference(case: Case):
+    w = case.weight()
+    got = eplb.rebalance_experts(w.to(DEVICE), case.R, case.G, case.N, case.P, backend="triton")
+    assert_same(got, reference.rebalance_experts(w, case.R, case.G, case.N, case.P))
+    got = eplb.replicate_experts(w.to(DEVICE), case.R, backend="triton")
+    assert_same(got, reference.replicate_experts(w, case.R))
+    got = eplb.balanced_packing(w[:, :128].to(DEVICE), 64, backend="triton")
+    assert_same(got, reference.balanced_packing(w[:, :128], 64))
