@@ -10,54 +10,18 @@ numbers (torch outputs). Bad argument values raise :class:`EplbArgumentError`, w
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
-import numpy as np
 import torch
 
 from . import backends
+from ._arrays import accepts_arrays
 from ._validation import EplbArgumentError, check_config, check_count, check_slots, check_weight
-
-
-def _as_tensor(weight: object) -> tuple[torch.Tensor, bool]:
-    """``(tensor, numpy_in)``: a numpy array or a nested list of real numbers as a CPU tensor.
-
-    The tensor shares the array's memory where it can; nothing writes to it.
-    """
-    if isinstance(weight, torch.Tensor):
-        return weight, False
-    numpy_in = isinstance(weight, np.ndarray)
-    if not (numpy_in or isinstance(weight, (list, tuple))):
-        raise TypeError(f"weight must be a torch.Tensor, a numpy.ndarray or a nested list, got {type(weight).__name__}")
-    try:
-        array = np.asarray(weight)
-    except ValueError as exc:  # ragged nested lists
-        raise TypeError(f"weight must be a rectangular nested list of numbers ({exc})") from None
-    if array.dtype.kind not in "iuf":
-        raise TypeError(f"weight must have a real dtype (integer or floating point), got numpy {array.dtype}")
-    if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch has few unsigned kernels
-        array = array.astype(np.float64 if array.dtype.itemsize == 8 else np.int64)
-    return torch.from_numpy(np.ascontiguousarray(array)), numpy_in
-
-
-def _accepts_arrays(fn: Callable) -> Callable:
-    """Let ``fn`` take ``weight`` as a numpy array (numpy out, same dtypes) or a nested list (torch out)."""
-
-    @functools.wraps(fn)
-    def wrapper(weight, *args, **kwargs):
-        tensor, numpy_in = _as_tensor(weight)
-        out = fn(tensor, *args, **kwargs)
-        return tuple(t.numpy() for t in out) if numpy_in else out
-
-    return wrapper
 
 
 def _empty(device: torch.device, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(s, dtype=torch.int64, device=device) for s in shapes)
 
 
-@_accepts_arrays
+@accepts_arrays("weight")
 def balanced_packing(
     weight: torch.Tensor, num_packs: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +52,7 @@ def balanced_packing(
     return backends.run("balanced_packing", backend, weight, m)
 
 
-@_accepts_arrays
+@accepts_arrays("weight")
 def replicate_experts(
     weight: torch.Tensor, num_phy: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,7 +83,7 @@ def replicate_experts(
     return backends.run("replicate_experts", backend, weight, R)
 
 
-@_accepts_arrays
+@accepts_arrays("weight")
 def rebalance_experts_hierarchical(
     weight: torch.Tensor,
     num_physical_experts: int,
@@ -154,7 +118,7 @@ def rebalance_experts_hierarchical(
     return phy2log, phyrank, logcnt
 
 
-@_accepts_arrays
+@accepts_arrays("weight")
 def rebalance_experts(
     weight: torch.Tensor,
     num_replicas: int,

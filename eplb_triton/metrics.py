@@ -1,12 +1,14 @@
 """Placement quality measures of docs/algorithm.md, vectorised over layers, on any device.
 
-Loads are taken in float64 here: these are reports, not part of the algorithm's contract.
+Loads are taken in float64 here: these are reports, not part of the algorithm's contract. Like
+the drop-in functions, every measure also takes numpy arrays (numpy results) or nested lists.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._arrays import accepts_arrays
 from ._validation import check_count, check_weight
 
 
@@ -22,6 +24,7 @@ def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.
     return P
 
 
+@accepts_arrays("weight", "phy2log", "logcnt")
 def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Load of each GPU: each replica takes an equal share of its expert's tokens.
 
@@ -41,6 +44,7 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
     return per_slot.view(per_slot.shape[0], P, -1).sum(-1)
 
 
+@accepts_arrays("weight")
 def identity_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """GPU loads with no rebalancing: expert ``e`` alone on GPU ``e * P // E``, no redundant copies.
 
@@ -56,6 +60,7 @@ def identity_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     return loads.index_add_(1, gpu, weight.detach().to(torch.float64))
 
 
+@accepts_arrays("loads")
 def balancedness(loads: torch.Tensor) -> torch.Tensor:
     """Mean over max GPU load of each layer (1.0 is perfect; an all-zero layer counts as 1.0).
 
@@ -73,6 +78,7 @@ def balancedness(loads: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, mean / peak.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(mean))
 
 
+@accepts_arrays("per_layer")
 def summarize(per_layer: torch.Tensor) -> dict[str, float]:
     """``{"mean": ..., "worst": ...}`` of a per-layer balancedness (host values, for reports)."""
     if per_layer.numel() == 0:
@@ -80,6 +86,7 @@ def summarize(per_layer: torch.Tensor) -> dict[str, float]:
     return {"mean": float(per_layer.mean()), "worst": float(per_layer.min())}
 
 
+@accepts_arrays("weight")
 def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
     """The lower bound (docs/algorithm.md) on the max GPU load of any placement with ``num_replicas`` slots.
 
@@ -104,6 +111,7 @@ def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch
     return torch.maximum(mean_gpu, t_star).to(weight.device)
 
 
+@accepts_arrays("old_phy2log", "new_phy2log")
 def migration_count(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor) -> torch.Tensor:
     """Slots per layer whose expert changes (each must receive a full expert's weights).
 

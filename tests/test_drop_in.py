@@ -61,3 +61,17 @@ def test_nested_lists_give_tensors():
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     pack, rank = eplb.balanced_packing([[4, 3, 2, 1]], 2)
     assert pack.tolist() == [[0, 1, 1, 0]] and rank.tolist() == [[0, 0, 1, 1]]
+
+
+def test_metrics_take_numpy_and_lists_too():
+    from eplb_triton import metrics
+
+    w = make_loads(3, 12, "skewed", 5)
+    phy2log, _, logcnt = eplb.rebalance_experts(w, 16, 4, 2, 8)
+    want = metrics.gpu_loads(w, phy2log, logcnt, 8)
+    got = metrics.gpu_loads(w.numpy(), phy2log.numpy(), logcnt.numpy(), 8)
+    assert isinstance(got, np.ndarray) and np.array_equal(got, want.numpy())
+    assert isinstance(metrics.balancedness(got), np.ndarray)
+    moved = metrics.migration_count(phy2log.tolist(), phy2log.flip(1).tolist())
+    assert isinstance(moved, torch.Tensor) and torch.equal(moved, metrics.migration_count(phy2log, phy2log.flip(1)))
+    assert metrics.summarize(np.array([0.5, 1.0])) == {"mean": 0.75, "worst": 0.5}
