@@ -51,6 +51,29 @@ def _load_row(w_ptr, invalid_ptr, row, NUM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _choose(b_item, b_key):
+    """One packing step's choices: the heaviest item left and the least-loaded open pack.
+
+    Returns (item, weight, pack, rank in the pack, pack load), decoded from the two keys.
+    """
+    best = tl.max(b_item, axis=0)
+    choice = tl.min(b_key, axis=0)
+    return max_key_index(best), key_to_fpval(best), min_key_index(choice), key_payload(choice), key_to_fpval(choice)
+
+
+@triton.jit
+def _take_replica(b_key, b_phy, b_rank, o_r, slot):
+    """One replication step's choice (the largest share) recorded in ``slot``: (expert, its count
+    before this replica, phy2log, rank)."""
+    best = tl.max(b_key, axis=0)
+    expert = max_key_index(best)
+    count = key_payload(best)
+    b_phy = tl.where(o_r == slot, expert, b_phy)
+    b_rank = tl.where(o_r == slot, count, b_rank)
+    return expert, count, b_phy, b_rank
+
+
+@triton.jit
 def _pack_greedy(
     b_w,  # [BLOCK_I] float32 item weights
     NUM_ITEMS: tl.constexpr,
@@ -80,12 +103,8 @@ def _pack_greedy(
             b_key = tl.where(o_p < NUM_PACKS, b_key, NO_KEY_MIN)
             b_placed = tl.zeros([BLOCK_I], dtype=tl.int32)
             for _ in range(NUM_ITEMS):
-                best = tl.max(b_item, axis=0)
-                item = max_key_index(best)
-                choice = tl.min(b_key, axis=0)
-                pack = min_key_index(choice)
-                rank = key_payload(choice)
-                load = key_to_fpval(choice) + key_to_fpval(best)  # float32, as the reference adds
+                item, weight, pack, rank, load = _choose(b_item, b_key)
+                load = load + weight  # float32, as the reference adds
                 new_key = tl.where(rank + 1 < CAPACITY, min_key(load, pack, rank + 1, BLOCK_P, CAPACITY), NO_KEY_MIN)
                 b_key = tl.where(o_p == pack, new_key, b_key)
                 m_item = o_i == item
@@ -102,14 +121,9 @@ def _pack_greedy(
             b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
             b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
             for _ in range(NUM_ITEMS):
-                best = tl.max(b_item, axis=0)
-                item = max_key_index(best)
-                weight = key_to_fpval(best)
                 b_key = min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY)
                 b_key = tl.where(m_p & (b_cnt < CAPACITY), b_key, NO_KEY_MIN)
-                choice = tl.min(b_key, axis=0)
-                pack = min_key_index(choice)
-                rank = key_payload(choice)
+                item, weight, pack, rank, _ = _choose(b_item, b_key)
                 m_hit = o_p == pack
                 b_load = tl.where(m_hit, b_load + weight, b_load)
                 b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
@@ -148,11 +162,7 @@ def _replicate_greedy(
         # 632 -> 303 est. cycles per step for 256 experts).
         b_bits = b_w.to(tl.int32, bitcast=True)  # non-negative float32 values order like their bits
         for slot in range(NUM_LOG, NUM_PHY):
-            best = tl.max(b_key, axis=0)
-            expert = max_key_index(best)
-            count = key_payload(best)
-            b_phy = tl.where(o_r == slot, expert, b_phy)
-            b_rank = tl.where(o_r == slot, count, b_rank)
+            expert, count, b_phy, b_rank = _take_replica(b_key, b_phy, b_rank, o_r, slot)
             m_hit = o_e == expert
             load = tl.max(tl.where(m_hit, b_bits, 0), axis=0).to(tl.float32, bitcast=True)  # w of the expert
             share = tl.math.div_rn(load, (count + 1).to(tl.float32))
@@ -164,11 +174,7 @@ def _replicate_greedy(
         b_cnt = b_one
         b_share = b_w
         for slot in range(NUM_LOG, NUM_PHY):
-            best = tl.max(b_key, axis=0)
-            expert = max_key_index(best)
-            count = key_payload(best)
-            b_phy = tl.where(o_r == slot, expert, b_phy)
-            b_rank = tl.where(o_r == slot, count, b_rank)
+            expert, count, b_phy, b_rank = _take_replica(b_key, b_phy, b_rank, o_r, slot)
             m_hit = o_e == expert
             b_cnt = tl.where(m_hit, count + 1, b_cnt)
             b_share = tl.where(m_hit, tl.math.div_rn(b_w, b_cnt.to(tl.float32)), b_share)
