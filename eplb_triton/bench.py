@@ -7,7 +7,7 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   custom ``--experts/--replicas/--groups/--nodes/--gpus``, on synthetic skewed loads; the literal
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
-  worst layer), the SPEC lower bound's ceiling on it, and the balancedness with no rebalancing;
+  worst layer), the lower bound (docs/algorithm.md)'s ceiling on it, and the balancedness with no rebalancing;
 * DeepSeek's published implementation (``--deepseek PATH/eplb.py``, the file ``eplb.py`` of
   github.com/deepseek-ai/EPLB, supplied by the user; nothing of it ships here): its
   ``rebalance_experts`` timed on the same loads as an extra backend column ``deepseek`` (CPU,

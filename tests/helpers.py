@@ -104,7 +104,7 @@ FIXED_CASES = [
 
 
 def assert_valid_placement(phy2log, log2phy, logcnt, E: int, R: int, G: int, N: int, P: int) -> None:
-    """SPEC invariants of a placement (independent of how it was computed)."""
+    """Invariants of a placement (docs/algorithm.md) (independent of how it was computed)."""
     L = phy2log.shape[0]
     assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
     assert phy2log.shape == (L, R) and logcnt.shape == (L, E) and log2phy.shape[:2] == (L, E)

@@ -71,7 +71,7 @@ def test_plan_writes_the_api_result(tmp_path, loads_file):
     ("groups", "nodes", "label"), [(4, 2, "hierarchical"), (1, 1, "global"), (3, 2, "global"), (4, 1, "hierarchical")]
 )
 def test_plan_labels_the_policy_that_runs(tmp_path, loads_file, groups, nodes, label):
-    # G = N = 1 runs the global pipeline (SPEC: global = hierarchical with one group and one node)
+    # G = N = 1 runs the global pipeline (docs/algorithm.md: global = hierarchical with one group and one node)
     path, w = loads_file
     if w.shape[1] % groups:
         w = w[:, :15]

@@ -268,7 +268,7 @@ def peer_id(case) -> str:
 def loads_without_ties(L: int, E: int, seed: int) -> torch.Tensor:
     """Distinct integer loads in ``[2^16, 2^17)``: no two experts tie, and with ``R <= 2E`` no expert gets
     a third copy (``w / 2`` is below every single copy's load), so every share (``w`` or ``w / 2``) and
-    every GPU load is exact in float32. vLLM and SGLang sum GPU loads in float64 (SPEC, like DeepSeek's
+    every GPU load is exact in float32. vLLM and SGLang sum GPU loads in float64 (docs/algorithm.md, like DeepSeek's
     ``eplb.py``, in float32); on loads where rounding decides a choice they can differ from us, about
     1 layer in 40 on log-normal float loads (none once SGLang's sums are made float32)."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""The reference against SPEC.md's test vector and hand-checked small cases."""
+"""The reference against the published test vector (docs/algorithm.md) and hand-checked small cases."""
 
 import torch
 

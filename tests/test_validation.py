@@ -1,4 +1,4 @@
-"""Every SPEC.md validation rule gives a clear ValueError/TypeError naming the argument."""
+"""Every validation rule of docs/algorithm.md gives a clear ValueError/TypeError naming the argument."""
 
 import numpy as np
 import pytest

@@ -18,8 +18,8 @@ Both forms are what vLLM's ``DefaultEplbPolicy`` returns, ``old_global_expert_in
 (vLLM >= 0.14 pass it): like vLLM, the new placement is reordered within each GPU so that experts
 already there keep their slot (vLLM's ``preserve_intragpu_slots``, here
 :func:`eplb_triton.placement.stable_order`). Two things can make a placement differ from vLLM's:
-ties between equal loads (vLLM sorts with NumPy's unstable sort; SPEC.md: lower index first), and
-choices that float rounding decides (vLLM divides and sums GPU loads in float64; SPEC.md, like
+ties between equal loads (vLLM sorts with NumPy's unstable sort; docs/algorithm.md: lower index first), and
+choices that float rounding decides (vLLM divides and sums GPU loads in float64; docs/algorithm.md, like
 DeepSeek's ``eplb.py``, in float32).
 """
 
