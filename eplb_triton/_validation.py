@@ -184,3 +184,63 @@ def check_shape_config(
     L = check_count("num_layers", num_layers)
     E = check_count("num_experts", num_experts)
     return _check_counts(L, E, num_replicas, num_groups, num_nodes, num_gpus)
+
+
+METHODS = ("greedy", "refined")  # docs/algorithm.md section 10
+
+
+def check_method(method: object) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {METHODS}, got {type(method).__name__}")
+    if method not in METHODS:
+        raise EplbArgumentError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def check_old_placement(
+    old_phy2log: object, max_moves: object, cfg: Config, device: torch.device, *, check_data: bool = True
+) -> tuple[torch.Tensor | None, int | None]:
+    """``old_phy2log`` as an int64 tensor on ``device`` (or ``None``) and ``max_moves`` as an int (or ``None``).
+
+    ``old_phy2log`` must be ``[L, R]`` of integers in ``[0, E)`` holding every expert in every
+    layer; ``max_moves`` a non-negative int and only with ``old_phy2log``. ``check_data=False``
+    skips the rules that read the values (no host synchronisation; the planner's hot path).
+    """
+    if max_moves is not None:
+        if isinstance(max_moves, bool) or isinstance(max_moves, torch.Tensor):
+            raise TypeError(f"max_moves must be a Python int or None, got {type(max_moves).__name__}")
+        try:
+            max_moves = operator.index(max_moves)
+        except TypeError:
+            raise TypeError(
+                f"max_moves must be an int or None, got {type(max_moves).__name__} ({max_moves!r})"
+            ) from None
+        if max_moves < 0:
+            raise EplbArgumentError(f"max_moves ({max_moves}) must be >= 0")
+        if old_phy2log is None:
+            raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
+    if old_phy2log is None:
+        return None, None
+    if not isinstance(old_phy2log, torch.Tensor):
+        raise TypeError(
+            f"old_phy2log must be a torch.Tensor (or numpy array / nested list), got {type(old_phy2log).__name__}"
+        )
+    if old_phy2log.dtype.is_floating_point or old_phy2log.is_complex() or old_phy2log.dtype == torch.bool:
+        raise TypeError(f"old_phy2log must have an integer dtype, got {old_phy2log.dtype}")
+    L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
+    if tuple(old_phy2log.shape) != (L, R):
+        raise EplbArgumentError(
+            f"old_phy2log must have shape [num_layers, num_replicas] = {[L, R]}, got {list(old_phy2log.shape)}"
+        )
+    old = old_phy2log.to(device=device, dtype=torch.int64)
+    if check_data and old.numel():
+        low, high = (int(v) for v in torch.stack([old.min(), old.max()]).tolist())
+        if low < 0 or high >= E:
+            raise EplbArgumentError(f"old_phy2log must hold expert ids in [0, {E}), found {low if low < 0 else high}")
+        present = torch.zeros((L, E), dtype=torch.bool, device=device).scatter_(1, old, True)
+        if not bool(present.all()):
+            layer, expert = (int(i) for i in (~present).nonzero()[0])
+            raise EplbArgumentError(
+                f"old_phy2log must hold every expert in every layer: expert {expert} is missing from layer {layer}"
+            )
+    return old, max_moves

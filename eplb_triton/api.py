@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, methods
 from ._arrays import accepts_arrays
-from ._validation import EplbArgumentError, check_config, check_count, check_slots, check_weight
+from ._validation import (
+    EplbArgumentError,
+    check_config,
+    check_count,
+    check_method,
+    check_old_placement,
+    check_slots,
+    check_weight,
+)
 
 
 def _empty(device: torch.device, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -83,7 +91,7 @@ def replicate_experts(
     return backends.run("replicate_experts", backend, weight, R)
 
 
-@accepts_arrays("weight")
+@accepts_arrays("weight", "old_phy2log")
 def rebalance_experts_hierarchical(
     weight: torch.Tensor,
     num_physical_experts: int,
@@ -92,6 +100,9 @@ def rebalance_experts_hierarchical(
     num_gpus: int,
     *,
     backend: str = "auto",
+    method: str = "greedy",
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hierarchical policy: groups to nodes, replicas within nodes, replicas to GPUs.
 
@@ -103,6 +114,7 @@ def rebalance_experts_hierarchical(
         num_nodes: server nodes ``N``.
         num_gpus: GPUs ``P``, a multiple of ``num_nodes``.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
+        method, old_phy2log, max_moves: as for :func:`rebalance_experts`.
 
     Returns:
         ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``, int64.
@@ -112,13 +124,17 @@ def rebalance_experts_hierarchical(
         require_hierarchical=True, replicas_name="num_physical_experts",
     )  # fmt: skip
     backend = backends.resolve(backend, weight.device)
+    method = check_method(method)
+    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
-    phy2log, phyrank, logcnt, _ = backends.run("rebalance", backend, weight, cfg, False)
-    return phy2log, phyrank, logcnt
+    if method == "greedy" and old is None:
+        phy2log, phyrank, logcnt, _ = backends.run("rebalance", backend, weight, cfg, False)
+        return phy2log, phyrank, logcnt
+    return methods.plan(weight, cfg, backend, method, old, max_moves)
 
 
-@accepts_arrays("weight")
+@accepts_arrays("weight", "old_phy2log")
 def rebalance_experts(
     weight: torch.Tensor,
     num_replicas: int,
@@ -127,6 +143,9 @@ def rebalance_experts(
     num_gpus: int,
     *,
     backend: str = "auto",
+    method: str = "greedy",
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry point of the expert-parallelism load balancer (drop-in for ``eplb.rebalance_experts``).
 
@@ -143,6 +162,16 @@ def rebalance_experts(
         num_gpus: GPUs ``P``.
         backend: ``"auto"`` (Triton for CUDA tensors, else CPU), ``"cpu"``, ``"reference"``
             or ``"triton"``.
+        method: ``"greedy"`` (DeepSeek's algorithm, the default) or ``"refined"``: the greedy,
+            then a local search per layer (swap two slots between GPUs, or turn a replica of a
+            lightly loaded expert into one of a heavy expert) that lowers the layer's largest
+            GPU load; never worse than the greedy (docs/algorithm.md section 10).
+        old_phy2log: ``[L, R]`` the placement in service. The result is relabelled (nodes, then
+            GPUs, by an exact maximum-overlap assignment, then slots) to keep experts where they
+            are: same GPU loads, fewer slots to move.
+        max_moves: with ``old_phy2log``, an incremental replan: at most ``max_moves`` slots per
+            layer differ from ``old_phy2log``; the search starts from the old placement, and the
+            relabelled full plan is taken instead where it fits the budget and is better.
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``, int64 on ``weight.device``:
@@ -158,8 +187,13 @@ def rebalance_experts(
     """
     cfg = check_config(weight, num_replicas, num_groups, num_nodes, num_gpus)
     backend = backends.resolve(backend, weight.device)
+    method = check_method(method)
+    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
-    phy2log, _, logcnt, log2phy = backends.run("rebalance", backend, weight, cfg.effective(), True)
-    return phy2log, log2phy, logcnt
+    if method == "greedy" and old is None:
+        phy2log, _, logcnt, log2phy = backends.run("rebalance", backend, weight, cfg.effective(), True)
+        return phy2log, log2phy, logcnt
+    phy2log, phyrank, logcnt = methods.plan(weight, cfg.effective(), backend, method, old, max_moves)
+    return phy2log, methods.log2phy(backend, phy2log, phyrank, logcnt), logcnt

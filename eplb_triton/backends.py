@@ -211,3 +211,29 @@ def _record_torch(topk_ids, log2phy, logcnt, counts, invalid):
 @implements("record_dispatch", "triton")
 def _record_triton(topk_ids, log2phy, logcnt, counts, invalid):
     return launch.record_dispatch(topk_ids, log2phy, logcnt, counts, invalid)
+
+
+# ----------------------------------------------------------------------------------------------
+# search(weight [L, E], phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None)
+#   -> (phy2log, phyrank, logcnt): the local search of docs/algorithm.md section 10.2 from the
+# given placement; N is the effective number of nodes (1 for the global policy).
+# ----------------------------------------------------------------------------------------------
+
+
+@implements("search", "reference")
+def _search_reference(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
+    cpu_args = [None if t is None else t.cpu() for t in (phy2log, phyrank, logcnt, old_phy2log)]
+    out = reference.search(_float32_cpu(weight), *cpu_args[:3], P, N, cpu_args[3], max_moves)
+    return tuple(t.to(weight.device) for t in out)
+
+
+@implements("search", "cpu")
+def _search_cpu(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
+    arrays = [None if t is None else t.cpu().numpy() for t in (phy2log, phyrank, logcnt, old_phy2log)]
+    out = cpu.search(_float32_cpu(weight).numpy(), *arrays[:3], P, N, arrays[3], max_moves)
+    return _tensors(out, weight.device)
+
+
+@implements("search", "triton")
+def _search_triton(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
+    return launch.search(weight, phy2log, phyrank, logcnt, P, N, old_phy2log, max_moves)

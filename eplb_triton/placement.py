@@ -107,3 +107,152 @@ def stable_slots(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus:
         ``[L, R]`` int64, a per-GPU permutation of ``new_phy2log``.
     """
     return new_phy2log.gather(1, stable_order(old_phy2log, new_phy2log, num_gpus))
+
+
+# ----------------------------------------------------------------------------------------------
+# Relabelling a new placement to keep experts where an old one had them (docs/algorithm.md 10.3)
+# ----------------------------------------------------------------------------------------------
+
+_INF = 1 << 40  # larger than any reduced cost: overlaps are <= R <= 65536
+
+
+def assign_max_overlap(overlap: torch.Tensor) -> torch.Tensor:
+    """Exact maximum-weight perfect matching of each ``[n, n]`` matrix of a batch.
+
+    The Hungarian algorithm in its shortest-augmenting-path form (Kuhn-Munkres with potentials,
+    ``O(n^3)``), rows added in order, the first minimum taken on ties, batched over ``B`` problems
+    with masks. Integer arithmetic throughout, so every device returns the same matching.
+
+    Args:
+        overlap: ``[B, n, n]`` int64, ``overlap[b, i, j]`` the gain of giving row ``i`` column ``j``.
+
+    Returns:
+        ``[B, n]`` int64: the column of each row.
+    """
+    B, n, _ = overlap.shape
+    dev = overlap.device
+    sync_free = dev.type != "cpu"  # on a GPU every loop runs to its bound instead of asking the host
+    cost = torch.zeros((B, n + 1, n + 1), dtype=torch.int64, device=dev)
+    cost[:, 1:, 1:] = -overlap.to(torch.int64)
+    u = torch.zeros((B, n + 1), dtype=torch.int64, device=dev)
+    v = torch.zeros_like(u)
+    p = torch.zeros_like(u)  # p[j]: the row holding column j (1-based; 0 = none)
+    way = torch.zeros_like(u)
+    b = torch.arange(B, device=dev)
+    for i in range(1, n + 1):
+        p[:, 0] = i
+        j0 = torch.zeros(B, dtype=torch.int64, device=dev)
+        minv = torch.full((B, n + 1), _INF, dtype=torch.int64, device=dev)
+        used = torch.zeros((B, n + 1), dtype=torch.bool, device=dev)
+        run = torch.ones(B, dtype=torch.bool, device=dev)
+        for _ in range(n + 1):
+            used[b, j0] |= run
+            i0 = p[b, j0]
+            cur = cost[b, i0] - u[b, i0][:, None] - v
+            better = ~used & (cur < minv) & run[:, None]
+            minv = torch.where(better, cur, minv)
+            way = torch.where(better, j0[:, None], way)
+            free_minv = torch.where(used, _INF, minv)
+            j1 = free_minv.argmin(dim=1)  # the first minimum
+            delta = torch.where(run, free_minv[b, j1], 0)
+            step = torch.where(used, delta[:, None], 0)
+            u.scatter_add_(1, p, step)
+            v -= step
+            minv = torch.where(used, minv, minv - delta[:, None])
+            j0 = torch.where(run, j1, j0)
+            run &= p[b, j0] != 0
+            if not sync_free and not bool(run.any()):
+                break
+        for _ in range(n + 1):  # augment along the path back to column 0
+            go = j0 != 0
+            j1 = way[b, j0]
+            p[b, j0] = torch.where(go, p[b, j1], p[b, j0])
+            j0 = torch.where(go, j1, j0)
+            if not sync_free and not bool(go.any()):
+                break
+    col_of_row = torch.empty((B, n + 1), dtype=torch.int64, device=dev)
+    col_of_row.scatter_(1, p, torch.arange(n + 1, device=dev).expand(B, n + 1))
+    return col_of_row[:, 1:] - 1
+
+
+def _block_overlap(new: torch.Tensor, old: torch.Tensor, blocks: int, num_experts: int) -> torch.Tensor:
+    """``[L, blocks, blocks]``: experts (with multiplicity) that new block ``i`` and old block ``j`` share."""
+    L, R = new.shape
+    width = R // blocks
+    block = (torch.arange(R, device=new.device) // width).expand(L, R)
+
+    def counts(phy: torch.Tensor) -> torch.Tensor:
+        c = torch.zeros((L, blocks * num_experts), dtype=torch.float64, device=new.device)
+        c.scatter_add_(1, block * num_experts + phy, torch.ones_like(phy, dtype=torch.float64))
+        return c.view(L, blocks, num_experts)
+
+    cn, co = counts(new), counts(old)
+    # Copies of one expert in one block: at most ``width``; read the real bound only on the CPU.
+    top = int(cn.max()) if new.device.type == "cpu" else width
+    total = torch.zeros((L, blocks, blocks), dtype=torch.float64, device=new.device)
+    # min(a, b) = sum over k >= 1 of [a >= k][b >= k]; small integers, so the float64 sums are exact
+    for k in range(1, top + 1):
+        total += (cn >= k).double() @ (co >= k).double().transpose(1, 2)
+    return total.to(torch.int64)
+
+
+def _move_blocks(t: torch.Tensor, target: torch.Tensor, width: int) -> torch.Tensor:
+    """Move block ``i`` (``width`` consecutive columns) of each row of ``t`` to block ``target[:, i]``."""
+    L, R = t.shape
+    src = torch.arange(R, device=t.device).expand(L, R)
+    dest = target.gather(1, src // width) * width + src % width
+    return torch.empty_like(t).scatter_(1, dest, t)
+
+
+def relabel(
+    old_phy2log: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, num_experts: int, num_gpus: int,
+    num_nodes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Renumber the nodes and GPUs of a placement, then its slots, to keep experts where they were.
+
+    Nodes first (when ``num_nodes > 1``): an exact assignment of new nodes to old node positions
+    maximising the experts they share; then the GPUs within each node the same way; then
+    :func:`stable_order` within each GPU. GPU loads and every GPU's set of experts are unchanged.
+
+    Returns the relabelled ``(phy2log, phyrank)``.
+    """
+    L, R = phy2log.shape
+    old = old_phy2log.to(phy2log.device, torch.int64)
+    N, P = num_nodes, num_gpus
+    if N > 1:
+        node = assign_max_overlap(_block_overlap(phy2log, old, N, num_experts))
+        phy2log, phyrank = (_move_blocks(t, node, R // N) for t in (phy2log, phyrank))
+    Pn, S = P // N, R // P
+    full = _block_overlap(phy2log, old, P, num_experts).view(L, N, Pn, N, Pn)
+    idx = torch.arange(N, device=phy2log.device)
+    within = full[:, idx, :, idx, :]  # [N, L, Pn, Pn]: new and old GPUs of the same node
+    within = within.permute(1, 0, 2, 3).reshape(L * N, Pn, Pn)
+    local = assign_max_overlap(within).view(L, N, Pn)
+    gpu = (local + idx[None, :, None] * Pn).view(L, P)
+    phy2log, phyrank = (_move_blocks(t, gpu, S) for t in (phy2log, phyrank))
+    order = stable_order(old, phy2log, P)
+    return phy2log.gather(1, order), phyrank.gather(1, order)
+
+
+def slot_order_ranks(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replica ranks numbered in slot order, and the replica counts, of a placement given as ``phy2log``."""
+    L, R = phy2log.shape
+    cnt = torch.zeros((L, num_experts), dtype=torch.int64, device=phy2log.device)
+    cnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
+    return _occurrence(phy2log), cnt
+
+
+def max_gpu_load(weight32: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """The largest GPU load of each layer as the search defines it (docs/algorithm.md 10.1).
+
+    ``float64(w) / float64(cnt)`` per replica, summed per GPU in slot order from ``0.0``.
+    ``weight32`` must already be float32. Returns ``[L]`` float64.
+    """
+    L, R = phy2log.shape
+    S = R // num_gpus
+    share = weight32.to(torch.float64) / logcnt.to(torch.float64)
+    per_slot = share.gather(1, phy2log).view(L, num_gpus, S)
+    total = torch.zeros((L, num_gpus), dtype=torch.float64, device=phy2log.device)
+    for s in range(S):
+        total += per_slot[:, :, s]
+    return total.amax(dim=1)

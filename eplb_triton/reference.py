@@ -148,3 +148,143 @@ def rebalance_experts(
     _, G, N = select_policy(num_groups, num_nodes)
     phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, G, N, num_gpus)
     return phy2log, log2phy(phy2log, phyrank, logcnt), logcnt
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the greedy: the local search of docs/algorithm.md section 10 (Python floats are float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_loads64(share: list[float], phy: list[int], P: int) -> list[float]:
+    S = len(phy) // P
+    loads = []
+    for p in range(P):
+        total = 0.0
+        for q in range(p * S, p * S + S):  # float64, in slot order
+            total += share[phy[q]]
+        loads.append(total)
+    return loads
+
+
+def _search_layer(
+    w: list[np.float32], phy: list[int], rank: list[int], cnt: list[int], P: int, N: int,
+    old: list[int] | None, budget: int | None,
+) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+    """Section 10.2 for one layer, literally: one move per round until none lowers the max."""
+    R, E = len(phy), len(w)
+    S, Pn = R // P, P // N
+    start = (list(phy), list(rank), list(cnt))
+    if P == 1:
+        return start
+    phy, rank, cnt = list(phy), list(rank), list(cnt)
+    w64 = [float(v) for v in w]
+    moved = 0 if old is None else sum(phy[q] != old[q] for q in range(R))
+
+    def fits(changes: list[tuple[int, int]]) -> bool:  # (slot, its new expert)
+        if budget is None:
+            return True
+        m = moved
+        for q, e in changes:
+            m += int(e != old[q]) - int(phy[q] != old[q])
+        return m <= budget
+
+    start_max = None
+    for _ in range(R):
+        share = [w64[e] / float(cnt[e]) for e in range(E)]
+        loads = _gpu_loads64(share, phy, P)
+        peak = max(loads)
+        if start_max is None:
+            start_max = peak
+        a = loads.index(peak)  # lowest GPU with the largest load
+        node = a // Pn
+        best = None  # (value, kind, i, j): kind 0 = shift, 1 = swap
+        # node of each expert: the node of its lowest slot
+        enode = [-1] * E
+        for q in range(R - 1, -1, -1):
+            enode[phy[q]] = q // (R // N)
+        for i in range(a * S, a * S + S):
+            y = phy[i]
+            # swaps of slot i with a slot j of another GPU of the same node
+            for j in range(node * Pn * S, (node + 1) * Pn * S):
+                b = j // S
+                if b == a or phy[j] == y:
+                    continue
+                va = (peak - share[y]) + share[phy[j]]
+                vb = (loads[b] - share[phy[j]]) + share[y]
+                value = max(va, vb)
+                if value < peak and fits([(i, phy[j]), (j, y)]):
+                    cand = (value, 1, i, j)
+                    if best is None or cand < best:
+                        best = cand
+            # shift: one replica of x (the least per-replica load, >= 2 copies, y's node) becomes y
+            x = -1
+            for e in range(E):
+                if cnt[e] >= 2 and e != y and enode[e] == enode[y] and (x < 0 or share[e] < share[x]):
+                    x = e
+            if x < 0:
+                continue
+            cnt2 = list(cnt)
+            cnt2[x] -= 1
+            cnt2[y] += 1
+            share2 = [w64[e] / float(cnt2[e]) for e in range(E)]
+            base = _gpu_loads64(share2, phy, P)
+            for q in range(R):
+                if phy[q] != x:
+                    continue
+                g = q // S
+                value = (base[g] - share2[x]) + share2[y]
+                for h in range(P):
+                    if h != g and base[h] > value:
+                        value = base[h]
+                if value < peak and fits([(q, y)]):
+                    cand = (value, 0, i, q)
+                    if best is None or cand < best:
+                        best = cand
+        if best is None:
+            break
+        _, kind, i, j = best
+        if kind == 1:
+            phy[i], phy[j] = phy[j], phy[i]
+            rank[i], rank[j] = rank[j], rank[i]
+        else:
+            x, y = phy[j], phy[i]
+            # x's highest-rank replica takes the freed rank; the new slot is y's last replica
+            for q in range(R):
+                if phy[q] == x and rank[q] == cnt[x] - 1:
+                    rank[q] = rank[j]
+            phy[j], rank[j] = y, cnt[y]
+            cnt[x] -= 1
+            cnt[y] += 1
+        if old is not None:
+            moved = sum(phy[q] != old[q] for q in range(R))
+    final = _gpu_loads64([w64[e] / float(cnt[e]) for e in range(E)], phy, P)
+    if start_max is not None and max(final) > start_max:  # never worse than the start
+        return start
+    return phy, rank, cnt
+
+
+def search(
+    weight: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor,
+    num_gpus: int, num_nodes: int, old_phy2log: torch.Tensor | None = None, max_moves: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The local search of docs/algorithm.md section 10.2 from the placement ``(phy2log, phyrank, logcnt)``.
+
+    ``num_nodes`` is the effective one (1 for the global policy). With ``old_phy2log`` and
+    ``max_moves``, at most ``max_moves`` slots per layer end up differing from ``old_phy2log``.
+    Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors.
+    """
+    rows = _rows(weight)
+    out = []
+    for layer, w in enumerate(rows):
+        old = None if old_phy2log is None else old_phy2log[layer].tolist()
+        out.append(_search_layer(
+            w, phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist(),
+            num_gpus, num_nodes, old, max_moves,
+        ))  # fmt: skip
+    L, R = phy2log.shape
+    E = logcnt.shape[1]
+    return (
+        torch.tensor([o[0] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
+    )
