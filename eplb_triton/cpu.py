@@ -141,114 +141,127 @@ def search(
     """``w`` float32 ``[X, E]``; ``phy``/``rank`` ``[X, R]``, ``cnt`` ``[X, E]`` int64 (the start).
 
     Returns the searched ``(phy, rank, cnt)`` (new arrays), equal to :func:`reference.search`.
+    Every round makes one move in each row still searching; rows that stop are set aside.
     """
-    X, E = w.shape
+    X = w.shape[0]
+    R = phy.shape[1]
+    out = [phy.copy(), rank.copy(), cnt.copy()]
+    if P == 1 or X == 0:
+        return tuple(out)
+    w64 = w.astype(np.float64)
+    ids = np.arange(X)  # rows still searching
+    state = [a.copy() for a in out]
+    start_peak = None
+    for _ in range(R):
+        peak, moved = _round(w64[ids], *state, P, N, None if old is None else old[ids], budget)
+        if start_peak is None:
+            start_peak = peak
+        if not moved.all():
+            for o, st in zip(out, state, strict=True):
+                o[ids[~moved]] = st[~moved]
+            ids, state = ids[moved], [st[moved] for st in state]
+        if ids.size == 0:
+            break
+    for o, st in zip(out, state, strict=True):  # rows stopped by the round limit
+        o[ids] = st
+    # never worse than the start (docs/algorithm.md 10.2): a guard against float64 rounding
+    final = _slot_sums(np.take_along_axis(w64 / out[2], out[0], axis=1), R // P).max(axis=1)
+    worse = final > start_peak
+    for o, begin in zip(out, (phy, rank, cnt), strict=True):
+        o[worse] = begin[worse]
+    return tuple(out)
+
+
+def _round(
+    w64: np.ndarray, phy: np.ndarray, rank: np.ndarray, cnt: np.ndarray, P: int, N: int,
+    old: np.ndarray | None, budget: int | None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One round of docs/algorithm.md 10.2 on every row, in place. Returns ``(peak, moved)`` per row."""
+    X, E = w64.shape
     R = phy.shape[1]
     S, Pn = R // P, P // N
-    phy, rank, cnt = phy.copy(), rank.copy(), cnt.copy()
-    start = (phy.copy(), rank.copy(), cnt.copy())
-    if P == 1 or X == 0:
-        return start
-    w64 = w.astype(np.float64)
     rows = np.arange(X)
     gpu = np.arange(R) // S
-    slot_node = gpu // Pn
-    experts = np.arange(E)
-    active = np.ones(X, bool)
-    start_max = None
-    for _ in range(R):
-        share = w64 / cnt
-        slot_share = np.take_along_axis(share, phy, axis=1)
-        loads = _slot_sums(slot_share, S)
-        peak = loads.max(axis=1)
-        if start_max is None:
-            start_max = peak.copy()
-        a = loads.argmax(axis=1)
-        ia = a[:, None] * S + np.arange(S)  # [X, S] slots of the fullest GPU
-        y = np.take_along_axis(phy, ia, axis=1)
-        sy = np.take_along_axis(share, y, axis=1)
-        if budget is not None:
-            moved = (phy != old).sum(axis=1)
-            diff = phy != old  # [X, R]
-            old_i = np.take_along_axis(old, ia, axis=1)
-            diff_i = np.take_along_axis(diff, ia, axis=1)
-        # --- swaps (i on the fullest GPU, j on another GPU of its node)
-        va = (peak[:, None, None] - sy[:, :, None]) + slot_share[:, None, :]
-        vb = (loads[:, gpu] - slot_share)[:, None, :] + sy[:, :, None]
-        value = np.maximum(va, vb)
-        ok = (gpu[None, :] != a[:, None]) & (slot_node[None, :] == (a // Pn)[:, None])
-        ok = ok[:, None, :] & (phy[:, None, :] != y[:, :, None])
-        if budget is not None:
-            after = (
-                moved[:, None, None] - diff_i[:, :, None] - diff[:, None, :]
-                + (phy[:, None, :] != old_i[:, :, None]) + (y[:, :, None] != old[:, None, :])
-            )  # fmt: skip
-            ok &= after <= budget
-        ok &= value < peak[:, None, None]
-        value = np.where(ok, value, np.inf).reshape(X, S * R)
-        swap_at = value.argmin(axis=1)
-        swap_value = value[rows, swap_at]
-        swap_ok = ok.reshape(X, S * R)[rows, swap_at]
-        # --- shifts (a replica of x becomes y, for each slot i of the fullest GPU)
-        enode = np.full((X, E), R, np.int64)
-        np.minimum.at(enode, (np.repeat(rows, R), phy.reshape(-1)), np.tile(np.arange(R), X))
-        enode = enode // (R // N)
-        ynode = np.take_along_axis(enode, y, axis=1)
-        donor = (cnt >= 2)[:, None, :] & (experts[None, None, :] != y[:, :, None])
-        donor &= enode[:, None, :] == ynode[:, :, None]
-        key = np.where(donor, share[:, None, :], np.inf)
-        x = key.argmin(axis=2)  # [X, S]
-        has_x = np.take_along_axis(donor, x[:, :, None], axis=2)[:, :, 0]
-        cx = np.take_along_axis(cnt, x, axis=1)
-        cy = np.take_along_axis(cnt, y, axis=1)
-        s2x = np.take_along_axis(w64, x, axis=1) / (cx - 1).clip(1)
-        s2y = np.take_along_axis(w64, y, axis=1) / (cy + 1)
-        is_x = phy[:, None, :] == x[:, :, None]  # [X, S, R]
-        is_y = phy[:, None, :] == y[:, :, None]
-        sh2 = np.where(is_x, s2x[:, :, None], np.where(is_y, s2y[:, :, None], slot_share[:, None, :]))
-        base = _slot_sums(sh2, S)  # [X, S, P]
-        top = base.argmax(axis=2)
-        masked = base.copy()
-        np.put_along_axis(masked, top[:, :, None], -np.inf, axis=2)
-        first = np.take_along_axis(base, top[:, :, None], axis=2)  # [X, S, 1]
-        second = masked.max(axis=2, keepdims=True)
-        rest = np.where(gpu[None, None, :] == top[:, :, None], second, first)  # max over the other GPUs
-        value = np.maximum((base[:, :, gpu] - s2x[:, :, None]) + s2y[:, :, None], rest)
-        ok = is_x & has_x[:, :, None]
-        if budget is not None:
-            after = moved[:, None, None] - diff[:, None, :] + (y[:, :, None] != old[:, None, :])
-            ok &= after <= budget
-        ok &= value < peak[:, None, None]
-        value = np.where(ok, value, np.inf).reshape(X, S * R)
-        shift_at = value.argmin(axis=1)
-        shift_value = value[rows, shift_at]
-        shift_ok = ok.reshape(X, S * R)[rows, shift_at]
-        # --- one move per row: the lower value; a shift wins a tie with a swap
-        take_shift = active & shift_ok & (~swap_ok | (shift_value <= swap_value))
-        take_swap = active & swap_ok & ~take_shift
-        active = take_shift | take_swap
-        if not active.any():
-            break
-        r = rows[take_swap]
-        if r.size:
-            i = ia[r, swap_at[r] // R]
-            j = swap_at[r] % R
-            phy[r, i], phy[r, j] = phy[r, j], phy[r, i].copy()
-            rank[r, i], rank[r, j] = rank[r, j], rank[r, i].copy()
-        r = rows[take_shift]
-        if r.size:
-            ii = shift_at[r] // R
-            q = shift_at[r] % R
-            xs, ys = x[r, ii], y[r, ii]
-            last = (phy[r] == xs[:, None]) & (rank[r] == (cnt[r, xs] - 1)[:, None])
-            freed = rank[r, q]
-            rank[r] = np.where(last, freed[:, None], rank[r])
-            phy[r, q] = ys
-            rank[r, q] = cnt[r, ys]
-            cnt[r, xs] -= 1
-            cnt[r, ys] += 1
-    final = _slot_sums(np.take_along_axis(w64 / cnt, phy, axis=1), S).max(axis=1)
-    worse = final > start_max
-    for out, begin in zip((phy, rank, cnt), start, strict=True):
-        out[worse] = begin[worse]
-    return phy, rank, cnt
+    share = w64 / cnt
+    slot_share = np.take_along_axis(share, phy, axis=1)
+    loads = _slot_sums(slot_share, S)
+    peak = loads.max(axis=1)
+    a = loads.argmax(axis=1)
+    ia = a[:, None] * S + np.arange(S)  # [X, S] slots of the fullest GPU
+    y = np.take_along_axis(phy, ia, axis=1)
+    sy = np.take_along_axis(share, y, axis=1)
+    if budget is not None:
+        diff = phy != old  # [X, R]
+        moved = diff.sum(axis=1)
+        old_i = np.take_along_axis(old, ia, axis=1)
+        diff_i = np.take_along_axis(diff, ia, axis=1)
+
+    # --- swaps: slot i of the fullest GPU with slot j of another GPU of its node
+    value = slot_share[:, None, :] + (peak[:, None] - sy)[:, :, None]  # (peak - sy) + sj
+    np.maximum(value, (loads[:, gpu] - slot_share)[:, None, :] + sy[:, :, None], out=value)
+    ok = gpu[None, :] != a[:, None]
+    if N > 1:
+        ok &= (gpu // Pn)[None, :] == (a // Pn)[:, None]
+    ok = ok[:, None, :] & (phy[:, None, :] != y[:, :, None])
+    if budget is not None:
+        after = (
+            moved[:, None, None] - diff_i[:, :, None] - diff[:, None, :]
+            + (phy[:, None, :] != old_i[:, :, None]) + (y[:, :, None] != old[:, None, :])
+        )  # fmt: skip
+        ok &= after <= budget
+    ok &= value < peak[:, None, None]
+    value = np.where(ok, value, np.inf).reshape(X, S * R)
+    swap_at = value.argmin(axis=1)  # the first minimum: lowest (i, j)
+    swap_value = value[rows, swap_at]
+    swap_ok = ok.reshape(X, S * R)[rows, swap_at]
+
+    # --- shifts: a copy of the donor x becomes a copy of y = phy[i]
+    donor = (cnt >= 2)[:, None, :] & (np.arange(E)[None, None, :] != y[:, :, None])  # [X, S, E]
+    if N > 1:  # the donor's node (of its lowest slot) must be y's
+        first = np.full((X, E), R, np.int64)
+        np.minimum.at(first, (np.repeat(rows, R), phy.reshape(-1)), np.tile(np.arange(R), X))
+        enode = first // (R // N)
+        donor &= enode[:, None, :] == np.take_along_axis(enode, y, axis=1)[:, :, None]
+    x = np.where(donor, share[:, None, :], np.inf).argmin(axis=2)  # [X, S]
+    has_x = np.take_along_axis(donor, x[:, :, None], axis=2)[:, :, 0]
+    s2x = np.take_along_axis(w64, x, axis=1) / (np.take_along_axis(cnt, x, axis=1) - 1).clip(1)
+    s2y = np.take_along_axis(w64, y, axis=1) / (np.take_along_axis(cnt, y, axis=1) + 1)
+    is_x = phy[:, None, :] == x[:, :, None]  # [X, S, R]
+    sh2 = np.where(is_x, s2x[:, :, None], slot_share[:, None, :])
+    sh2 = np.where(phy[:, None, :] == y[:, :, None], s2y[:, :, None], sh2)
+    base = _slot_sums(sh2, S)  # [X, S, P]
+    top = base.argmax(axis=2)[:, :, None]
+    first_max = np.take_along_axis(base, top, axis=2)
+    masked = base.copy()
+    np.put_along_axis(masked, top, -np.inf, axis=2)
+    rest = np.where(np.arange(P) == top, masked.max(axis=2, keepdims=True), first_max)  # max over the other GPUs
+    value = np.maximum((base - s2x[:, :, None]) + s2y[:, :, None], rest)[:, :, gpu]  # [X, S, R]
+    ok = is_x & has_x[:, :, None]
+    if budget is not None:
+        ok &= moved[:, None, None] - diff[:, None, :] + (y[:, :, None] != old[:, None, :]) <= budget
+    ok &= value < peak[:, None, None]
+    value = np.where(ok, value, np.inf).reshape(X, S * R)
+    shift_at = value.argmin(axis=1)
+    shift_value = value[rows, shift_at]
+    shift_ok = ok.reshape(X, S * R)[rows, shift_at]
+
+    # --- one move per row: the lower value; a shift wins a tie with a swap
+    take_shift = shift_ok & (~swap_ok | (shift_value <= swap_value))
+    take_swap = swap_ok & ~take_shift
+    r = rows[take_swap]
+    if r.size:
+        i = ia[r, swap_at[r] // R]
+        j = swap_at[r] % R
+        phy[r, i], phy[r, j] = phy[r, j], phy[r, i].copy()
+        rank[r, i], rank[r, j] = rank[r, j], rank[r, i].copy()
+    r = rows[take_shift]
+    if r.size:
+        ii, q = shift_at[r] // R, shift_at[r] % R
+        xs, ys = x[r, ii], y[r, ii]
+        last = (phy[r] == xs[:, None]) & (rank[r] == (cnt[r, xs] - 1)[:, None])
+        rank[r] = np.where(last, rank[r, q][:, None], rank[r])
+        phy[r, q] = ys
+        rank[r, q] = cnt[r, ys]
+        cnt[r, xs] -= 1
+        cnt[r, ys] += 1
+    return peak, take_shift | take_swap
