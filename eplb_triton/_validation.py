@@ -197,6 +197,21 @@ def check_method(method: object) -> str:
     return method
 
 
+def check_max_moves(max_moves: object) -> int | None:
+    """``None`` or a non-negative Python int (``bool`` and floats refused)."""
+    if max_moves is None:
+        return None
+    if isinstance(max_moves, bool) or isinstance(max_moves, torch.Tensor):
+        raise TypeError(f"max_moves must be a Python int or None, got {type(max_moves).__name__}")
+    try:
+        value = operator.index(max_moves)
+    except TypeError:
+        raise TypeError(f"max_moves must be an int or None, got {type(max_moves).__name__} ({max_moves!r})") from None
+    if value < 0:
+        raise EplbArgumentError(f"max_moves ({value}) must be >= 0")
+    return value
+
+
 def check_old_placement(
     old_phy2log: object, max_moves: object, cfg: Config, device: torch.device, *, check_data: bool = True
 ) -> tuple[torch.Tensor | None, int | None]:
@@ -206,17 +221,8 @@ def check_old_placement(
     layer; ``max_moves`` a non-negative int and only with ``old_phy2log``. ``check_data=False``
     skips the rules that read the values (no host synchronisation; the planner's hot path).
     """
+    max_moves = check_max_moves(max_moves)
     if max_moves is not None:
-        if isinstance(max_moves, bool) or isinstance(max_moves, torch.Tensor):
-            raise TypeError(f"max_moves must be a Python int or None, got {type(max_moves).__name__}")
-        try:
-            max_moves = operator.index(max_moves)
-        except TypeError:
-            raise TypeError(
-                f"max_moves must be an int or None, got {type(max_moves).__name__} ({max_moves!r})"
-            ) from None
-        if max_moves < 0:
-            raise EplbArgumentError(f"max_moves ({max_moves}) must be >= 0")
         if old_phy2log is None:
             raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
     if old_phy2log is None:

@@ -22,8 +22,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from . import backends, metrics
-from ._validation import check_count, check_shape_config, resolve_device
+from . import backends, methods, metrics
+from ._validation import check_count, check_max_moves, check_method, check_shape_config, resolve_device
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
 from .placement import _occurrence, log2phy_from_rank, stable_order
@@ -60,6 +60,11 @@ class OnlineBalancer:
             else ``"cpu"``), ``"triton"`` (the sync-free GPU planner and the recording kernel; on
             CPU only under ``TRITON_INTERPRET=1``), ``"cpu"`` (NumPy planning, torch recording) or
             ``"reference"`` (the literal planner, torch recording).
+        method: ``"greedy"`` or ``"refined"`` (docs/algorithm.md section 10). With ``"refined"``
+            (and ``keep_slots``) each plan is relabelled to the current placement by the exact
+            node/GPU assignment, not only slot-stable within GPUs.
+        max_moves: if given, every plan is an incremental replan from the current placement:
+            at most this many slots per layer change (docs/algorithm.md 10.4).
 
     All state lives in static tensors updated in place: :attr:`phy2log` ``[L, R]``,
     :attr:`phyrank` ``[L, R]``, :attr:`log2phy` ``[L, E, R - E + 1]`` (``-1`` padded),
@@ -90,6 +95,8 @@ class OnlineBalancer:
         history_size: int = 1000,
         backend: str = "auto",
         check_agreement: bool = True,
+        method: str = "greedy",
+        max_moves: int | None = None,
     ):
         self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -111,6 +118,8 @@ class OnlineBalancer:
         self.check_agreement = bool(check_agreement)
         self.device = resolve_device(device)
         self.backend = backends.resolve(backend, self.device)
+        self.method = check_method(method)
+        self.max_moves = check_max_moves(max_moves)
 
         R = self.config.num_replicas
         dev = self.device
@@ -196,7 +205,14 @@ class OnlineBalancer:
         old = (self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone(), self.log2phy.clone())
         before = metrics.balancedness(metrics.gpu_loads(loads, old[0], old[2], P))
         new = self._plan(loads)
-        if self.keep_slots:
+        if self.method != "greedy" or self.max_moves is not None:
+            keep = self.keep_slots or self.max_moves is not None
+            phy2log, phyrank, logcnt = methods.plan(
+                loads, self.config.effective(), self.backend, self.method, old[0] if keep else None, self.max_moves,
+                greedy=new[:3],
+            )  # fmt: skip
+            new = (phy2log, phyrank, logcnt, log2phy_from_rank(phy2log, phyrank, self.config.num_experts, self.width))
+        elif self.keep_slots:
             new = _reorder(new, stable_order(old[0], new[0], P))
         after = metrics.balancedness(metrics.gpu_loads(loads, new[0], new[2], P))
         if only_below is not None:

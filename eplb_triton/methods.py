@@ -30,11 +30,18 @@ def log2phy(backend: str, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: 
 
 def plan(
     weight: torch.Tensor, cfg: Config, backend: str, method: str, old_phy2log: torch.Tensor | None,
-    max_moves: int | None,
+    max_moves: int | None, greedy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(phy2log, phyrank, logcnt)`` of the effective configuration ``cfg`` (validated arguments)."""
+    """``(phy2log, phyrank, logcnt)`` of the effective configuration ``cfg`` (validated arguments).
+
+    ``greedy``: the greedy plan ``(phy2log, phyrank, logcnt)`` when the caller already has it
+    (the GPU planner's buffers); it is not modified.
+    """
     E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
-    phy2log, phyrank, logcnt, _ = backends.run("rebalance", backend, weight, cfg, False)
+    if greedy is None:
+        phy2log, phyrank, logcnt, _ = backends.run("rebalance", backend, weight, cfg, False)
+    else:
+        phy2log, phyrank, logcnt = greedy
     if method == "refined":
         phy2log, phyrank, logcnt = backends.run("search", backend, weight, phy2log, phyrank, logcnt, P, N)
     if old_phy2log is None:

@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, launch
-from ._validation import Config, check_shape_config, check_weight, resolve_device
+from . import backends, launch, methods
+from ._validation import (
+    Config,
+    check_max_moves,
+    check_method,
+    check_old_placement,
+    check_shape_config,
+    check_weight,
+    resolve_device,
+)
+from .placement import log2phy_from_rank
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
 
@@ -54,6 +63,10 @@ class EplbPlanner:
         num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus: the configuration
             (``L, E, R, G, N, P``), validated as :func:`eplb_triton.rebalance_experts` does.
         device: where the buffers live (a CUDA device; CPU only under ``TRITON_INTERPRET=1``).
+        method: ``"greedy"`` (one kernel launch per plan) or ``"refined"`` (the greedy, then the
+            local search kernel: docs/algorithm.md section 10).
+        max_moves: if given, :meth:`plan` needs ``old_phy2log`` and replans incrementally: at most
+            this many slots per layer differ from it (docs/algorithm.md 10.4).
 
     Attributes (static tensors, rewritten in place by :meth:`plan`):
         phy2log: ``[L, R]`` int64, logical expert of each slot.
@@ -80,6 +93,8 @@ class EplbPlanner:
         num_gpus: int,
         *,
         device: torch.device | str = "cuda",
+        method: str = "greedy",
+        max_moves: int | None = None,
     ):
         self.config: Config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -92,8 +107,10 @@ class EplbPlanner:
                 "TRITON_INTERPRET=1 before import for the CPU interpreter); on the CPU use "
                 "rebalance_experts(..., backend='cpu') or OnlineBalancer(..., device='cpu')"
             )
+        self.method = check_method(method)
+        self.max_moves = check_max_moves(max_moves)
         self._buffers = launch.RebalanceBuffers.allocate(self._policy, self.device)
-        self.plan(torch.ones((L, E), dtype=torch.float32, device=self.device))
+        launch.rebalance(torch.ones((L, E), dtype=torch.float32, device=self.device), self._policy, out=self._buffers)
 
     phy2log = property(lambda self: self._buffers.phy2log)
     phyrank = property(lambda self: self._buffers.phyrank)
@@ -101,13 +118,20 @@ class EplbPlanner:
     log2phy = property(lambda self: self._buffers.log2phy)
     invalid = property(lambda self: self._buffers.invalid)
 
-    def plan(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def plan(
+        self, weight: torch.Tensor, old_phy2log: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rewrite the placement for new loads and return ``(phy2log, log2phy, logcnt)``.
 
         Args:
             weight: ``[L, E]`` loads of any real dtype on the planner's device. Only metadata is
                 checked here (no synchronisation); a layer with NaN, inf or negative loads keeps
                 its previous placement and is flagged in :attr:`invalid`.
+            old_phy2log: ``[L, R]`` integer placement in service (for example a clone of
+                :attr:`phy2log` before the call): the plan is relabelled to it, or with
+                ``max_moves`` replanned incrementally from it. Only its shape and dtype are
+                checked here (its values are the caller's contract: ids in ``[0, E)``, every expert
+                present). Still no host synchronisation.
 
         Returns:
             The planner's own static buffers (not copies).
@@ -121,9 +145,20 @@ class EplbPlanner:
             )
         if weight.device != self.device:
             raise ValueError(f"weight must be on the planner's device {self.device}, got {weight.device}")
+        old, max_moves = check_old_placement(old_phy2log, self.max_moves, cfg, self.device, check_data=False)
         b, p = self._buffers, self._policy
+        beyond = self.method != "greedy" or old is not None
+        if beyond:
+            previous = (b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
         torch.ops.eplb_triton.rebalance_(
             weight, b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid, b.scratch_i, b.scratch_f,
             p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus,
         )  # fmt: skip
+        if beyond:
+            greedy = (b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
+            new = methods.plan(weight, p, "triton", self.method, old, max_moves, greedy=greedy)
+            keep = (b.invalid != 0).view(-1, 1)  # flagged layers keep their previous placement
+            for buf, n, prev in zip((b.phy2log, b.phyrank, b.logcnt), new, previous, strict=True):
+                buf.copy_(torch.where(keep, prev, n))
+            log2phy_from_rank(b.phy2log, b.phyrank, cfg.num_experts, b.log2phy.shape[2], out=b.log2phy)
         return b.phy2log, b.log2phy, b.logcnt

@@ -262,3 +262,37 @@ def test_train_loop_example_runs(tmp_path):
     # seeded run: rebalancing every 4 steps beats the static placement over the run
     assert summary["balancedness_with_rebalancing"] > summary["balancedness_without"]
     assert all(h["after"] > h["before"] for h in summary["rebalances"])
+
+
+@pytest.mark.parametrize("method", ["greedy", "refined"])
+def test_balancer_incremental_moves_at_most_max_moves(method):
+    b = OnlineBalancer(3, 16, 24, 4, 2, 8, window=1, rebalance_interval=1, device="cpu", method=method, max_moves=3)
+    for s in range(4):
+        before = b.phy2log.clone()
+        loads = make_loads(3, 16, "skewed", s) % 200
+        _feed(b, loads)
+        assert b.step() is True
+        assert ((b.phy2log != before).sum(dim=1) <= 3).all()
+        want = eplb.rebalance_experts(loads, 24, 4, 2, 8, backend="cpu", method=method, old_phy2log=before, max_moves=3)
+        assert torch.equal(b.phy2log, want[0]) and torch.equal(b.logcnt, want[2])
+        _assert_replicas_follow_their_slots(b.log2phy, b.phy2log, want[1], want[1].shape[2])
+        assert int(b.history_records()[-1]["migrated_slots"]) == int((b.phy2log != before).sum())
+
+
+def test_balancer_refined_relabels_to_the_current_placement():
+    b = OnlineBalancer(2, 8, 12, 4, 2, 4, window=1, rebalance_interval=1, device="cpu", method="refined")
+    before = b.phy2log.clone()
+    loads = make_loads(2, 8, "skewed", 5) % 50
+    _feed(b, loads)
+    b.step()
+    want = eplb.rebalance_experts(loads, 12, 4, 2, 4, backend="cpu", method="refined", old_phy2log=before)
+    assert torch.equal(b.phy2log, want[0]) and torch.equal(b.logcnt, want[2])
+
+
+def test_balancer_method_argument_errors():
+    with pytest.raises(ValueError, match="method must be one of"):
+        OnlineBalancer(2, 8, 12, 4, 2, 4, device="cpu", method="best")
+    with pytest.raises(ValueError, match="max_moves"):
+        OnlineBalancer(2, 8, 12, 4, 2, 4, device="cpu", max_moves=-2)
+    with pytest.raises(TypeError, match="max_moves"):
+        OnlineBalancer(2, 8, 12, 4, 2, 4, device="cpu", max_moves=1.5)
