@@ -8,6 +8,9 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
   worst layer), the lower bound (docs/algorithm.md)'s ceiling on it, and the balancedness with no rebalancing;
+* methods (``--methods`` with ``--loads``): ``method="refined"`` against the greedy per file, the
+  incremental replan (``max_moves`` = 15% of R) between consecutive files, and the budget curve
+  (balancedness against slots moved, ``max_moves`` from 0 to R) for one deployment;
 * DeepSeek's published implementation (``--deepseek PATH/eplb.py``, the file ``eplb.py`` of
   github.com/deepseek-ai/EPLB, supplied by the user; nothing of it ships here): its
   ``rebalance_experts`` timed on the same loads as an extra backend column ``deepseek`` (CPU,
@@ -18,8 +21,8 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
 Load files are read the same way whatever their format: all-zero layers (a model's dense layers)
 are dropped with a note, and every layer keeps its model layer index (its row in the file).
 
-Writes ``latency.csv``, ``results.json`` (with provenance), ``summary.txt`` (the printed tables)
-and ``latency.png`` under ``--out``.
+Writes ``latency.csv``, ``results.json`` (with provenance), ``summary.txt`` (the printed tables),
+``latency.png`` and (``--methods``) ``budget_curve.csv``/``.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -254,6 +257,152 @@ def deepseek_agreement(files: list[Loads], deployments: list[Deployment], deepse
     return rows
 
 
+BUDGET_SHARE = 0.15  # the incremental rows: max_moves = 15% of the slots
+
+
+def _bal(w: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, gpus: int) -> torch.Tensor:
+    return metrics.balancedness(metrics.gpu_loads(w, phy2log, logcnt, gpus))
+
+
+def _moved_share(old: torch.Tensor, new: torch.Tensor) -> float:
+    return float(metrics.migration_count(old, new).double().mean()) / old.shape[1]
+
+
+def refined_report(files: list[Loads], deployments: list[Deployment], repeats: int, log=print) -> list[dict]:
+    """Per file and deployment: the greedy against ``method="refined"`` (CPU path), and its time."""
+    rows = []
+    for loads in files:
+        w = loads.weight
+        for d in deployments:
+            if d.experts != w.shape[1]:
+                continue
+            greedy = rebalance_experts(w, *d.args, backend="cpu")
+            run = partial(rebalance_experts, w, *d.args, backend="cpu", method="refined")
+            refined = run()
+            g, r = _bal(w, greedy[0], greedy[2], d.gpus), _bal(w, refined[0], refined[2], d.gpus)
+            bound = w.double().sum(1) / d.gpus / metrics.lower_bound(w, d.replicas, d.gpus)
+            gap = float(bound.mean() - g.mean())
+            rows.append({
+                "file": loads.path.name, "deployment": d.name, "policy": d.policy, "layers": w.shape[0],
+                "greedy_mean": float(g.mean()), "refined_mean": float(r.mean()), "refined_worst": float(r.min()),
+                "bound_mean": float(bound.mean()),
+                "gap_closed": float(r.mean() - g.mean()) / gap if gap > 1e-12 else float("nan"),
+                "worse_layers": int((r < g).sum()), "better_layers": int((r > g).sum()),
+                "cpu_ms": median_cpu_s(run, repeats) * 1e3,
+            })  # fmt: skip
+            log(f"refined {loads.path.name} {d.name}: {rows[-1]['greedy_mean']:.4f} -> {rows[-1]['refined_mean']:.4f}")
+    return rows
+
+
+def incremental_report(files: list[Loads], deployments: list[Deployment], repeats: int, log=print) -> list[dict]:
+    """Consecutive files as "the loads the placement was planned for -> the new loads".
+
+    The placement in service is the greedy plan of the first file. On the second file's loads: a
+    full greedy replan (as numbered, and relabelled to the old placement), the refined plan
+    relabelled, and the incremental replan with ``max_moves`` = 15% of the slots.
+    """
+    rows = []
+    for before, after in zip(files, files[1:], strict=False):
+        w = after.weight
+        for d in deployments:
+            if d.experts != w.shape[1] or d.experts != before.weight.shape[1]:
+                continue
+            old = rebalance_experts(before.weight, *d.args, backend="cpu")[0]
+            k = int(BUDGET_SHARE * d.replicas)
+            greedy = rebalance_experts(w, *d.args, backend="cpu")
+            relabelled = rebalance_experts(w, *d.args, backend="cpu", old_phy2log=old)
+            refined = rebalance_experts(w, *d.args, backend="cpu", method="refined", old_phy2log=old)
+            run = partial(rebalance_experts, w, *d.args, backend="cpu", method="refined", old_phy2log=old, max_moves=k)
+            inc = run()
+            g = _bal(w, greedy[0], greedy[2], d.gpus)
+            i = _bal(w, inc[0], inc[2], d.gpus)
+            old_cnt = torch.zeros_like(greedy[2]).scatter_add_(1, old, torch.ones_like(old))
+            rows.append({
+                "from": before.path.name, "to": after.path.name, "deployment": d.name, "policy": d.policy,
+                "max_moves": k,
+                "old_on_new_mean": float(_bal(w, old, old_cnt, d.gpus).mean()),
+                "greedy_mean": float(g.mean()), "greedy_moved": _moved_share(old, greedy[0]),
+                "relabelled_moved": _moved_share(old, relabelled[0]),
+                "refined_mean": float(_bal(w, refined[0], refined[2], d.gpus).mean()),
+                "refined_moved": _moved_share(old, refined[0]),
+                "incremental_mean": float(i.mean()), "incremental_moved": _moved_share(old, inc[0]),
+                "incremental_vs_greedy": float(i.mean() / g.mean()),
+                "incremental_cpu_ms": median_cpu_s(run, repeats) * 1e3,
+            })  # fmt: skip
+            r = rows[-1]
+            log(f"incremental {before.path.name} -> {after.path.name} {d.name}: {r['incremental_mean']:.4f} "
+                f"({r['incremental_vs_greedy']:.3f}x greedy), moved {r['incremental_moved']:.1%}")  # fmt: skip
+    return rows
+
+
+def budget_curve(before: Loads, after: Loads, d: Deployment, points: int = 17) -> list[dict]:
+    """Balancedness against slots moved for ``max_moves`` from 0 to ``R`` (method refined)."""
+    old = rebalance_experts(before.weight, *d.args, backend="cpu")[0]
+    w = after.weight
+    rows = []
+    for k in sorted({round(d.replicas * j / (points - 1)) for j in range(points)}):
+        phy2log, _, logcnt = rebalance_experts(
+            w, *d.args, backend="cpu", method="refined", old_phy2log=old, max_moves=k
+        )
+        rows.append({"max_moves": k, "moved": _moved_share(old, phy2log),
+                     "balancedness": float(_bal(w, phy2log, logcnt, d.gpus).mean())})  # fmt: skip
+    greedy = rebalance_experts(w, *d.args, backend="cpu")
+    rows.append({"max_moves": None, "label": "greedy replan", "moved": _moved_share(old, greedy[0]),
+                 "balancedness": float(_bal(w, greedy[0], greedy[2], d.gpus).mean())})  # fmt: skip
+    return rows
+
+
+def plot_budget_curve(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = [r for r in rows if r["max_moves"] is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([100 * r["moved"] for r in curve], [r["balancedness"] for r in curve], marker="o",
+            label="incremental, method='refined' (max_moves 0..R)")  # fmt: skip
+    for r in rows:
+        if r["max_moves"] is None:
+            ax.scatter([100 * r["moved"]], [r["balancedness"]], color="black", marker="x", zorder=3, label=r["label"])
+    ax.set_xlabel("slots moved (% of R, mean over layers)")
+    ax.set_ylabel("mean balancedness")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def format_refined(rows: list[dict]) -> str:
+    lines = [f"{'file':28s} {'deployment':20s} {'greedy':>7s} {'refined':>7s} {'worst':>7s} {'bound':>7s} "
+             f"{'closed':>7s} {'worse':>5s} {'cpu ms':>8s}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['file']:28s} {r['deployment']:20s} {r['greedy_mean']:7.4f} {r['refined_mean']:7.4f} "
+            f"{r['refined_worst']:7.4f} {r['bound_mean']:7.4f} {r['gap_closed']:7.1%} {r['worse_layers']:5d} "
+            f"{r['cpu_ms']:8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def format_incremental(rows: list[dict]) -> str:
+    lines = [f"{'from -> to':50s} {'deployment':20s} {'old':>6s} {'greedy':>6s} {'moved':>6s} {'relab.':>6s} "
+             f"{'refin.':>6s} {'moved':>6s} {'incr.':>6s} {'moved':>6s} {'x gr.':>6s} {'cpu ms':>7s}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['from'] + ' -> ' + r['to']:50s} {r['deployment']:20s} {r['old_on_new_mean']:6.4f} "
+            f"{r['greedy_mean']:6.4f} {r['greedy_moved']:6.1%} {r['relabelled_moved']:6.1%} "
+            f"{r['refined_mean']:6.4f} {r['refined_moved']:6.1%} {r['incremental_mean']:6.4f} "
+            f"{r['incremental_moved']:6.1%} {r['incremental_vs_greedy']:6.3f} {r['incremental_cpu_ms']:7.1f}"
+        )
+    return "\n".join(lines)
+
+
 def format_latency(rows: list[dict], backends: list[str]) -> str:
     """Median ms per backend; with the ``deepseek`` column, also ``ds/<backend>``: DeepSeek's time over
     that backend's (how many times faster it is than DeepSeek's implementation)."""
@@ -369,6 +518,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "as the backend 'deepseek' and, with --loads, compare its placements with ours "
                         "(default: none)")  # fmt: skip
     p.add_argument("--no-latency", action="store_true", help="only the quality report (default: off)")
+    p.add_argument("--methods", action="store_true",
+                   help="with --loads: also method='refined' per file, incremental replans (max_moves = 15%% "
+                        "of R) between consecutive files, and the budget curve (default: off)")  # fmt: skip
+    p.add_argument("--budget-deployment", default="decode-EP64", choices=[*DEEPSEEK_V3, "custom"], metavar="NAME",
+                   help=f"deployment of the budget curve: {', '.join(DEEPSEEK_V3)} or custom "
+                        "(default: decode-EP64)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
     return p
 
@@ -457,6 +612,45 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             )
             print()
             print(tables[-1])
+    if files and args.methods:
+        log("method='refined' on every file (CPU path)")
+        refined = refined_report(files, deployments, repeats, log)
+        result["refined"] = refined
+        tables.append("method='refined' against the greedy (balancedness means; closed: share of the gap to the "
+                      "bound; worse: layers where refined < greedy)\n" + format_refined(refined))  # fmt: skip
+        print()
+        print(tables[-1])
+        if len(files) > 1:
+            incremental = incremental_report(files, deployments, repeats, log)
+            result["incremental"] = incremental
+            tables.append(
+                "Consecutive files: the greedy plan of the first serves the second's loads. old: that placement; "
+                "greedy: full replan and slots moved; relab.: slots moved by the greedy relabelled to the old "
+                "placement; refin.: method='refined' relabelled; incr.: max_moves = 15% of R; x gr.: incr. / greedy\n"
+                + format_incremental(incremental)
+            )
+            print()
+            print(tables[-1])
+            d = (
+                next(m for m in deployments if m.name == args.budget_deployment)
+                if args.budget_deployment == "custom" and have_custom
+                else DEEPSEEK_V3.get(args.budget_deployment)
+            )
+            if d is None:
+                parser.error("--budget-deployment custom needs --experts, --replicas, --groups, --nodes and --gpus")
+            fitting = _fitting(files, d)
+            if len(fitting) > 1:
+                curve = budget_curve(fitting[0], fitting[1], d)
+                result["budget_curve"] = {"deployment": d.name, "from": fitting[0].path.name,
+                                          "to": fitting[1].path.name, "points": curve}  # fmt: skip
+                with open(args.out / "budget_curve.csv", "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=["max_moves", "moved", "balancedness", "label"])
+                    writer.writeheader()
+                    writer.writerows(curve)
+                title = (f"{d.name}: the placement for {fitting[0].path.name} on {fitting[1].path.name}'s loads\n"
+                         f"{info['cpu']}, torch {info['torch']}, {info['date'][:10]}")  # fmt: skip
+                if plot_budget_curve(curve, args.out / "budget_curve.png", title):
+                    log(f"wrote {args.out / 'budget_curve.png'}")
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     header = "\n".join(f"{k}: {v}" for k, v in info.items())
     (args.out / "summary.txt").write_text("\n\n".join([header, *tables]) + "\n")

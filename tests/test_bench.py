@@ -248,3 +248,34 @@ def test_same_replicas_on_a_gpu_count_as_the_same_load_in_any_slot_order():
     assert metrics.gpu_loads(w, ours, torch.ones(1, 4), 1) != metrics.gpu_loads(w, ours.flip(1), torch.ones(1, 4), 1)
     (row,) = bench.deepseek_agreement([loads], [one_gpu], SimpleNamespace(rebalance_experts=reversed_slots))
     assert row["differ"] == 1 and row["same_max_gpu_load"] is True
+
+
+def test_methods_report_rows_and_budget_curve(tmp_path, capsys):
+    # two load files of 16 experts: "the placement in service" plans for the first, serves the second
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"loads{seed}.json"
+        path.write_text(json.dumps({"logical_count": make_loads(3, 16, "skewed", seed).tolist()}))
+        paths.append(path)
+    out = tmp_path / "out"
+    code, stdout, _ = run_bench(capsys, *CUSTOM, "--no-latency", "--methods", "--repeats", "1",
+                                "--budget-deployment", "custom", "--loads", paths[0], "--loads", paths[1],
+                                "--out", out)  # fmt: skip
+    assert code == 0, stdout
+    result = json.loads((out / "results.json").read_text())
+    refined = [r for r in result["refined"] if r["deployment"] == "custom"]
+    assert len(refined) == 2 and all(r["worse_layers"] == 0 for r in refined)
+    (inc,) = [r for r in result["incremental"] if r["deployment"] == "custom"]
+    assert inc["max_moves"] == int(0.15 * 24) and inc["incremental_moved"] <= inc["max_moves"] / 24
+    # recomputed here: the old placement's balancedness on the new loads, and the incremental plan's
+    w0, w1 = read_loads(paths[0]).weight, read_loads(paths[1]).weight
+    old = rebalance_experts(w0, 24, 4, 2, 8, backend="cpu")[0]
+    old_cnt = torch.zeros((3, 16), dtype=torch.int64).scatter_add_(1, old, torch.ones_like(old))
+    want = metrics.balancedness(metrics.gpu_loads(w1, old, old_cnt, 8)).mean()
+    assert inc["old_on_new_mean"] == pytest.approx(float(want))
+    curve = result["budget_curve"]["points"]
+    assert (
+        curve[0]["max_moves"] == 0 and curve[0]["moved"] == 0 and curve[0]["balancedness"] == pytest.approx(float(want))
+    )
+    assert all(p["moved"] <= p["max_moves"] / 24 + 1e-12 for p in curve if p["max_moves"] is not None)
+    assert (out / "budget_curve.csv").exists() and (out / "budget_curve.png").exists()
