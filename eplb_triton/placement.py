@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._validation import check_count
@@ -120,59 +121,71 @@ def assign_max_overlap(overlap: torch.Tensor) -> torch.Tensor:
     """Exact maximum-weight perfect matching of each ``[n, n]`` matrix of a batch.
 
     The Hungarian algorithm in its shortest-augmenting-path form (Kuhn-Munkres with potentials,
-    ``O(n^3)``), rows added in order, the first minimum taken on ties, batched over ``B`` problems
-    with masks. Integer arithmetic throughout, so every device returns the same matching.
+    ``O(n^3)``) on ``cost = -overlap``, with 1-based rows and columns and column 0 as the root:
+    rows are added in order ``1 .. n``; each step scans the unused columns in index order and takes
+    the first minimum of the reduced costs. Integer arithmetic throughout, so the matching is the
+    same on every device: NumPy on the CPU, one Triton program per matrix on a GPU
+    (:mod:`eplb_triton.kernels.assign`), without host synchronisation.
 
     Args:
-        overlap: ``[B, n, n]`` int64, ``overlap[b, i, j]`` the gain of giving row ``i`` column ``j``.
+        overlap: ``[B, n, n]`` integer tensor, ``overlap[b, i, j]`` the gain of giving row ``i``
+            column ``j``; ``0 <= overlap < 2**31``.
 
     Returns:
-        ``[B, n]`` int64: the column of each row.
+        ``[B, n]`` int64 on ``overlap``'s device: the column of each row.
     """
+    if overlap.device.type != "cpu":
+        from .kernels.assign import assign_max_overlap_triton
+
+        return assign_max_overlap_triton(overlap)
+    return torch.from_numpy(_assign_numpy(overlap.to(torch.int64).numpy()))
+
+
+def _assign_numpy(overlap: np.ndarray) -> np.ndarray:
     B, n, _ = overlap.shape
-    dev = overlap.device
-    sync_free = dev.type != "cpu"  # on a GPU every loop runs to its bound instead of asking the host
-    cost = torch.zeros((B, n + 1, n + 1), dtype=torch.int64, device=dev)
-    cost[:, 1:, 1:] = -overlap.to(torch.int64)
-    u = torch.zeros((B, n + 1), dtype=torch.int64, device=dev)
-    v = torch.zeros_like(u)
-    p = torch.zeros_like(u)  # p[j]: the row holding column j (1-based; 0 = none)
-    way = torch.zeros_like(u)
-    b = torch.arange(B, device=dev)
+    cost = np.zeros((B, n + 1, n + 1), np.int64)
+    cost[:, 1:, 1:] = -overlap
+    u = np.zeros((B, n + 1), np.int64)  # row potentials
+    v = np.zeros_like(u)  # column potentials
+    p = np.zeros_like(u)  # p[j]: the row holding column j (0: none)
+    way = np.zeros_like(u)  # the previous column on the shortest path
+    everyone = np.arange(B)
     for i in range(1, n + 1):
         p[:, 0] = i
-        j0 = torch.zeros(B, dtype=torch.int64, device=dev)
-        minv = torch.full((B, n + 1), _INF, dtype=torch.int64, device=dev)
-        used = torch.zeros((B, n + 1), dtype=torch.bool, device=dev)
-        run = torch.ones(B, dtype=torch.bool, device=dev)
-        for _ in range(n + 1):
-            used[b, j0] |= run
-            i0 = p[b, j0]
-            cur = cost[b, i0] - u[b, i0][:, None] - v
-            better = ~used & (cur < minv) & run[:, None]
-            minv = torch.where(better, cur, minv)
-            way = torch.where(better, j0[:, None], way)
-            free_minv = torch.where(used, _INF, minv)
-            j1 = free_minv.argmin(dim=1)  # the first minimum
-            delta = torch.where(run, free_minv[b, j1], 0)
-            step = torch.where(used, delta[:, None], 0)
-            u.scatter_add_(1, p, step)
-            v -= step
-            minv = torch.where(used, minv, minv - delta[:, None])
-            j0 = torch.where(run, j1, j0)
-            run &= p[b, j0] != 0
-            if not sync_free and not bool(run.any()):
-                break
-        for _ in range(n + 1):  # augment along the path back to column 0
-            go = j0 != 0
-            j1 = way[b, j0]
-            p[b, j0] = torch.where(go, p[b, j1], p[b, j0])
-            j0 = torch.where(go, j1, j0)
-            if not sync_free and not bool(go.any()):
-                break
-    col_of_row = torch.empty((B, n + 1), dtype=torch.int64, device=dev)
-    col_of_row.scatter_(1, p, torch.arange(n + 1, device=dev).expand(B, n + 1))
-    return col_of_row[:, 1:] - 1
+        j0 = np.zeros(B, np.int64)
+        minv = np.full((B, n + 1), _INF, np.int64)
+        used = np.zeros((B, n + 1), bool)
+        b = everyone  # the problems whose path for row i is still growing
+        while b.size:
+            k = np.arange(b.size)
+            used[b, j0[b]] = True
+            i0 = p[b, j0[b]]
+            us, mv = used[b], minv[b]
+            cur = cost[b, i0] - u[b, i0][:, None] - v[b]
+            better = ~us & (cur < mv)
+            mv = np.where(better, cur, mv)
+            way[b] = np.where(better, j0[b][:, None], way[b])
+            free = np.where(us, _INF, mv)
+            j1 = free.argmin(axis=1)  # the first minimum
+            delta = free[k, j1]
+            step = np.where(us, delta[:, None], 0)
+            ub = u[b]
+            # used columns hold distinct rows; unused ones add 0 (row 0 may repeat there)
+            ub[k[:, None], p[b]] += step
+            u[b] = ub
+            v[b] -= step
+            minv[b] = np.where(us, mv, mv - delta[:, None])
+            j0[b] = j1
+            b = b[p[b, j1] != 0]
+        b = everyone[j0 != 0]
+        while b.size:  # augment along the path back to column 0
+            j1 = way[b, j0[b]]
+            p[b, j0[b]] = p[b, j1]
+            j0[b] = j1
+            b = b[j1 != 0]
+    col = np.empty((B, n + 1), np.int64)
+    np.put_along_axis(col, p, np.broadcast_to(np.arange(n + 1), (B, n + 1)), axis=1)
+    return col[:, 1:] - 1
 
 
 def _block_overlap(new: torch.Tensor, old: torch.Tensor, blocks: int, num_experts: int) -> torch.Tensor:
