@@ -11,7 +11,10 @@ Sections, each recorded (or its error recorded) without stopping the others:
      and literal reference on the same loads for comparison;
   6. a num_warps sweep at 58 layers;
   7. online rebalancing: record+dispatch of 58 layers x 8192 tokens x top-8 (checked against the
-     torch reference) and a full rebalance step of OnlineBalancer, eager and in a CUDA graph.
+     torch reference) and a full rebalance step of OnlineBalancer, eager and in a CUDA graph;
+  8. methods beyond the greedy (docs/algorithm.md section 10) on the real loads: method="refined",
+     relabelled to an old placement, and incremental (max_moves = 15% of R), each equal to the CPU
+     path and timed (drop-in API, and EplbPlanner.plan with old_phy2log, which stays sync-free).
 
 Writes ``results.json`` and ``summary.txt`` under ``--out``. Installs nothing.
 
@@ -287,6 +290,53 @@ def time_online(rep: Report) -> dict:
     return result
 
 
+def check_methods(rep: Report, data: Path) -> dict:
+    files = sorted(data.glob("*.json"))[:2]
+    if len(files) < 2:
+        raise FileNotFoundError(f"need two real load files in {data}")
+    w0, w1 = (read_loads(f).weight[:2] if SMOKE else read_loads(f).weight for f in files)
+    cases, rows = {}, []
+    heads = ("refined_ms", "incr_ms", "plan_us", "cpu_refined_ms", "cpu_incr_ms")
+    rep.say(f"{'config':22s} " + " ".join(f"{h:>14s}" for h in heads))
+    for name, (R, G, N, P) in REAL_CONFIGS.items():
+        old = eplb.rebalance_experts(w0, R, G, N, P, backend="cpu")[0]
+        k = int(0.15 * R)
+        variants = {
+            "refined": dict(method="refined"),
+            "relabelled": dict(method="refined", old_phy2log=old),
+            "incremental": dict(method="refined", old_phy2log=old, max_moves=k),
+        }
+        for label, kw in variants.items():
+            gpu_kw = {key: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
+            ok = same(
+                eplb.rebalance_experts(w1.to(DEVICE), R, G, N, P, backend="triton", **gpu_kw),
+                eplb.rebalance_experts(w1, R, G, N, P, backend="cpu", **kw),
+            )
+            cases[f"{name}/{label}"] = ok
+            if not ok:
+                rep.say(f"MISMATCH {name} {label}")
+        w = w1.float().to(DEVICE)
+        old_dev = old.to(DEVICE)
+        refined_ms = bench(partial(eplb.rebalance_experts, w, R, G, N, P, backend="triton", method="refined"))
+        incr_ms = bench(partial(eplb.rebalance_experts, w, R, G, N, P, backend="triton", method="refined",
+                                old_phy2log=old_dev, max_moves=k))  # fmt: skip
+        planner = eplb.EplbPlanner(w.shape[0], w.shape[1], R, G, N, P, device=DEVICE, method="refined", max_moves=k)
+        plan_ms = bench(partial(planner.plan, w, old_dev))
+        w_cpu = w1.float()
+        cpu_refined = median_cpu_s(
+            partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="cpu", method="refined"), 3
+        )
+        cpu_incr = median_cpu_s(partial(eplb.rebalance_experts, w_cpu, R, G, N, P, backend="cpu", method="refined",
+                                        old_phy2log=old, max_moves=k), 3)  # fmt: skip
+        row = dict(config=name, refined_ms=refined_ms, incremental_ms=incr_ms, planner_plan_us=plan_ms * 1e3,
+                   cpu_refined_ms=cpu_refined * 1e3, cpu_incremental_ms=cpu_incr * 1e3)  # fmt: skip
+        rows.append(row)
+        rep.say(f"{name:22s} {refined_ms:14.3f} {incr_ms:14.3f} {row['planner_plan_us']:14.1f} "
+                f"{row['cpu_refined_ms']:14.2f} {row['cpu_incremental_ms']:14.2f}")  # fmt: skip
+    rep.say(f"{sum(cases.values())}/{len(cases)} (config, method) cases equal to the CPU path")
+    return {"cases": cases, "rows": rows, "all_equal": all(cases.values())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/deepseek-v3-sglang"))
@@ -306,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.section("latency", lambda r: time_layers(r, args.layers))
     rep.section("num_warps", sweep_warps)
     rep.section("online", time_online)
+    rep.section("methods", lambda r: check_methods(r, args.data))
     failed = [k for k, v in rep.data["sections"].items() if not v["ok"]]
     rep.say(f"sections failed: {failed or 'none'}")
     rep.save()
