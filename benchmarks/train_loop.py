@@ -8,8 +8,11 @@ contrast. The input distribution drifts, so the hot experts change during traini
 
     python benchmarks/train_loop.py --steps 300 --out bench-out/train_loop
 
-Prints balancedness (mean GPU load / max) per step with and without rebalancing and the per-step
-cost of recording; writes train_loop.json and train_loop.png (with matplotlib) under --out.
+Two balancers see the same routed tokens: the default one (a full greedy replan each time,
+slot-stable) and an incremental one (``method="refined"``, ``max_moves`` = --budget of the slots per
+layer). Prints balancedness (mean GPU load / max) per step with each and without rebalancing, the
+slots and bytes of expert weights moved per rebalance, and the per-step cost of recording; writes
+train_loop.json and train_loop.png (with matplotlib) under --out.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=0.15,
+                   help="incremental balancer: max_moves = max(1, int(budget * replicas)) slots per layer")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench-out/train_loop"))
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -84,9 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     model = TinyMoE(args.layers, args.dim, 2 * args.dim, E, args.top_k).to(dev)
     teacher = nn.Sequential(nn.Linear(args.dim, args.dim), nn.Tanh()).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    balancer = OnlineBalancer(args.layers, E, R, args.groups, args.nodes, P, window=args.interval,
-                              rebalance_interval=args.interval, device=dev)  # fmt: skip
+    max_moves = max(1, int(args.budget * R))
+    shape = (args.layers, E, R, args.groups, args.nodes, P)
+    balancer = OnlineBalancer(*shape, window=args.interval, rebalance_interval=args.interval, device=dev)
+    incremental = OnlineBalancer(*shape, window=args.interval, rebalance_interval=args.interval, device=dev,
+                                 method="refined", max_moves=max_moves)  # fmt: skip
     identity_gpu = torch.arange(E, device=dev) * P // E
+    # bytes of one expert's weights in one layer (w_in and w_out)
+    expert_bytes = (model.w_in[0, 0].numel() + model.w_out[0, 0].numel()) * model.w_in.element_size()
 
     rows = []
     record_s: list[float] = []
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         record_s.append(time.perf_counter() - t0)
         step_loads["with"].append(torch.bincount((phy // S).view(-1), minlength=P))
+        phy_inc = incremental.record(layer, ids)
+        step_loads["incremental"].append(torch.bincount((phy_inc // S).view(-1), minlength=P))
         step_loads["without"].append(torch.bincount(identity_gpu[ids].view(-1), minlength=P))
 
     for step in range(args.steps):
@@ -108,38 +120,57 @@ def main(argv: list[str] | None = None) -> int:
         shift = torch.zeros(args.dim, device=dev)
         shift[0], shift[1] = 2 * torch.cos(torch.tensor(angle)), 2 * torch.sin(torch.tensor(angle))
         x = torch.randn(args.tokens, args.dim, device=dev) + shift
-        step_loads["with"], step_loads["without"] = [], []
+        step_loads["with"], step_loads["incremental"], step_loads["without"] = [], [], []
         loss = nn.functional.mse_loss(model(x, on_route), teacher(x).detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
         rebalanced = balancer.step()
+        incremental.step()
         row = {
             "step": step,
             "loss": float(loss.detach()),
             "with_rebalancing": statistics.mean(balancedness(g) for g in step_loads["with"]),
+            "incremental": statistics.mean(balancedness(g) for g in step_loads["incremental"]),
             "without": statistics.mean(balancedness(g) for g in step_loads["without"]),
             "rebalanced": rebalanced,
         }
         rows.append(row)
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:4d} loss {row['loss']:.4f} balancedness with rebalancing "
-                  f"{row['with_rebalancing']:.3f}, without {row['without']:.3f}", flush=True)  # fmt: skip
+            print(f"step {step:4d} loss {row['loss']:.4f} balancedness: full replans {row['with_rebalancing']:.3f}, "
+                  f"incremental {row['incremental']:.3f}, without {row['without']:.3f}", flush=True)  # fmt: skip
 
     after_first = [r for r in rows if r["step"] >= args.interval]
+
+    def moved(history: list[dict]) -> dict:
+        slots = [h["migrated_slots"] for h in history] or [0.0]
+        return {
+            "slots_per_rebalance": statistics.mean(slots),
+            "bytes_per_rebalance": statistics.mean(slots) * expert_bytes,
+        }
+
     summary = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "config": vars(args) | {"out": str(args.out), "device": str(dev)},
+        "config": vars(args) | {"out": str(args.out), "device": str(dev), "max_moves": max_moves},
         "balancedness_with_rebalancing": statistics.mean(r["with_rebalancing"] for r in after_first),
+        "balancedness_incremental": statistics.mean(r["incremental"] for r in after_first),
         "balancedness_without": statistics.mean(r["without"] for r in after_first),
         "record_us_per_layer_step_median": statistics.median(record_s) * 1e6,
+        "expert_bytes": expert_bytes,
+        "moved_full_replans": moved(balancer.history_records()),
+        "moved_incremental": moved(incremental.history_records()),
         "rebalances": balancer.history_records(),
+        "rebalances_incremental": incremental.history_records(),
         "rows": rows,
     }
+    full, inc = summary["moved_full_replans"], summary["moved_incremental"]
     print(
-        f"after the first window ({len(after_first)} steps): balancedness with rebalancing "
-        f"{summary['balancedness_with_rebalancing']:.3f}, without {summary['balancedness_without']:.3f}; "
+        f"after the first window ({len(after_first)} steps): balancedness with full replans "
+        f"{summary['balancedness_with_rebalancing']:.3f} ({full['slots_per_rebalance']:.1f} slots, "
+        f"{full['bytes_per_rebalance'] / 1e3:.1f} kB moved per rebalance), incremental (max_moves={max_moves}) "
+        f"{summary['balancedness_incremental']:.3f} ({inc['slots_per_rebalance']:.1f} slots, "
+        f"{inc['bytes_per_rebalance'] / 1e3:.1f} kB), without {summary['balancedness_without']:.3f}; "
         f"record+dispatch {summary['record_us_per_layer_step_median']:.1f} us per layer per step (median, "
         f"{summary['device']})"
     )
@@ -154,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print("matplotlib not installed (pip install 'eplb-triton[bench]'): no plot", file=sys.stderr)
         return 0
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot([r["with_rebalancing"] for r in rows], label=f"online rebalancing every {args.interval} steps")
+    ax.plot([r["with_rebalancing"] for r in rows], label=f"full replan every {args.interval} steps")
+    ax.plot([r["incremental"] for r in rows], label=f"incremental, max_moves={max_moves} slots per layer")
     ax.plot([r["without"] for r in rows], label="no rebalancing")
     planned = [r["step"] for r in rows if r["rebalanced"]]
     for i, step in enumerate(planned):  # one legend entry for all of them

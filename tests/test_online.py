@@ -262,6 +262,11 @@ def test_train_loop_example_runs(tmp_path):
     # seeded run: rebalancing every 4 steps beats the static placement over the run
     assert summary["balancedness_with_rebalancing"] > summary["balancedness_without"]
     assert all(h["after"] > h["before"] for h in summary["rebalances"])
+    budget = summary["config"]["max_moves"]
+    assert all(h["migrated_slots"] <= budget * 2 for h in summary["rebalances_incremental"])  # 2 layers
+    assert summary["moved_incremental"]["bytes_per_rebalance"] == pytest.approx(
+        summary["moved_incremental"]["slots_per_rebalance"] * summary["expert_bytes"]
+    )
 
 
 @pytest.mark.parametrize("method", ["greedy", "refined"])
