@@ -20,6 +20,7 @@ MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's re
 MAX_REPLICAS = 2048  # slots per layer
 MAX_ITEMS = 2048  # balanced_packing: items per row
 DISPATCH_BLOCK = 1024  # routed entries per program of the record + dispatch kernel
+MAX_ASSIGN = 256  # rows (= columns) of one assignment problem: columns 0 .. n live in one program's registers
 
 
 @dataclass(frozen=True)
@@ -192,3 +193,89 @@ def record_dispatch(
     ids = topk_ids.contiguous()
     launch = dispatch_launch(T * K, K, log2phy.shape[0])
     return _kernels().dispatch.record_dispatch(ids, log2phy, logcnt, counts, invalid, torch.empty_like(ids), launch)
+
+
+# ----------------------------------------------------------------------------------------------
+# The local search (docs/algorithm.md section 10.2)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchLaunch(Launch):
+    """A :class:`Launch` that also caps registers per thread (ptxas ``.maxnreg``)."""
+
+    maxnreg: int
+
+
+def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> SearchLaunch:
+    """The search kernel: one program per layer; slots are held as a ``[BLOCK_P, BLOCK_S]`` tile
+    (GPU x slot on the GPU) so that per-GPU values broadcast to slots without a gather."""
+    check_limits(E, R)
+    block_p, block_s, block_e = _pow2(P), _pow2(R // P), _pow2(E)
+    constexprs = dict(
+        E=E, R=R, P=P, N=N, HAS_BUDGET=bool(has_budget), BLOCK_E=block_e, BLOCK_P=block_p, BLOCK_S=block_s,
+        BLOCK_R=_pow2(R),
+    )  # fmt: skip
+    # A slot carries several float64 values and pointers through the loops: 4 warps per
+    # _num_warps' one keeps it at 4 slots per thread (at 8 per thread the limits spill). A guess
+    # for speed until measured on a GPU.
+    num_warps = 4 * _num_warps(max(block_p * block_s, block_e))
+    # Without .maxnreg, ptxas trims this kernel to an occupancy tier (72-96 registers) and spills a
+    # few cold values; one program per layer gains nothing from occupancy. 64K registers per block.
+    return SearchLaunch((L,), constexprs, num_warps, min(255, 65536 // (32 * num_warps)))
+
+
+def search(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    phyrank: torch.Tensor,
+    logcnt: torch.Tensor,
+    num_gpus: int,
+    num_nodes: int,
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The local search of every layer from ``(phy2log, phyrank, logcnt)``, one launch, no host sync.
+
+    ``num_nodes`` is the effective one (1 for the global policy). With ``old_phy2log`` and
+    ``max_moves``, at most ``max_moves`` slots per layer end up differing from ``old_phy2log``
+    (``max_moves`` alone is ignored here; the reference needs ``old_phy2log`` for it). Returns new ``int64``
+    tensors ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``; the inputs are not modified.
+    """
+    from .kernels import search as kernel
+
+    L, R = phy2log.shape
+    E = logcnt.shape[1]
+    has_budget = old_phy2log is not None and max_moves is not None
+    ln = search_launch(L, E, R, num_gpus, num_nodes, has_budget)
+    w = _float32_rows(weight)
+    dev = w.device
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=dev, dtype=torch.int64).contiguous()
+
+    phy_in, rank_in, cnt_in = rows(phy2log), rows(phyrank), rows(logcnt)
+    old = rows(old_phy2log) if has_budget else phy_in  # unread without a budget
+    phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
+    if L == 0:
+        return phy, rank, cnt
+    scratch_f = torch.empty((L, E + 2 * R + 1), dtype=torch.float64, device=dev)
+    scratch_i = torch.empty((L, E), dtype=torch.int32, device=dev)
+    kernel.search(
+        w, phy_in, rank_in, cnt_in, old, max(-1, min(int(max_moves), R)) if has_budget else 0,  # int32 in range
+        phy, rank, cnt, scratch_f, scratch_i, ln,
+    )  # fmt: skip
+    return phy, rank, cnt
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact assignment of the relabelling (placement.assign_max_overlap)
+# ----------------------------------------------------------------------------------------------
+
+
+def assign_launch(B: int, n: int) -> Launch:
+    """One program per ``[n, n]`` problem; ``BLOCK_N`` lanes cover the columns ``0 .. n``."""
+    if not 1 <= n <= MAX_ASSIGN:
+        raise ValueError(f"the assignment kernel solves problems of 1 to {MAX_ASSIGN} rows, got {n}")
+    block_n = _pow2(n + 1)
+    return Launch((B,), dict(N=n, BLOCK_N=block_n), _num_warps(block_n))

@@ -125,7 +125,8 @@ def assign_max_overlap(overlap: torch.Tensor) -> torch.Tensor:
     rows are added in order ``1 .. n``; each step scans the unused columns in index order and takes
     the first minimum of the reduced costs. Integer arithmetic throughout, so the matching is the
     same on every device: NumPy on the CPU, one Triton program per matrix on a GPU
-    (:mod:`eplb_triton.kernels.assign`), without host synchronisation.
+    (:mod:`eplb_triton.kernels.assign`, up to ``launch.MAX_ASSIGN = 256`` rows, without host
+    synchronisation; larger problems on a GPU are solved on the host).
 
     Args:
         overlap: ``[B, n, n]`` integer tensor, ``overlap[b, i, j]`` the gain of giving row ``i``
@@ -134,11 +135,15 @@ def assign_max_overlap(overlap: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, n]`` int64 on ``overlap``'s device: the column of each row.
     """
-    if overlap.device.type != "cpu":
+    from .launch import MAX_ASSIGN
+
+    if overlap.device.type != "cpu" and overlap.shape[1] <= MAX_ASSIGN:
         from .kernels.assign import assign_max_overlap_triton
 
         return assign_max_overlap_triton(overlap)
-    return torch.from_numpy(_assign_numpy(overlap.to(torch.int64).numpy()))
+    # the CPU, or more than MAX_ASSIGN GPUs in one problem on a GPU: one round trip to the host
+    result = _assign_numpy(overlap.to(device="cpu", dtype=torch.int64).numpy())
+    return torch.from_numpy(result).to(overlap.device)
 
 
 def _assign_numpy(overlap: np.ndarray) -> np.ndarray:
@@ -183,8 +188,8 @@ def _assign_numpy(overlap: np.ndarray) -> np.ndarray:
             p[b, j0[b]] = p[b, j1]
             j0[b] = j1
             b = b[j1 != 0]
-    col = np.empty((B, n + 1), np.int64)
-    np.put_along_axis(col, p, np.broadcast_to(np.arange(n + 1), (B, n + 1)), axis=1)
+    col = np.empty((B, n + 1), np.int64)  # p[:, 0] is scratch (the last row added): skip it
+    np.put_along_axis(col, p[:, 1:], np.broadcast_to(np.arange(1, n + 1), (B, n)), axis=1)
     return col[:, 1:] - 1
 
 

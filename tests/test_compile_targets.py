@@ -33,7 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from eplb_triton import launch  # noqa: E402
 from eplb_triton._validation import Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
-from eplb_triton.kernels import _rebalance  # noqa: E402
+from eplb_triton.kernels import _rebalance, _search  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ARCHS = [80, 90]
@@ -52,6 +52,8 @@ POINTERS = {  # element type of each pointer argument, by name
     "invalid_ptr": "*i32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "pack_ptr": "*i64", "rank_ptr": "*i64",
     "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i64", "n_invalid_ptr": "*i64", "phy_ptr": "*i64",
     "n_entries": "i32", "WIDTH": "i32",
+    "phy_in_ptr": "*i64", "rank_in_ptr": "*i64", "cnt_in_ptr": "*i64", "old_ptr": "*i64", "budget": "i32",
+    "share_ptr": "*fp64", "enode_ptr": "*i32",
 }  # fmt: skip
 
 
@@ -60,11 +62,12 @@ KERNELS = {
     "replicate": "_rebalance._replicate_kernel",
     "packing": "_rebalance._balanced_packing_kernel",
     "dispatch": "_dispatch._record_dispatch_kernel",
+    "search": "_search._search_kernel",
 }
 
 
-def _jobs() -> dict[str, tuple[str, dict, int, int]]:
-    """``id -> (kernel, constexprs, num_warps, arch)`` for everything this module checks."""
+def _jobs() -> dict[str, tuple]:
+    """``id -> (kernel, constexprs, num_warps, arch[, maxnreg])`` for everything this module checks."""
     jobs = {}
     for arch in ARCHS:
         for name, E, R, G, N, P in CONFIGS:
@@ -79,19 +82,28 @@ def _jobs() -> dict[str, tuple[str, dict, int, int]]:
         for E in DISPATCH_EXPERTS:
             ln = launch.dispatch_launch(8192 * 8, 8, E)
             jobs[f"dispatch-E{E}-sm{arch}"] = ("dispatch", ln.constexprs, ln.num_warps, arch)
+        for E, R, P, N in SEARCH_SHAPES:
+            for budget in (False, True):
+                ln = launch.search_launch(58, E, R, P, N, budget)
+                job_id = f"search-E{E}-R{R}-P{P}-N{N}-{'budget' if budget else 'free'}-sm{arch}"
+                jobs[job_id] = ("search", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
     return jobs
 
 
 REPLICATE_SHAPES = [(256, 288), (launch.MAX_EXPERTS, launch.MAX_REPLICAS)]
 PACKING_SHAPES = [(288, 32), (256, 4), (launch.MAX_ITEMS, 64)]
 DISPATCH_EXPERTS = [256, 384, launch.MAX_EXPERTS]
+# (E, R, P, N) of the local search: DeepSeek-V3-like deployments and the limits
+SEARCH_SHAPES = [(256, 288, 32, 1), (256, 288, 144, 1), (256, 320, 64, 1), (256, 288, 32, 4)]
+SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, 64, 1))
 
 
 def _compile(job: tuple[str, dict, int, int]) -> dict[str, str]:
     """Compile one job (in the worker process, where the kernels are real ``JITFunction`` s)."""
     import importlib
 
-    kernel, constexprs, num_warps, arch = job
+    kernel, constexprs, num_warps, arch, *maxnreg = job  # a fifth entry: ptxas .maxnreg
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg[0]} if maxnreg else {})}
     module, attr = KERNELS[kernel].split(".")
     fn = getattr(importlib.import_module(f"eplb_triton.kernels.{module}"), attr)
     signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
@@ -100,7 +112,7 @@ def _compile(job: tuple[str, dict, int, int]) -> dict[str, str]:
             src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
         else:  # triton < 3.3 names them constants
             src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "k.cubin")
             Path(cubin).write_bytes(compiled.asm["cubin"])
@@ -178,15 +190,16 @@ def _instructions_by_line(ptx: str, file_index: int) -> list[tuple[int, str]]:
     return out
 
 
-def assert_barrier_between(ptx: str, fn, store: str, load: str) -> None:
+def assert_barrier_between(ptx: str, fn, store: str, load: str, load_fn=None) -> None:
     """In program order, a ``bar.sync`` lies between the last instruction of each source line
-    containing ``store`` and the first instruction after it of a line containing ``load``."""
+    containing ``store`` and the first instruction after it of a line containing ``load``
+    (in ``load_fn``, a function of the same file, when given)."""
     source = Path(inspect.getsourcefile(fn.fn)).name
     files = dict(re.findall(r'\.file\s+(\d+)\s+"[^"]*?([^/"]+)"', ptx))
     file_index = next((int(i) for i, name in files.items() if name == source), None)
     assert file_index is not None, f"no line information for {source} in the PTX"
     code = _instructions_by_line(ptx, file_index)
-    store_lines, load_lines = set(_lines_of(fn, store)), set(_lines_of(fn, load))
+    store_lines, load_lines = set(_lines_of(fn, store)), set(_lines_of(load_fn or fn, load))
     last_store = max((i for i, (ln, _) in enumerate(code) if ln in store_lines), default=None)
     assert last_store is not None, f"no instruction from the lines with {store!r}"
     first_load = next((i for i, (ln, _) in enumerate(code) if i > last_store and ln in load_lines), None)
@@ -225,3 +238,21 @@ def test_replicate_kernel(compiled, job_id):
 def test_packing_and_dispatch_kernels(compiled, job_id):
     _, usage = _result(compiled, job_id)
     assert_fits(usage)
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("search-")])
+def test_search_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    assert_fits(usage)
+    # float64 as in the reference: IEEE division, and no multiply that could fuse into an FMA
+    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
+    assert not re.search(r"\b(fma|mad|mul)\.\w*\.?f64", ptx), "a float64 multiply in the search"
+    fn, publish, loads = _search._search_kernel, _search._publish, _search._gpu_loads
+    # swap bounds, slot shares and the applied move are stored by one thread, reloaded by others
+    assert_barrier_between(ptx, fn, "tl.store(bound_row + o_q", "tl.load(bound_row + o_q")
+    assert_barrier_between(ptx, publish, "tl.store(slot_share_row + o_q", "tl.load(slot_share_ptr", loads)
+    assert_barrier_between(ptx, fn, "tl.store(phy_row + o_q, b_phy", "tl.load(phy_row + o_q", publish)
+    assert_barrier_between(ptx, fn, "tl.store(share_row + o_e, b_w", "tl.load(share_row + b_phy", publish)
+    if JOBS[job_id][1]["N"] > 1:
+        assert_barrier_between(ptx, publish, "tl.store(enode_row + o_e", "tl.atomic_min(enode_row")

@@ -305,3 +305,30 @@ def test_real_loads_incremental_cpu_equals_reference():
         got = eplb.rebalance_experts(w1, R, G, N, P, backend="cpu", **kw)
         assert_same(got, eplb.rebalance_experts(w1, R, G, N, P, backend="reference", **kw))
         assert ((got[0] != old).sum(dim=1) <= R * 15 // 100).all()
+
+
+@pytest.mark.parametrize("c", FIXED_CASES[:6], ids=lambda c: c.id)
+def test_triton_backend_agrees_through_the_api(c):
+    # the kernels on the interpreter (tests/test_search_kernel.py covers the search kernel in depth)
+    w = c.weight()
+    old = old_placement(c, 11)
+    for kwargs in ({"method": "refined"}, {"method": "refined", "old_phy2log": old, "max_moves": c.R // 3}):
+        want = eplb.rebalance_experts(w, c.R, c.G, c.N, c.P, backend="reference", **kwargs)
+        got = eplb.rebalance_experts(w, c.R, c.G, c.N, c.P, backend="triton", **kwargs)
+        assert_same(got, want, ("phy2log", "log2phy", "logcnt"))
+
+
+def test_planner_plans_refined_and_incremental_like_the_api():
+    from eplb_triton import EplbPlanner
+
+    c = FIXED_CASES[0]
+    w = c.weight().float()
+    old = old_placement(c, 4)
+    planner = EplbPlanner(c.L, c.E, c.R, c.G, c.N, c.P, device="cpu", method="refined", max_moves=3)
+    phy2log, log2phy, logcnt = planner.plan(w, old)
+    want = eplb.rebalance_experts(w, c.R, c.G, c.N, c.P, backend="cpu", method="refined", old_phy2log=old, max_moves=3)
+    assert torch.equal(phy2log, want[0]) and torch.equal(logcnt, want[2])
+    X = want[1].shape[2]
+    assert torch.equal(log2phy[:, :, :X], want[1]) and (log2phy[:, :, X:] == -1).all()
+    with pytest.raises(ValueError, match="max_moves needs old_phy2log"):
+        planner.plan(w)

@@ -1,0 +1,173 @@
+"""The local search kernel (docs/algorithm.md section 10.2) == the literal reference, exactly.
+
+On CPU the kernel runs on the interpreter (conftest.py), on small shapes: <= 16 experts, <= 32
+slots. Starts are the greedy placements (global and hierarchical), or, with a move budget, another
+valid placement (the greedy of other loads) that the search must not drift too far from. The
+ahead-of-time compile of the kernel for sm_80 / sm_90 is in tests/test_compile_targets.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eplb_triton as eplb
+from eplb_triton import cpu, launch, reference
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def layouts(draw, hierarchical: bool) -> tuple[int, int, int, int, int]:
+    """(E, R, G, N, P): N = 1 for the global policy; every divisibility the policies need."""
+    N = draw(st.sampled_from([2, 4])) if hierarchical else 1
+    E = N * draw(st.integers(1, 16 // N))
+    G = draw(st.sampled_from([g for g in _divisors(E) if g % N == 0])) if hierarchical else 1
+    R = N * draw(st.integers(E // N, 32 // N))
+    P = draw(st.sampled_from([p for p in _divisors(R) if p % N == 0 and p > 1] or [N]))
+    return E, R, G, N, P
+
+
+@st.composite
+def loads(draw, L: int, E: int) -> torch.Tensor:
+    """Small integers: zeros and ties everywhere (equal loads, equal shares, equal values)."""
+    top = draw(st.sampled_from([1, 3, 10, 1000]))
+    values = draw(st.lists(st.integers(0, top), min_size=L * E, max_size=L * E))
+    return torch.tensor(values, dtype=torch.float32).reshape(L, E)
+
+
+def _greedy(w: torch.Tensor, R: int, G: int, N: int, P: int):
+    return eplb.rebalance_experts_hierarchical(w, R, G, N, P, backend="cpu")
+
+
+def _search_all(w, phy, rank, cnt, P, N, old=None, budget=None):
+    """(kernel, reference); the inputs must come back untouched and the CPU path must agree."""
+    before = [t.clone() for t in (phy, rank, cnt)]
+    got = launch.search(w, phy, rank, cnt, P, N, old, budget)
+    for t, b in zip((phy, rank, cnt), before, strict=True):
+        assert torch.equal(t, b), "the search mutated its inputs"
+    want = reference.search(w, phy, rank, cnt, P, N, old, budget)
+    arrays = [None if t is None else t.numpy() for t in (phy, rank, cnt, old)]
+    numpy = cpu.search(w.numpy(), *arrays[:3], P, N, arrays[3], budget)
+    for g, r, c, name in zip(got, want, numpy, ("phy2log", "phyrank", "logcnt"), strict=True):
+        assert g.dtype == torch.int64 and g.shape == r.shape, name
+        assert torch.equal(g.cpu(), r), f"{name}: kernel {g.tolist()} != reference {r.tolist()}"
+        assert np.array_equal(c, r.numpy()), f"{name}: cpu path differs from the reference"
+    return got
+
+
+def _assert_valid(phy, rank, cnt):
+    L, E = cnt.shape
+    for layer in range(L):
+        assert torch.equal(torch.bincount(phy[layer], minlength=E), cnt[layer])
+        assert (cnt[layer] >= 1).all()
+        for e in range(E):  # ranks of an expert are 0 .. cnt - 1
+            assert sorted(rank[layer][phy[layer] == e].tolist()) == list(range(int(cnt[layer, e])))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_global_start(data):
+    E, R, _, _, P = data.draw(layouts(hierarchical=False))
+    L = data.draw(st.integers(1, 2))
+    w = data.draw(loads(L, E))
+    phy, rank, cnt = _greedy(w, R, 1, 1, P)
+    _assert_valid(*_search_all(w, phy, rank, cnt, P, 1))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_hierarchical_start(data):
+    E, R, G, N, P = data.draw(layouts(hierarchical=True))
+    L = data.draw(st.integers(1, 2))
+    w = data.draw(loads(L, E))
+    phy, rank, cnt = _greedy(w, R, G, N, P)
+    _assert_valid(*_search_all(w, phy, rank, cnt, P, N))
+
+
+def _start_from(old: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``old`` itself as the start: ranks in slot order of occurrence, counts by bincount."""
+    rank = torch.zeros_like(old)
+    for layer in range(old.shape[0]):
+        seen = [0] * E
+        for q, e in enumerate(old[layer].tolist()):
+            rank[layer, q] = seen[e]
+            seen[e] += 1
+    cnt = torch.stack([torch.bincount(row, minlength=E) for row in old])
+    return old.clone(), rank, cnt
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_budget(data):
+    E, R, _, _, P = data.draw(layouts(hierarchical=False))
+    w, w_old = data.draw(loads(1, E)), data.draw(loads(1, E))
+    old = _greedy(w_old, R, 1, 1, P)[0]
+    phy, rank, cnt = _start_from(old, E)
+    for budget in sorted({0, 1, 2, data.draw(st.integers(0, R)), R}):
+        got = _search_all(w, phy, rank, cnt, P, 1, old, budget)
+        assert int((got[0] != old).sum()) <= budget
+        _assert_valid(*got)
+
+
+def test_budget_hand_picked():
+    """One hot expert placed badly: unlimited, the search moves several slots; each budget caps it."""
+    w = torch.tensor([[100.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    old = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 5]])  # expert 0 three times on GPU 0 (of 4)
+    phy, rank, cnt = _start_from(old, 6)
+    free = _search_all(w, phy, rank, cnt, 4, 1)
+    assert int((free[0] != old).sum()) >= 2
+    for budget in range(0, 9):
+        got = _search_all(w, phy, rank, cnt, 4, 1, old, budget)
+        assert int((got[0] != old).sum()) <= budget
+    assert torch.equal(_search_all(w, phy, rank, cnt, 4, 1, old, 0)[0], old)
+
+
+def test_one_gpu_returns_the_start():
+    w = torch.tensor([[5.0, 0.0, 3.0], [1.0, 1.0, 9.0]])
+    phy, rank, cnt = _greedy(w, 6, 1, 1, 1)
+    got = _search_all(w, phy, rank, cnt, 1, 1)
+    for g, s in zip(got, (phy, rank, cnt), strict=True):
+        assert torch.equal(g, s)
+
+
+@pytest.mark.parametrize(
+    "w, R, P",
+    [
+        (torch.full((2, 4), 7.0), 8, 4),  # all equal and already balanced
+        (torch.zeros((1, 6)), 12, 3),  # no load at all
+        (torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 4, 2),  # 4+1 | 3+2: no swap and no shift lowers 5
+    ],
+    ids=["equal", "zeros", "optimal"],
+)
+def test_no_move_applies(w, R, P):
+    phy, rank, cnt = _greedy(w, R, 1, 1, P)
+    got = _search_all(w, phy, rank, cnt, P, 1)
+    for g, s in zip(got, (phy, rank, cnt), strict=True):
+        assert torch.equal(g, s)
+
+
+def test_float64_shares_decide():
+    """Shares that round differently in float32 and float64, with a swap and a shift in reach."""
+    w = torch.tensor([[16777216.0, 1.0, 1.0, 3.0, 7.0, 0.1, 0.3]])
+    phy, rank, cnt = _greedy(w, 14, 1, 1, 7)
+    _assert_valid(*_search_all(w, phy, rank, cnt, 7, 1))
+
+
+def test_many_layers_one_launch():
+    """Layers are independent programs: a batch equals the layers searched one at a time."""
+    w = torch.tensor(np.random.default_rng(3).integers(0, 50, (5, 8)), dtype=torch.float32)
+    phy, rank, cnt = _greedy(w, 16, 1, 1, 4)
+    got = _search_all(w, phy, rank, cnt, 4, 1)
+    for layer in range(5):
+        one = launch.search(w[layer : layer + 1], phy[layer : layer + 1], rank[layer : layer + 1],
+                            cnt[layer : layer + 1], 4, 1)  # fmt: skip
+        for g, o in zip(got, one, strict=True):
+            assert torch.equal(g[layer : layer + 1], o)
