@@ -18,7 +18,7 @@ import torch
 
 from . import backends, reference
 from ._validation import Config
-from .placement import log2phy_from_rank, max_gpu_load, relabel, slot_order_ranks
+from .placement import _block_overlap, log2phy_from_rank, max_gpu_load, relabel, slot_order_ranks
 
 
 def log2phy(backend: str, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
@@ -46,19 +46,39 @@ def plan(
         phy2log, phyrank, logcnt = backends.run("search", backend, weight, phy2log, phyrank, logcnt, P, N)
     if old_phy2log is None:
         return phy2log, phyrank, logcnt
-    phy2log, phyrank = relabel(old_phy2log, phy2log, phyrank, E, P, N)
     if max_moves is None:
-        return phy2log, phyrank, logcnt
+        return (*relabel(old_phy2log, phy2log, phyrank, E, P, N), logcnt)
     old_rank, old_cnt = slot_order_ranks(old_phy2log, E)
     inc = backends.run(
         "search", backend, weight, old_phy2log, old_rank, old_cnt, P, N, old_phy2log, max_moves
     )  # fmt: skip
-    w32 = weight.detach().to(torch.float32)
-    moved = (phy2log != old_phy2log).sum(dim=1)
-    full_wins = (moved <= max_moves) & (max_gpu_load(w32, phy2log, logcnt, P) < max_gpu_load(w32, inc[0], inc[2], P))
-    pick = full_wins[:, None]
-    return (
-        torch.where(pick, phy2log, inc[0]),
-        torch.where(pick, phyrank, inc[1]),
-        torch.where(pick, logcnt, inc[2]),
-    )
+    # the relabelled full plan, where it fits the budget and has a smaller largest GPU load
+    out = [t.clone() for t in inc]
+    rows = _may_fit(old_phy2log, phy2log, E, P, max_moves)
+    if rows.numel():
+        old = old_phy2log[rows]
+        full_phy, full_rank = relabel(old, phy2log[rows], phyrank[rows], E, P, N)
+        full_cnt = logcnt[rows]
+        w32 = weight.detach()[rows].to(torch.float32)
+        fits = (full_phy != old).sum(dim=1) <= max_moves
+        better = max_gpu_load(w32, full_phy, full_cnt, P) < max_gpu_load(w32, out[0][rows], out[2][rows], P)
+        take = (fits & better)[:, None]
+        for o, full in zip(out, (full_phy, full_rank, full_cnt), strict=True):
+            o[rows] = torch.where(take, full, o[rows])
+    return tuple(out)
+
+
+def _may_fit(old_phy2log: torch.Tensor, phy2log: torch.Tensor, E: int, P: int, max_moves: int) -> torch.Tensor:
+    """The layers whose relabelled plan could differ from ``old`` in at most ``max_moves`` slots.
+
+    Any numbering of the plan's GPUs keeps at most ``sum over its GPUs g of max over old GPUs h of
+    overlap(g, h)`` slots (docs/algorithm.md 10.3), so a layer that must move more than
+    ``max_moves`` by that bound cannot take the full plan, and skipping its assignment changes no
+    result. On the CPU only (the assignment is the costly part there); elsewhere every layer, with
+    no host read.
+    """
+    L, R = phy2log.shape
+    if phy2log.device.type != "cpu":
+        return torch.arange(L, device=phy2log.device)
+    kept_at_most = _block_overlap(phy2log, old_phy2log, P, E).amax(dim=2).sum(dim=1)
+    return torch.nonzero(R - kept_at_most <= max_moves).flatten()

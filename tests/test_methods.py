@@ -332,3 +332,23 @@ def test_planner_plans_refined_and_incremental_like_the_api():
     assert torch.equal(log2phy[:, :, :X], want[1]) and (log2phy[:, :, X:] == -1).all()
     with pytest.raises(ValueError, match="max_moves needs old_phy2log"):
         planner.plan(w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(c=cases(max_layers=5, max_experts=24), frac=st.floats(0, 1))
+def test_skipping_assignments_that_cannot_fit_changes_nothing(c, frac):
+    # methods._may_fit skips the relabelling of layers whose full plan must move more than
+    # max_moves slots; computing every layer must give the same result
+    from eplb_triton import methods
+
+    w = c.weight()
+    old = old_placement(c, c.seed % 1000 + 5)
+    k = int(frac * c.R)
+    got = eplb.rebalance_experts(w, c.R, c.G, c.N, c.P, backend="cpu", old_phy2log=old, max_moves=k)
+    original = methods._may_fit
+    methods._may_fit = lambda old_phy2log, phy2log, *args: torch.arange(phy2log.shape[0])
+    try:
+        want = eplb.rebalance_experts(w, c.R, c.G, c.N, c.P, backend="cpu", old_phy2log=old, max_moves=k)
+    finally:
+        methods._may_fit = original
+    assert_same(got, want, ("phy2log", "log2phy", "logcnt"))
