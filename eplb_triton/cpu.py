@@ -202,14 +202,14 @@ def _round(
     ok = gpu[None, :] != a[:, None]
     if N > 1:
         ok &= (gpu // Pn)[None, :] == (a // Pn)[:, None]
-    ok = ok[:, None, :] & (phy[:, None, :] != y[:, :, None])
+    ok = ok[:, None, :] & (phy[:, None, :] != y[:, :, None]) & (value < peak[:, None, None])
     if budget is not None:
         after = (
             moved[:, None, None] - diff_i[:, :, None] - diff[:, None, :]
             + (phy[:, None, :] != old_i[:, :, None]) + (y[:, :, None] != old[:, None, :])
         )  # fmt: skip
         ok &= after <= budget
-    ok &= value < peak[:, None, None]
+        value = _budget_key(peak[:, None, None], value, after - moved[:, None, None])
     value = np.where(ok, value, np.inf).reshape(X, S * R)
     swap_at = value.argmin(axis=1)  # the first minimum: lowest (i, j)
     swap_value = value[rows, swap_at]
@@ -236,16 +236,17 @@ def _round(
     np.put_along_axis(masked, top, -np.inf, axis=2)
     rest = np.where(np.arange(P) == top, masked.max(axis=2, keepdims=True), first_max)  # max over the other GPUs
     value = np.maximum((base - s2x[:, :, None]) + s2y[:, :, None], rest)[:, :, gpu]  # [X, S, R]
-    ok = is_x & has_x[:, :, None]
+    ok = is_x & has_x[:, :, None] & (value < peak[:, None, None])
     if budget is not None:
-        ok &= moved[:, None, None] - diff[:, None, :] + (y[:, :, None] != old[:, None, :]) <= budget
-    ok &= value < peak[:, None, None]
+        after = moved[:, None, None] - diff[:, None, :] + (y[:, :, None] != old[:, None, :])
+        ok &= after <= budget
+        value = _budget_key(peak[:, None, None], value, after - moved[:, None, None])
     value = np.where(ok, value, np.inf).reshape(X, S * R)
     shift_at = value.argmin(axis=1)
     shift_value = value[rows, shift_at]
     shift_ok = ok.reshape(X, S * R)[rows, shift_at]
 
-    # --- one move per row: the lower value; a shift wins a tie with a swap
+    # --- one move per row: the lower key; a shift wins a tie with a swap
     take_shift = shift_ok & (~swap_ok | (shift_value <= swap_value))
     take_swap = swap_ok & ~take_shift
     r = rows[take_swap]
@@ -265,3 +266,10 @@ def _round(
         cnt[r, xs] -= 1
         cnt[r, ys] += 1
     return peak, take_shift | take_swap
+
+
+def _budget_key(peak: np.ndarray, value: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """With a budget, candidates sort by minus the drop of the largest load per slot of budget
+    used; a move that uses none (or gives some back) counts half a slot (docs/algorithm.md 10.2)."""
+    with np.errstate(invalid="ignore"):  # masked candidates may be inf - inf; they are not chosen
+        return -((peak - value) / np.where(cost >= 1, cost, 0.5))

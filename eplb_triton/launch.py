@@ -204,7 +204,7 @@ def record_dispatch(
 class SearchLaunch(Launch):
     """A :class:`Launch` that also caps registers per thread (ptxas ``.maxnreg``)."""
 
-    maxnreg: int
+    maxnreg: int | None
 
 
 def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> SearchLaunch:
@@ -217,12 +217,14 @@ def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> S
         BLOCK_R=_pow2(R),
     )  # fmt: skip
     # A slot carries several float64 values and pointers through the loops: 4 warps per
-    # _num_warps' one keeps it at 4 slots per thread (at 8 per thread the limits spill). A guess
-    # for speed until measured on a GPU.
-    num_warps = 4 * _num_warps(max(block_p * block_s, block_e))
-    # Without .maxnreg, ptxas trims this kernel to an occupancy tier (72-96 registers) and spills a
-    # few cold values; one program per layer gains nothing from occupancy. 64K registers per block.
-    return SearchLaunch((L,), constexprs, num_warps, min(255, 65536 // (32 * num_warps)))
+    # _num_warps' one, at most 8 (at the limits, 8 slots per thread). Compiled by ptxas at 249-255
+    # registers without spilling there, with Triton 3.6 and 3.9; 16 warps (128 registers each)
+    # spill with 3.6. A guess for speed until measured on a GPU.
+    num_warps = min(8, 4 * _num_warps(max(block_p * block_s, block_e)))
+    # Up to 4 warps, ptxas left alone trims this kernel to an occupancy tier (72-96 registers) and
+    # spills a few cold values (one program per layer gains nothing from occupancy): cap at 255.
+    # At 8 warps the cap itself made Triton 3.6's ptxas spill 8 bytes; there the default is kept.
+    return SearchLaunch((L,), constexprs, num_warps, 255 if num_warps <= 4 else None)
 
 
 def search(

@@ -180,13 +180,21 @@ def _search_layer(
     w64 = [float(v) for v in w]
     moved = 0 if old is None else sum(phy[q] != old[q] for q in range(R))
 
-    def fits(changes: list[tuple[int, int]]) -> bool:  # (slot, its new expert)
+    def key(value: float, changes: list[tuple[int, int]]) -> float | None:
+        """The candidate's sort key (10.2 step 3), or None when it breaks the budget.
+
+        ``changes``: (slot, its new expert). Without a budget, the value itself; with one, minus
+        the drop of the largest load per slot of budget the move uses (a move that uses none, or
+        gives some back, counts half a slot)."""
         if budget is None:
-            return True
-        m = moved
+            return value
+        after = moved
         for q, e in changes:
-            m += int(e != old[q]) - int(phy[q] != old[q])
-        return m <= budget
+            after += int(e != old[q]) - int(phy[q] != old[q])
+        if after > budget:
+            return None
+        cost = after - moved
+        return -((peak - value) / (float(cost) if cost >= 1 else 0.5))
 
     start_max = None
     for _ in range(R):
@@ -197,7 +205,7 @@ def _search_layer(
             start_max = peak
         a = loads.index(peak)  # lowest GPU with the largest load
         node = a // Pn
-        best = None  # (value, kind, i, j): kind 0 = shift, 1 = swap
+        best = None  # (key, kind, i, j): kind 0 = shift, 1 = swap
         # node of each expert: the node of its lowest slot
         enode = [-1] * E
         for q in range(R - 1, -1, -1):
@@ -212,10 +220,9 @@ def _search_layer(
                 va = (peak - share[y]) + share[phy[j]]
                 vb = (loads[b] - share[phy[j]]) + share[y]
                 value = max(va, vb)
-                if value < peak and fits([(i, phy[j]), (j, y)]):
-                    cand = (value, 1, i, j)
-                    if best is None or cand < best:
-                        best = cand
+                k = key(value, [(i, phy[j]), (j, y)]) if value < peak else None
+                if k is not None and (best is None or (k, 1, i, j) < best):
+                    best = (k, 1, i, j)
             # shift: one replica of x (the least per-replica load, >= 2 copies, y's node) becomes y
             x = -1
             for e in range(E):
@@ -236,10 +243,9 @@ def _search_layer(
                 for h in range(P):
                     if h != g and base[h] > value:
                         value = base[h]
-                if value < peak and fits([(q, y)]):
-                    cand = (value, 0, i, q)
-                    if best is None or cand < best:
-                        best = cand
+                k = key(value, [(q, y)]) if value < peak else None
+                if k is not None and (best is None or (k, 0, i, q) < best):
+                    best = (k, 0, i, q)
         if best is None:
             break
         _, kind, i, j = best

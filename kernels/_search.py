@@ -13,8 +13,9 @@ slot on the GPU), so that per-GPU values broadcast to slots without a gather.
 Arithmetic is float64, in the reference's order: a share is ``float64(w) / float64(count)`` (IEEE
 division: ``/`` on float64 is ``div.rn.f64``), a GPU's load is summed in slot order from 0.0 (a
 loop, never a tree reduction), and there are no multiplies that could fuse. Every choice is a
-minimum of the value, then the lowest index among equal minima, so ties resolve as in the spec:
-candidate moves compare as ``(value, kind, i, j)`` with shift = 0, swap = 1.
+minimum of the key, then the lowest index among equal minima, so ties resolve as in the spec:
+candidate moves compare as ``(key, kind, i, j)`` with shift = 0, swap = 1, where the key is the
+value without a budget and minus the drop of the largest load per slot of budget with one.
 """
 
 import triton
@@ -29,6 +30,14 @@ def _first_min(b_v, b_idx):
     """``(min, lowest index among equal minima)`` of a block of any rank; (inf, NO_INDEX) when all are inf."""
     v = tl.min(b_v)
     return v, tl.where(v < INF, tl.min(tl.where(b_v == v, b_idx, NO_INDEX)), NO_INDEX)
+
+
+@triton.jit
+def _budget_key(peak, b_value, b_cost):
+    """With a budget, candidates sort by minus the drop of the largest load per slot of budget
+    used; a move that uses none (or gives some back) counts half a slot. Dividing by 1, 2 or 0.5
+    is exact, so every backend gets the same keys."""
+    return -((peak - b_value) / tl.where(b_cost >= 1, b_cost.to(tl.float64), 0.5))
 
 
 @triton.jit
@@ -184,6 +193,7 @@ def _search_kernel(
                     after = moved - (y != old_i).to(tl.int32) - (b_phy != b_old).to(tl.int32)
                     after += (b_phy != old_i).to(tl.int32) + (b_old != y).to(tl.int32)
                     ok = ok & (after <= budget)
+                    b_v = _budget_key(peak, b_v, after - moved)
                 swap_v, swap_j = _first_min(tl.where(ok, b_v, INF), o_q)
                 # shift: x (least share, >= 2 copies, y's node, lowest id) gives one replica to y
                 m_x = m_e & (tl.load(cnt_row + o_e, mask=m_e, other=0) >= 2) & (o_e != y)
@@ -203,11 +213,13 @@ def _search_kernel(
                     b_rest = tl.where(o_p == g1, second, -top)  # max over the other GPUs
                     b_gv = tl.maximum((b_base - s2x) + s2y, b_rest)  # [BLOCK_P] value of a shift on GPU g
                     ok = (b_phy == x) & (b_gv[:, None] < peak)
+                    b_sv = tl.broadcast_to(b_gv[:, None], o_q.shape)
                     if HAS_BUDGET:
                         after = moved + (b_old != y).to(tl.int32) - (b_old != x).to(tl.int32)
                         ok = ok & (after <= budget)
-                    shift_v, shift_q = _first_min(tl.where(ok, b_gv[:, None], INF), o_q)
-                # (value, kind, i, j): a shift wins a tie with a swap; an earlier i wins a full tie
+                        b_sv = _budget_key(peak, b_sv, after - moved)
+                    shift_v, shift_q = _first_min(tl.where(ok, b_sv, INF), o_q)
+                # (key, kind, i, j): a shift wins a tie with a swap; an earlier i wins a full tie
                 take_shift = shift_v <= swap_v
                 v = tl.where(take_shift, shift_v, swap_v)
                 kind = tl.where(take_shift, 0, 1)
