@@ -209,7 +209,7 @@ def check_max_moves(max_moves: object) -> int | None:
         raise TypeError(f"max_moves must be an int or None, got {type(max_moves).__name__} ({max_moves!r})") from None
     if value < 0:
         raise EplbArgumentError(f"max_moves ({value}) must be >= 0")
-    return value
+    return min(value, MAX_SLOTS_PER_LAYER)  # more than every slot means no limit
 
 
 def check_old_placement(

@@ -64,7 +64,8 @@ class OnlineBalancer:
             (and ``keep_slots``) each plan is relabelled to the current placement by the exact
             node/GPU assignment, not only slot-stable within GPUs.
         max_moves: if given, every plan is an incremental replan from the current placement:
-            at most this many slots per layer change (docs/algorithm.md 10.4).
+            at most this many slots per layer change (docs/algorithm.md 10.4); it uses the
+            current placement whatever ``keep_slots`` says.
 
     All state lives in static tensors updated in place: :attr:`phy2log` ``[L, R]``,
     :attr:`phyrank` ``[L, R]``, :attr:`log2phy` ``[L, E, R - E + 1]`` (``-1`` padded),
