@@ -161,13 +161,11 @@ def _search_kernel(
         b_load = _publish(o_q, m_q, o_e, m_e, o_p, m_p, phy_row, share_row, slot_share_row, enode_row, R, N, S)
         start_max = tl.max(tl.where(m_p, b_load, -INF))
         tl.store(bound_row + R, start_max)  # read back at the end only: not held in a register
-        # NaN loads (a layer the planner flags; the API refuses them) make the peak -inf: no search
-        go = (start_max > -INF) & (start_max < INF)
+        go = start_max == start_max  # true
         rnd = 0
         while tl.condition(go, disable_licm=True):  # no long live ranges of hoisted blocks
             peak = tl.max(tl.where(m_p, b_load, -INF))
             a = tl.min(tl.where(m_p & (b_load == peak), o_p, NO_INDEX))  # the lowest fullest GPU
-            a = tl.minimum(a, P - 1)  # in bounds even if no load equals the peak (NaN rows)
             # swap partners j: another GPU b of a's node; (loads[b] - share[phy[j]]) is the part of
             # the swap's value on b that does not depend on i
             b_gpu = o_q // S
