@@ -352,4 +352,3 @@ def test_skipping_assignments_that_cannot_fit_changes_nothing(c, frac):
     finally:
         methods._may_fit = original
     assert_same(got, want, ("phy2log", "log2phy", "logcnt"))
-
