@@ -21,14 +21,19 @@ class EplbArgumentError(ValueError, AssertionError):
     The message names the argument and the rule it broke."""
 
 
+def _as_int(name: str, value: object, or_none: str = "") -> int:
+    """A Python (or NumPy) integer as an ``int``; ``bool``, tensors and floats raise ``TypeError``."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python int{or_none}, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int{or_none}, got {type(value).__name__} ({value!r})") from None
+
+
 def check_count(name: str, value: object) -> int:
     """A positive Python (or NumPy) integer; ``bool`` and floats are refused."""
-    if isinstance(value, bool) or isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+    v = _as_int(name, value)
     if v <= 0:
         raise EplbArgumentError(f"{name} ({v}) must be a positive integer")
     return v
@@ -201,12 +206,7 @@ def check_max_moves(max_moves: object) -> int | None:
     """``None`` or a non-negative Python int (``bool`` and floats refused)."""
     if max_moves is None:
         return None
-    if isinstance(max_moves, bool) or isinstance(max_moves, torch.Tensor):
-        raise TypeError(f"max_moves must be a Python int or None, got {type(max_moves).__name__}")
-    try:
-        value = operator.index(max_moves)
-    except TypeError:
-        raise TypeError(f"max_moves must be an int or None, got {type(max_moves).__name__} ({max_moves!r})") from None
+    value = _as_int("max_moves", max_moves, " or None")
     if value < 0:
         raise EplbArgumentError(f"max_moves ({value}) must be >= 0")
     return min(value, MAX_SLOTS_PER_LAYER)  # more than every slot means no limit
