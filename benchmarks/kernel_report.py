@@ -107,6 +107,33 @@ SOURCE_LOOPS = [
     ("_pack_greedy", "_pack_greedy(b_gload", "group packing: G groups onto N nodes", lambda c: c["G"]),
     ("_pack_greedy", "_pack_greedy(b_items", "slot packing: R/N slots onto P/N GPUs", lambda c: c["R"] // c["N"]),
     ("_pack_greedy", "_pack_greedy(b_w", "packing: NUM_ITEMS items", lambda c: c["NUM_ITEMS"]),
+    # _pack_sorted: the first round (P/N items when every load is > 0) takes no step; the other items
+    # run four per trip of the main loop, the rest (< 4) in a loop of their own. Runtime bounds: the
+    # iterations and the unrolling are given here, as (iterations, source iterations per trip).
+    (
+        "_pack_sorted",
+        ("_pack_sorted(b_items", "range(first + 4"),
+        "slot packing: R/N slots onto P/N GPUs",
+        lambda c: (_sorted_steps(c["R"] // c["N"], c["P"] // c["N"]) // 4 * 4, 4),
+    ),
+    (
+        "_pack_sorted",
+        ("_pack_sorted(b_items", "range(end, NUM_ITEMS)"),
+        "slot packing, last steps",
+        lambda c: (_sorted_steps(c["R"] // c["N"], c["P"] // c["N"]) % 4, 1),
+    ),
+    (
+        "_pack_sorted",
+        ("_pack_sorted(b_w", "range(first + 4"),
+        "packing: NUM_ITEMS items",
+        lambda c: (_sorted_steps(c["NUM_ITEMS"], c["NUM_PACKS"]) // 4 * 4, 4),
+    ),
+    (
+        "_pack_sorted",
+        ("_pack_sorted(b_w", "range(end, NUM_ITEMS)"),
+        "packing, last steps",
+        lambda c: (_sorted_steps(c["NUM_ITEMS"], c["NUM_PACKS"]) % 4, 1),
+    ),
     (
         "_replicate_greedy",
         "_replicate_greedy(b_wn",
@@ -128,6 +155,11 @@ SOURCE_LOOPS = [
     ),
 ]
 GREEDY = ("packing", "replication")  # loop names of the greedy chains
+
+
+def _sorted_steps(items: int, packs: int) -> int:
+    """Greedy steps of ``_pack_sorted`` when every weight is > 0: all items but the first round."""
+    return items - packs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +522,8 @@ def loop_identity(ins: Instr, fors: list[SourceFor], lines: dict) -> tuple[Sourc
 def name_of(identity: tuple[SourceFor, str], constexprs: dict) -> tuple[str, int | None]:
     f, site = identity
     for function, pattern, name, iterations in SOURCE_LOOPS:
-        if f.function == function and (pattern in site or pattern in f.text):
+        at, loop = pattern if isinstance(pattern, tuple) else (pattern, None)
+        if f.function == function and (at in site or at in f.text) and (loop is None or loop in f.text):
             try:
                 return name, iterations(constexprs)
             except KeyError:
@@ -541,6 +574,11 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
         steps += 1
         if steps > 5_000_000:
             raise RuntimeError("timing model did not terminate")
+        skip = next((lp for lp in starts.get(k, []) if lp.trips == 0 and lp.end not in active), None)
+        if skip is not None:  # a loop that runs no trip (its guard branches around it)
+            skip.cost = Cost()
+            k = skip.end + 1
+            continue
         for lp in starts.get(k, []):
             if lp.end not in active:
                 active[lp.end] = Cost()
@@ -808,6 +846,8 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
         if votes:
             identity = votes.most_common(1)[0][0]
             lp.name, lp.iterations = name_of(identity, constexprs)
+            if isinstance(lp.iterations, tuple):  # runtime bounds: (iterations, unrolling) from SOURCE_LOOPS
+                lp.iterations, lp.unroll = lp.iterations
             lp.mapping = "line info"
             named_sass.add(identity)
         else:
@@ -817,7 +857,10 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
         lp.reductions = _reductions(seg)
         lp.by_line = _by_line(seg, lines)
         lp.trips = _counter_trips(body, lp)
-        if lp.iterations is not None and lp.trips:
+        if lp.unroll:
+            lp.trips = lp.iterations // lp.unroll
+            lp.note = "runtime bounds: trips from the iterations (every weight > 0)"
+        elif lp.iterations is not None and lp.trips:
             if lp.iterations % lp.trips == 0:
                 lp.unroll = lp.iterations // lp.trips
             else:
@@ -827,7 +870,7 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
             lp.note = "loop counter not found: one iteration per trip assumed"
         if any(i.base == "CALL" and i.target is not None and i.target > body[-1].addr for i in seg):
             lp.note = (lp.note + "; " if lp.note else "") + "holds the div_rn slow-path call (not taken)"
-        lp.additive = additive_cycles(seg) * (lp.trips or 1)
+        lp.additive = additive_cycles(seg) * (lp.trips if lp.trips is not None else 1)
     # greedy source loops present in the straight-line code only: fully unrolled by the compiler
     tags: list[str | None] = [None] * len(body)
     for identity in {ids[k] for k in range(len(body)) if k not in in_loop and ids[k] is not None}:

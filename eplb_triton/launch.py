@@ -111,8 +111,8 @@ class RebalanceBuffers:
     logcnt: torch.Tensor  # [L, E] int64
     log2phy: torch.Tensor  # [L, E, R - E + 1] int64, -1 padded (R - E + 1: the most replicas of one expert)
     invalid: torch.Tensor  # [L] int32, 1 where the layer's loads were not all finite and >= 0
-    scratch_i: torch.Tensor  # [L * N, G + E / N] int32
-    scratch_f: torch.Tensor  # [L * N, E / N] float32
+    scratch_i: torch.Tensor  # [L * N, G + E / N + 2 R / N] int32
+    scratch_f: torch.Tensor  # [L * N, E / N + R / N] float32
 
     @classmethod
     def allocate(cls, cfg: Config, device: torch.device | str) -> RebalanceBuffers:
@@ -128,8 +128,8 @@ class RebalanceBuffers:
             logcnt=i64(L, E),
             log2phy=i64(L, E, log2phy_width(E, R)),
             invalid=torch.empty(L, dtype=torch.int32, device=device),
-            scratch_i=torch.empty((L * N, G + E // N), dtype=torch.int32, device=device),
-            scratch_f=torch.empty((L * N, E // N), dtype=torch.float32, device=device),
+            scratch_i=torch.empty((L * N, G + E // N + 2 * (R // N)), dtype=torch.int32, device=device),
+            scratch_f=torch.empty((L * N, E // N + R // N), dtype=torch.float32, device=device),
         )
 
 
@@ -168,7 +168,9 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     pack = torch.empty((X, n), dtype=torch.int64, device=w.device)
     rank = torch.empty_like(pack)
     invalid = torch.empty(X, dtype=torch.int32, device=w.device)
-    _kernels().rebalance.balanced_packing(w, pack, rank, invalid, launch)
+    scratch_i = torch.empty((X, 2 * n), dtype=torch.int32, device=w.device)
+    scratch_f = torch.empty((X, n), dtype=torch.float32, device=w.device)
+    _kernels().rebalance.balanced_packing(w, pack, rank, invalid, scratch_i, scratch_f, launch)
     return pack, rank, invalid
 
 

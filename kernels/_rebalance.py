@@ -51,17 +51,6 @@ def _load_row(w_ptr, invalid_ptr, row, NUM: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _choose(b_item, b_key):
-    """One packing step's choices: the heaviest item left and the least-loaded open pack.
-
-    Returns (item, weight, pack, rank in the pack, pack load), decoded from the two keys.
-    """
-    best = tl.max(b_item, axis=0)
-    choice = tl.min(b_key, axis=0)
-    return max_key_index(best), key_to_fpval(best), min_key_index(choice), key_payload(choice), key_to_fpval(choice)
-
-
-@triton.jit
 def _take_replica(b_key, b_phy, b_rank, o_r, slot):
     """One replication step's choice (the largest share) recorded in ``slot``: (expert, its count
     before this replica, phy2log, rank)."""
@@ -81,7 +70,14 @@ def _pack_greedy(
     BLOCK_I: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """balanced_packing of one row (docs/algorithm.md): returns (pack, rank), each [BLOCK_I] int32."""
+    """balanced_packing of a few items (the groups onto the nodes), all in registers: returns
+    (pack, rank), each [BLOCK_I] int32.
+
+    A step takes the heaviest item left (a ``tl.max``) and the least-loaded open pack (a ``tl.min``
+    over keys rebuilt from the packs' loads and counts). For many items :func:`_pack_sorted` takes
+    fewer cycles per step; for the group packing (4-16 items) its sort and scratch round trips cost
+    more than they save (est. 18.6k vs 17.5k cycles per program for DeepSeek-V3 prefill EP32).
+    """
     CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
     o_i = tl.arange(0, BLOCK_I)
     if CAPACITY == 1:  # one item per pack: no sorting at all
@@ -89,49 +85,115 @@ def _pack_greedy(
         b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     else:
         o_p = tl.arange(0, BLOCK_P)
+        m_p = o_p < NUM_PACKS
         # [BLOCK_I] heaviest item first, then lower index; taken items drop out
-        b_none = tl.zeros([BLOCK_I], dtype=tl.int32)  # no payload
-        b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX)
-        # [BLOCK_P] least-loaded open pack, then lower pack index; the count rides along in the key,
-        # full packs drop out
-        b_empty = tl.zeros([BLOCK_P], dtype=tl.int32)
-        if BLOCK_P >= 32:
-            # Packs span the warp: the key also carries the pack's load, so a step rewrites only the
-            # chosen pack's key, and each item's (pack << 16) | rank is recorded in one select
-            # (benchmarks/results/static-sm90: 390 -> 321 est. cycles per step for 144 packs).
-            b_key = min_key(b_empty.to(tl.float32), o_p, b_empty, BLOCK_P, CAPACITY)
-            b_key = tl.where(o_p < NUM_PACKS, b_key, NO_KEY_MIN)
-            b_placed = tl.zeros([BLOCK_I], dtype=tl.int32)
-            for _ in range(NUM_ITEMS):
-                item, weight, pack, rank, load = _choose(b_item, b_key)
-                load = load + weight  # float32, as the reference adds
-                new_key = tl.where(rank + 1 < CAPACITY, min_key(load, pack, rank + 1, BLOCK_P, CAPACITY), NO_KEY_MIN)
-                b_key = tl.where(o_p == pack, new_key, b_key)
-                m_item = o_i == item
-                b_placed = tl.where(m_item, (pack << 16) | rank, b_placed)
-                b_item = tl.where(m_item, NO_KEY_MAX, b_item)
-            b_pack = b_placed >> 16
-            b_rank = b_placed & 0xFFFF
-        else:
-            # A few packs: rebuilding every pack's key from its load and count at each step schedules
-            # better (est. 199 vs 250 cycles per step for 8 packs with the rewrite above).
-            m_p = o_p < NUM_PACKS
-            b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
-            b_cnt = b_empty
-            b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
-            b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-            for _ in range(NUM_ITEMS):
-                b_key = min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY)
-                b_key = tl.where(m_p & (b_cnt < CAPACITY), b_key, NO_KEY_MIN)
-                item, weight, pack, rank, _ = _choose(b_item, b_key)
-                m_hit = o_p == pack
-                b_load = tl.where(m_hit, b_load + weight, b_load)
-                b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
-                m_item = o_i == item
-                b_pack = tl.where(m_item, pack, b_pack)
-                b_rank = tl.where(m_item, rank, b_rank)
-                b_item = tl.where(m_item, NO_KEY_MAX, b_item)
+        b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, tl.zeros([BLOCK_I], dtype=tl.int32), BLOCK_I, 1), NO_KEY_MAX)
+        b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
+        b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
+        b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
+        b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+        for _ in range(NUM_ITEMS):
+            # [BLOCK_P] least-loaded open pack, then lower pack index; full packs drop out
+            b_key = min_key(b_load, o_p, b_cnt, BLOCK_P, CAPACITY)
+            b_key = tl.where(m_p & (b_cnt < CAPACITY), b_key, NO_KEY_MIN)
+            best = tl.max(b_item, axis=0)
+            choice = tl.min(b_key, axis=0)
+            item, pack, rank = max_key_index(best), min_key_index(choice), key_payload(choice)
+            m_hit = o_p == pack
+            b_load = tl.where(m_hit, b_load + key_to_fpval(best), b_load)  # float32, as the reference adds
+            b_cnt = tl.where(m_hit, b_cnt + 1, b_cnt)
+            m_item = o_i == item
+            b_pack = tl.where(m_item, pack, b_pack)
+            b_rank = tl.where(m_item, rank, b_rank)
+            b_item = tl.where(m_item, NO_KEY_MAX, b_item)
     return b_pack, b_rank
+
+
+@triton.jit
+def _take_pack(b_key, o_p, weight, item, scr_placed, CAPACITY: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One step of :func:`_pack_sorted`: ``item`` (of ``weight``) into the least-loaded open pack."""
+    choice = tl.min(b_key, axis=0)
+    pack = min_key_index(choice)
+    rank = key_payload(choice)
+    load = key_to_fpval(choice) + weight  # float32, as the reference adds
+    new_key = tl.where(rank + 1 < CAPACITY, min_key(load, pack, rank + 1, BLOCK_P, CAPACITY), NO_KEY_MIN)
+    tl.store(scr_placed + item, (pack << 16) | rank)
+    return tl.where(o_p == pack, new_key, b_key)
+
+
+@triton.jit
+def _pack_sorted(
+    b_w,  # [BLOCK_I] float32 item weights
+    scr_w,  # float32 scratch, NUM_ITEMS: the weights in taking order
+    scr_i,  # int32 scratch, 2 * NUM_ITEMS: the items in taking order, then each item's (pack << 16) | rank
+    NUM_ITEMS: tl.constexpr,
+    NUM_PACKS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """balanced_packing of one row, at least two items per pack: returns (pack, rank), each [BLOCK_I] int32.
+
+    Equal to the greedy of docs/algorithm.md, step for step, with less work per step:
+
+    * The order in which the greedy takes the items (heaviest first, then lower index) does not
+      depend on the packs, so one ``tl.sort`` of their keys fixes it, and the items stream from
+      scratch: four steps per loop iteration, the next four loaded while these are placed.
+    * The first round needs no search: while the items taken so far all weigh more than zero, item
+      ``k < NUM_PACKS`` finds packs ``0 .. k - 1`` loaded and ``k ..`` empty, so it goes to pack ``k``.
+      The first ``min(NUM_PACKS, Z + 1)`` items (``Z`` of them weigh more than zero) are placed at once.
+    * A step is one ``tl.min`` over the packs' keys, spread over at least a whole warp (its min is two
+      REDUX, no shuffles). The key carries the pack's load and count, so a step rewrites only the
+      chosen pack's key.
+
+    Each item's (pack, rank) goes to scratch with one scalar store and is read back at the end.
+    """
+    CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
+    LANES: tl.constexpr = max(BLOCK_P, 32)
+    o_i = tl.arange(0, BLOCK_I)
+    m_i = o_i < NUM_ITEMS
+    o_p = tl.arange(0, LANES)
+    scr_placed = scr_i + NUM_ITEMS
+    b_none = tl.zeros([BLOCK_I], dtype=tl.int32)
+    b_order = tl.sort(tl.where(m_i, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX), descending=True)
+    first = tl.minimum(tl.sum((m_i & (b_w > 0.0)).to(tl.int32), axis=0) + 1, NUM_PACKS)  # the first round
+    b_item = max_key_index(b_order)
+    tl.store(scr_w + o_i, key_to_fpval(b_order), mask=m_i)
+    tl.store(scr_i + o_i, b_item, mask=m_i)
+    tl.store(scr_placed + b_item, o_i << 16, mask=m_i & (o_i < first))
+    tl.debug_barrier()
+    m_first = o_p < first
+    b_key = min_key(tl.load(scr_w + o_p, mask=m_first, other=0.0), o_p, m_first.to(tl.int32), LANES, CAPACITY)
+    b_key = tl.where(o_p < NUM_PACKS, b_key, NO_KEY_MIN)
+    end = first + (NUM_ITEMS - first) // 4 * 4  # the unrolled steps; the rest one by one
+    w0 = tl.load(scr_w + first + 0, mask=first + 0 < end, other=0.0)
+    w1 = tl.load(scr_w + first + 1, mask=first + 1 < end, other=0.0)
+    w2 = tl.load(scr_w + first + 2, mask=first + 2 < end, other=0.0)
+    w3 = tl.load(scr_w + first + 3, mask=first + 3 < end, other=0.0)
+    i0 = tl.load(scr_i + first + 0, mask=first + 0 < end, other=0)
+    i1 = tl.load(scr_i + first + 1, mask=first + 1 < end, other=0)
+    i2 = tl.load(scr_i + first + 2, mask=first + 2 < end, other=0)
+    i3 = tl.load(scr_i + first + 3, mask=first + 3 < end, other=0)
+    for k in range(first + 4, end + 4, 4):
+        m_next = k < end
+        v0 = tl.load(scr_w + k + 0, mask=m_next, other=0.0)
+        v1 = tl.load(scr_w + k + 1, mask=m_next, other=0.0)
+        v2 = tl.load(scr_w + k + 2, mask=m_next, other=0.0)
+        v3 = tl.load(scr_w + k + 3, mask=m_next, other=0.0)
+        j0 = tl.load(scr_i + k + 0, mask=m_next, other=0)
+        j1 = tl.load(scr_i + k + 1, mask=m_next, other=0)
+        j2 = tl.load(scr_i + k + 2, mask=m_next, other=0)
+        j3 = tl.load(scr_i + k + 3, mask=m_next, other=0)
+        b_key = _take_pack(b_key, o_p, w0, i0, scr_placed, CAPACITY, LANES)
+        b_key = _take_pack(b_key, o_p, w1, i1, scr_placed, CAPACITY, LANES)
+        b_key = _take_pack(b_key, o_p, w2, i2, scr_placed, CAPACITY, LANES)
+        b_key = _take_pack(b_key, o_p, w3, i3, scr_placed, CAPACITY, LANES)
+        w0, w1, w2, w3 = v0, v1, v2, v3
+        i0, i1, i2, i3 = j0, j1, j2, j3
+    for k in range(end, NUM_ITEMS):
+        b_key = _take_pack(b_key, o_p, tl.load(scr_w + k), tl.load(scr_i + k), scr_placed, CAPACITY, LANES)
+    tl.debug_barrier()
+    b_placed = tl.load(scr_placed + o_i, mask=m_i, other=0)
+    return b_placed >> 16, b_placed & 0xFFFF
 
 
 @triton.jit
@@ -190,6 +252,9 @@ def _balanced_packing_kernel(
     pack_ptr,  # [X, NUM_ITEMS] int64
     rank_ptr,  # [X, NUM_ITEMS] int64
     invalid_ptr,  # [X] int32
+    # scratch, one row per program
+    scratch_i_ptr,  # [X, 2 * NUM_ITEMS] int32
+    scratch_f_ptr,  # [X, NUM_ITEMS] float32
     NUM_ITEMS: tl.constexpr,
     NUM_PACKS: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -200,7 +265,12 @@ def _balanced_packing_kernel(
     m_i = o_i < NUM_ITEMS
     b_w, valid = _load_row(w_ptr, invalid_ptr, row, NUM_ITEMS, BLOCK_I)
     if valid:
-        b_pack, b_rank = _pack_greedy(b_w, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+        if NUM_ITEMS // NUM_PACKS == 1:  # one item per pack: item i in pack i
+            b_pack = o_i
+            b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+        else:
+            scr_i = scratch_i_ptr + row * (2 * NUM_ITEMS)
+            b_pack, b_rank = _pack_sorted(b_w, scratch_f_ptr + row * NUM_ITEMS, scr_i, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
         tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
         tl.store(rank_ptr + row * NUM_ITEMS + o_i, b_rank.to(tl.int64), mask=m_i)
 
@@ -292,7 +362,7 @@ def _rebalance_kernel(
             for k in range(GS):  # float32, in the spec's order
                 b_gload += tl.load(w_row + o_g * GS + k, mask=m_g, other=0.0)
             b_gpack, b_grank = _pack_greedy(b_gload, G, N, BLOCK_G, BLOCK_N)
-            scr_i = scratch_i_ptr + pid * (G + EN)
+            scr_i = scratch_i_ptr + pid * (G + EN + 2 * RN)
             tl.store(scr_i + o_g, (b_gpack * GPN + b_grank) * GS, mask=m_g)
             tl.debug_barrier()
             b_mlog = tl.load(scr_i + o_e // GS, mask=o_e < E, other=0) + o_e % GS  # [BLOCK_E]
@@ -309,18 +379,19 @@ def _rebalance_kernel(
         if S == 1:
             b_pos = o_r
         else:
-            scr_f = scratch_f_ptr + pid * EN
+            scr_f = scratch_f_ptr + pid * (EN + RN)
+            scr_i = scratch_i_ptr + pid * (G + EN + 2 * RN)
             tl.store(scr_f + o_j, b_share, mask=m_j)
             tl.debug_barrier()
             b_items = tl.load(scr_f + b_phy, mask=m_r, other=0.0)
-            b_pack, b_rk = _pack_greedy(b_items, RN, PN, BLOCK_RN, BLOCK_PN)
+            b_pack, b_rk = _pack_sorted(b_items, scr_f + EN, scr_i + G + EN, RN, PN, BLOCK_RN, BLOCK_PN)
             b_pos = b_pack * S + b_rk
 
         # 4. Outputs in global numbering.
         if GPN == 1:
             b_log = node * EN + b_phy
         else:
-            b_log = tl.load(scratch_i_ptr + pid * (G + EN) + G + b_phy, mask=m_r, other=0)
+            b_log = tl.load(scratch_i_ptr + pid * (G + EN + 2 * RN) + G + b_phy, mask=m_r, other=0)
         b_slot = node * RN + b_pos  # [BLOCK_RN]
         tl.store(phy2log_ptr + layer * R + b_slot, b_log.to(tl.int64), mask=m_r)
         tl.store(phyrank_ptr + layer * R + b_slot, b_rank.to(tl.int64), mask=m_r)

@@ -12,7 +12,15 @@ import torch
 from ._rebalance import _balanced_packing_kernel, _rebalance_kernel, _replicate_kernel
 
 
-def balanced_packing(w: torch.Tensor, pack: torch.Tensor, rank: torch.Tensor, invalid: torch.Tensor, launch) -> None:
+def balanced_packing(
+    w: torch.Tensor,
+    pack: torch.Tensor,
+    rank: torch.Tensor,
+    invalid: torch.Tensor,
+    scratch_i: torch.Tensor,
+    scratch_f: torch.Tensor,
+    launch,
+) -> None:
     _balanced_packing_kernel[launch.grid](
         # inputs
         w,
@@ -20,6 +28,9 @@ def balanced_packing(w: torch.Tensor, pack: torch.Tensor, rank: torch.Tensor, in
         pack,
         rank,
         invalid,
+        # scratch
+        scratch_i,
+        scratch_f,
         **launch.constexprs,
         num_warps=launch.num_warps,
     )

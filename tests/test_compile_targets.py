@@ -223,8 +223,18 @@ def test_rebalance_kernel(compiled, job_id):
     if c["G"] // c["N"] > 1:  # group packing: two scratch round trips
         assert_barrier_between(ptx, fn, "tl.store(scr_i + o_g", "tl.load(scr_i + o_e // GS")
         assert_barrier_between(ptx, fn, "tl.store(scr_i + G + (b_mlog", "tl.load(scr_i + G + o_j")
-    if c["R"] // c["P"] > 1:  # shares gathered for the GPU packing
+    if c["R"] // c["P"] > 1:  # shares gathered for the GPU packing, which streams its items from scratch
         assert_barrier_between(ptx, fn, "tl.store(scr_f + o_j", "tl.load(scr_f + b_phy")
+        assert_sorted_packing_barriers(ptx)
+
+
+def assert_sorted_packing_barriers(ptx: str) -> None:
+    """_pack_sorted: the items in taking order, and each item's (pack, rank), are written by some
+    threads and read by all."""
+    fn = _rebalance._pack_sorted
+    assert_barrier_between(ptx, fn, "tl.store(scr_i + o_i, b_item", "tl.load(scr_w + o_p")
+    assert_barrier_between(ptx, fn, "tl.store(scr_placed + b_item", "tl.load(scr_placed + o_i")
+    assert_barrier_between(ptx, _rebalance._take_pack, "tl.store(scr_placed + item", "tl.load(scr_placed + o_i", fn)
 
 
 @pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("replicate-")])
@@ -236,8 +246,11 @@ def test_replicate_kernel(compiled, job_id):
 
 @pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith(("packing-", "dispatch-"))])
 def test_packing_and_dispatch_kernels(compiled, job_id):
-    _, usage = _result(compiled, job_id)
+    ptx, usage = _result(compiled, job_id)
     assert_fits(usage)
+    c = JOBS[job_id][1]
+    if job_id.startswith("packing-") and c["NUM_ITEMS"] // c["NUM_PACKS"] > 1:
+        assert_sorted_packing_barriers(ptx)
 
 
 @pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("search-")])

@@ -85,6 +85,27 @@ def test_float_ties_and_rounding():
         assert_same(got, reference.rebalance_experts(w, *args))
 
 
+def test_sorted_packing_first_round_and_remainders():
+    # _pack_sorted places the first min(packs, Z + 1) items without a search (Z: items > 0), then
+    # runs the other steps four per loop trip and the last (steps % 4) one by one. Rows with fewer
+    # positive items than packs (a zero item then joins a loaded-zero pack of lower index, not the
+    # next empty one), all zeros, -0.0, ties, and every step count modulo 4.
+    rows = [
+        [5.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 2.0, -0.0, 2.0, 0.0, 1.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5],
+    ]
+    w = torch.tensor(rows, dtype=torch.float32)
+    for packs in (4, 2):
+        assert_same(eplb.balanced_packing(w.to(DEVICE), packs, backend="triton"), reference.balanced_packing(w, packs))
+    for n in range(9, 16):  # 9-15 items onto 3 packs of 3-5: 6-12 steps after the first round
+        m = n - n % 3
+        w = torch.tensor([[(i * 7) % 5 for i in range(m)], [float(i < 2) for i in range(m)]], dtype=torch.float32)
+        assert_same(eplb.balanced_packing(w.to(DEVICE), 3, backend="triton"), reference.balanced_packing(w, 3))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_invalid_loads_raise_and_planner_keeps_previous_plan(value):
     w = make_loads(3, 8, "skewed", 2).to(torch.float32).to(DEVICE)
