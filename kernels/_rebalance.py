@@ -87,7 +87,8 @@ def _pack_greedy(
         o_p = tl.arange(0, BLOCK_P)
         m_p = o_p < NUM_PACKS
         # [BLOCK_I] heaviest item first, then lower index; taken items drop out
-        b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, tl.zeros([BLOCK_I], dtype=tl.int32), BLOCK_I, 1), NO_KEY_MAX)
+        b_none = tl.zeros([BLOCK_I], dtype=tl.int32)  # no payload
+        b_item = tl.where(o_i < NUM_ITEMS, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX)
         b_load = tl.zeros([BLOCK_P], dtype=tl.float32)
         b_cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
         b_pack = tl.zeros([BLOCK_I], dtype=tl.int32)
@@ -269,8 +270,9 @@ def _balanced_packing_kernel(
             b_pack = o_i
             b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
         else:
+            scr_f = scratch_f_ptr + row * NUM_ITEMS
             scr_i = scratch_i_ptr + row * (2 * NUM_ITEMS)
-            b_pack, b_rank = _pack_sorted(b_w, scratch_f_ptr + row * NUM_ITEMS, scr_i, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+            b_pack, b_rank = _pack_sorted(b_w, scr_f, scr_i, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
         tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
         tl.store(rank_ptr + row * NUM_ITEMS + o_i, b_rank.to(tl.int64), mask=m_i)
 
