@@ -149,9 +149,9 @@ SOURCE_LOOPS = [
     ("_rebalance_kernel", "range(GS)", "group loads: E/G experts per group", lambda c: c["E"] // c["G"]),
     (
         "_rebalance_kernel",
-        "range(0, WIDTH, BLOCK_X)",
-        "log2phy -1 fill: WIDTH/BLOCK_X tiles",
-        lambda c: -(-c["WIDTH"] // c["BLOCK_X"]),
+        "range(0, GS * WIDTH, BLOCK_F)",
+        "log2phy -1 fill: E/G x WIDTH entries of each of the node's groups, BLOCK_F per iteration",
+        lambda c: -(-(c["E"] // c["G"] * c["WIDTH"]) // c["BLOCK_F"]),
     ),
 ]
 GREEDY = ("packing", "replication")  # loop names of the greedy chains
@@ -686,6 +686,13 @@ def _bin() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def aligned_pointers(signature: dict) -> dict:
+    """``attrs`` of an ``ASTSource`` (Triton >= 3.3) saying every pointer argument is 16-byte aligned,
+    as the JIT specialises them at run time for torch's allocations: so the ahead-of-time build
+    vectorises the same memory accesses as the one that runs."""
+    return {(k,): [["tt.divisibility", 16]] for k, ty in enumerate(signature.values()) if ty.startswith("*")}
+
+
 def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
     """cubin, Triton's shared-memory size, resource usage and SASS (with lines) of one compilation."""
     import triton
@@ -694,7 +701,7 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
 
     signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
     if "constexprs" in inspect.signature(ASTSource).parameters:
-        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned_pointers(signature))
     else:  # triton < 3.3
         src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
     with warnings.catch_warnings():

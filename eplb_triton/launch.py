@@ -63,6 +63,14 @@ def log2phy_width(num_experts: int, num_replicas: int) -> int:
     return num_replicas - num_experts + 1
 
 
+def _fill_block(run: int, rows: int) -> int:
+    """Columns of the fused kernel's ``[rows, BLOCK_F]`` log2phy ``-1`` fill tiles over ``rows`` runs of
+    ``run`` int64 each: at most 1024 entries a tile, the fewest padded stores plus ~8 instructions of
+    overhead per tile (2 int64 per vector store, 32 threads)."""
+    blocks = [b for b in (1 << k for k in range(1, 11)) if rows * b <= 1024]
+    return min(blocks, key=lambda b: -(-run // b) * (rows * b / 64 + 8))
+
+
 def rebalance_launch(cfg: Config, num_warps: int | None = None) -> Launch:
     """The fused rebalance kernel for the effective configuration ``cfg`` (global policy: G = N = 1)."""
     L, E, R, G, N, P = (
@@ -75,7 +83,7 @@ def rebalance_launch(cfg: Config, num_warps: int | None = None) -> Launch:
         E=E, R=R, G=G, N=N, P=P, WIDTH=width,
         BLOCK_E=_pow2(E), BLOCK_G=_pow2(G), BLOCK_N=_pow2(N), BLOCK_EN=block_en, BLOCK_RN=block_rn,
         BLOCK_PN=_pow2(P // N),
-        BLOCK_X=max(1, min(_pow2(width), 1024 // block_en)),  # log2phy fill tiles of <= 1024 int64
+        BLOCK_GN=_pow2(G // N), BLOCK_F=_fill_block(E // G * width, _pow2(G // N)),
     )  # fmt: skip
     return Launch((L * N,), constexprs, num_warps or _num_warps(max(block_rn, block_en)))
 

@@ -329,7 +329,8 @@ def _rebalance_kernel(
     BLOCK_EN: tl.constexpr,  # >= E / N
     BLOCK_RN: tl.constexpr,  # >= R / N
     BLOCK_PN: tl.constexpr,  # >= P / N
-    BLOCK_X: tl.constexpr,  # log2phy columns filled per step
+    BLOCK_GN: tl.constexpr,  # >= G / N
+    BLOCK_F: tl.constexpr,  # log2phy entries of each group filled with -1 per step
 ):
     """Program ``pid`` solves node ``pid % N`` of layer ``pid // N`` (hierarchical policy;
     the global policy is G = N = 1)."""
@@ -373,6 +374,21 @@ def _rebalance_kernel(
             tl.debug_barrier()
             b_m2l = tl.load(scr_i + G + o_j, mask=m_j, other=0)
         b_wn = tl.load(w_row + b_m2l, mask=m_j, other=0.0)
+        # -1 in every log2phy column of the node's experts; the replicas' columns overwrite it in
+        # step 4, after a barrier. The node's experts are GPN groups, each GS * WIDTH contiguous int64:
+        # [BLOCK_GN, BLOCK_F] tiles of (group, entry), aligned, so the stores vectorise and need no
+        # per-column mask; issued now, they drain during the greedy.
+        o_n = tl.arange(0, BLOCK_GN)
+        if GPN == 1:
+            b_start = tl.zeros([BLOCK_GN], dtype=tl.int64) + node * EN
+        else:  # the group in position n of this node
+            m_in = (b_gpack[None, :] == node) & (b_grank[None, :] == o_n[:, None]) & m_g[None, :]
+            b_start = tl.sum(tl.where(m_in, o_g[None, :], 0), axis=1).to(tl.int64) * GS
+        p_run = log2phy_ptr + (layer * E + b_start) * WIDTH  # [BLOCK_GN]
+        o_f = tl.arange(0, BLOCK_F)
+        for x0 in range(0, GS * WIDTH, BLOCK_F):
+            m_f = (o_n < GPN)[:, None] & (x0 + o_f < GS * WIDTH)[None, :]
+            tl.store(p_run[:, None] + x0 + o_f[None, :], tl.full([BLOCK_GN, BLOCK_F], -1, tl.int64), mask=m_f)
 
         # 2. Replicas within the node.
         b_phy, b_rank, b_cnt, b_share = _replicate_greedy(b_wn, EN, RN, BLOCK_EN, BLOCK_RN)
@@ -398,10 +414,5 @@ def _rebalance_kernel(
         tl.store(phy2log_ptr + layer * R + b_slot, b_log.to(tl.int64), mask=m_r)
         tl.store(phyrank_ptr + layer * R + b_slot, b_rank.to(tl.int64), mask=m_r)
         tl.store(logcnt_ptr + layer * E + b_m2l, b_cnt.to(tl.int64), mask=m_j)
+        tl.debug_barrier()  # after the -1 fill of the same rows
         tl.store(log2phy_ptr + (layer * E + b_log) * WIDTH + b_rank, b_slot.to(tl.int64), mask=m_r)
-        # -1 past each expert's count, in [BLOCK_EN, BLOCK_X] tiles
-        o_x = tl.arange(0, BLOCK_X)
-        p_row = log2phy_ptr + (layer * E + b_m2l) * WIDTH  # [BLOCK_EN]
-        for x0 in range(0, WIDTH, BLOCK_X):
-            m_x = m_j[:, None] & ((x0 + o_x)[None, :] >= b_cnt[:, None]) & ((x0 + o_x)[None, :] < WIDTH)
-            tl.store(p_row[:, None] + (x0 + o_x)[None, :], tl.full([BLOCK_EN, BLOCK_X], -1, tl.int64), mask=m_x)
