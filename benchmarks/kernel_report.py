@@ -105,8 +105,6 @@ CONSTANTS = {"LDC", "ULDC", "S2R", "S2UR", "CS2R"}
 # Source loops: (function holding the `for`, text of the call site or of the `for`, name, iterations).
 SOURCE_LOOPS = [
     ("_pack_greedy", "_pack_greedy(b_gload", "group packing: G groups onto N nodes", lambda c: c["G"]),
-    ("_pack_greedy", "_pack_greedy(b_items", "slot packing: R/N slots onto P/N GPUs", lambda c: c["R"] // c["N"]),
-    ("_pack_greedy", "_pack_greedy(b_w", "packing: NUM_ITEMS items", lambda c: c["NUM_ITEMS"]),
     # _pack_sorted: the first round (P/N items when every load is > 0) takes no step; the other items
     # run four per trip of the main loop, the rest (< 4) in a loop of their own. Runtime bounds: the
     # iterations and the unrolling are given here, as (iterations, source iterations per trip).
@@ -992,6 +990,8 @@ def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
     )
     out = [total]
     for lp in a.loops:
+        if lp.iterations == 0:  # a loop this configuration never enters (_pack_sorted's last steps)
+            continue
         n = lp.iterations or 0
         u = lp.unroll or 1
         cost = lp.cost or Cost()
@@ -1208,7 +1208,8 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
         f"programs (58 layers x N nodes) run in parallel across the {NUM_SMS} SMs of an H100 SXM / H200; with "
         "`num_warps` warps a program holds `num_warps` of an SM's four schedulers, so up to `4 // num_warps` "
         f"programs per SM run at full single-warp speed; waves = ceil(programs / ({NUM_SMS} x 4 // num_warps)). "
-        "Every program of a call runs the same critical path (the same loop counts), so a call takes about one "
+        "Every program of a call runs the same critical path (the same loop counts; the slot packing's assume "
+        "every load > 0, a row with zero loads takes up to P/N - 1 more steps), so a call takes about one "
         "program's path per wave. The 'additive bound' serialises every latency (see the model) and is an upper "
         "estimate.",
         "",
@@ -1217,8 +1218,14 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
     # reductions in prose
     L += ["## How a greedy step is reduced across lanes", ""]
     L += [
-        "Each greedy step is one `tl.max` over int64 selection keys (the next item, or the expert with the "
-        "largest share) and, in the packings, one `tl.min` over the packs' keys. A block of keys is spread over "
+        "Each greedy step is a reduction over int64 selection keys: in the replication one `tl.max` (the expert "
+        "with the largest share); in the group packing one `tl.max` (the heaviest group left) and one `tl.min` "
+        "(the least-loaded open node). The slot packing (`_pack_sorted`) takes its items in an order that does "
+        "not depend on the GPUs, so it sorts them once (`tl.sort`: a bitonic network, compare-exchanges inside "
+        "each thread and SHFL.BFLY between lanes), places the first round (item k on GPU k while the loads are "
+        "> 0) without any step, and streams the other items from scratch, four per loop trip, each trip's four "
+        "loaded during the previous trip: a step is then only one `tl.min` over the GPUs' keys, spread over at "
+        "least the 32 lanes of the warp. A block of keys is spread over "
         "the threads of the program, several per thread; Triton reduces first inside each thread (a chain of "
         "64-bit compares, ISETP.U32 + ISETP.EX + two SEL per key, a tree or a short chain in the SASS), "
         "then across the lanes of a warp, then (with more than one warp) across warps through shared memory. "
@@ -1290,7 +1297,9 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
         "",
         "Global loads (LDG) inside the greedy loops, any kernel: "
         + ("; ".join(inner) if inner else "none")
-        + ". (The LDS of the 4-warp configurations are the cross-warp reduction's shared-memory exchange.)",
+        + ". (The packings' LDG are `_pack_sorted`'s streamed items, weight and index, loaded one loop trip "
+        "before their use, so the model finds no wait on them; the LDS of the 4-warp configurations are the "
+        "cross-warp reduction's shared-memory exchange.)",
     ]
     L += ["", "Whole program, and the share of each loop:", ""]
     for key, title in HEADLINE.items():

@@ -1,4 +1,4 @@
-"""Triton code of the rebalance (docs/algorithm.md): the two greedy loops and three kernels.
+"""Triton code of the rebalance (docs/algorithm.md): the greedy loops and three kernels.
 
 One program of :func:`_rebalance_kernel` runs the complete pipeline for one (layer, node) row: the
 group packing of its layer (recomputed by every node's program: it is tiny and saves a launch),
@@ -7,11 +7,14 @@ replication within the node, packing of the node's slots onto its GPUs, and the 
 stay inside a program, with pack loads and counts in registers; nothing goes back to the host.
 
 Each greedy choice is one ``tl.max``/``tl.min`` over selection keys (:mod:`._keys`): exact ties.
+The packing of many items (:func:`_pack_sorted`: the slots onto GPUs, the standalone
+``balanced_packing``) sorts the items once and streams them, so its steps reduce over the packs
+only; the group packing (:func:`_pack_greedy`, a few groups) keeps everything in registers.
 Shares are computed with IEEE division (``div_rn``), as float32 division in the reference is.
 
-Values gathered by data-dependent index (a group's node, a replica's share) go through a small
-per-program scratch buffer in global memory, with ``tl.debug_barrier()`` between the store and the
-read-back by other threads of the program.
+Values gathered by data-dependent index (a group's node, a replica's share, the items in taking
+order, each item's pack) go through a small per-program scratch buffer in global memory, with
+``tl.debug_barrier()`` between the store and the read-back by other threads of the program.
 
 A row whose loads are not all finite and ``>= 0`` is skipped (its outputs are not written) and
 flagged in ``invalid[row]``; the callers decide what that means (the drop-in API raises).
@@ -315,8 +318,8 @@ def _rebalance_kernel(
     log2phy_ptr,  # [L, E, WIDTH] int64
     invalid_ptr,  # [L] int32
     # scratch, one row per program
-    scratch_i_ptr,  # [L * N, G + EN] int32: node-major base of each group, then mlog2log of the node
-    scratch_f_ptr,  # [L * N, EN] float32: share of each expert of the node
+    scratch_i_ptr,  # [L * N, G + EN + 2 RN] int32: group bases, mlog2log of the node, slot packing
+    scratch_f_ptr,  # [L * N, EN + RN] float32: share of each expert of the node, slot packing
     E: tl.constexpr,
     R: tl.constexpr,
     G: tl.constexpr,
