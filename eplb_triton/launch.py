@@ -122,23 +122,36 @@ class RebalanceBuffers:
     scratch_i: torch.Tensor  # [L * N, G + E / N + 2 R / N] int32
     scratch_f: torch.Tensor  # [L * N, E / N + R / N] float32
 
+    @staticmethod
+    def layout(cfg: Config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``name -> (shape, dtype)`` of each buffer for the effective configuration ``cfg``."""
+        L, E, R, G, N = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_groups, cfg.num_nodes
+        return dict(
+            phy2log=((L, R), torch.int64),
+            phyrank=((L, R), torch.int64),
+            logcnt=((L, E), torch.int64),
+            log2phy=((L, E, log2phy_width(E, R)), torch.int64),
+            invalid=((L,), torch.int32),
+            scratch_i=((L * N, G + E // N + 2 * (R // N)), torch.int32),
+            scratch_f=((L * N, E // N + R // N), torch.float32),
+        )
+
     @classmethod
     def allocate(cls, cfg: Config, device: torch.device | str) -> RebalanceBuffers:
         """Buffers for the effective configuration ``cfg``."""
-        L, E, R, G, N = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_groups, cfg.num_nodes
+        return cls(**{k: torch.empty(shape, dtype=dt, device=device) for k, (shape, dt) in cls.layout(cfg).items()})
 
-        def i64(*shape):
-            return torch.empty(shape, dtype=torch.int64, device=device)
-
-        return cls(
-            phy2log=i64(L, R),
-            phyrank=i64(L, R),
-            logcnt=i64(L, E),
-            log2phy=i64(L, E, log2phy_width(E, R)),
-            invalid=torch.empty(L, dtype=torch.int32, device=device),
-            scratch_i=torch.empty((L * N, G + E // N + 2 * (R // N)), dtype=torch.int32, device=device),
-            scratch_f=torch.empty((L * N, E // N + R // N), dtype=torch.float32, device=device),
-        )
+    def check(self, cfg: Config, device: torch.device) -> None:
+        """Every buffer has the shape, dtype and device :meth:`layout` gives, and is contiguous: the
+        kernel writes them by computed offsets."""
+        for name, (shape, dtype) in self.layout(cfg).items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+                raise EplbArgumentError(
+                    f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device} for this "
+                    f"configuration, got {t.dtype} {list(t.shape)} on {t.device}"
+                    + ("" if t.is_contiguous() else " (not contiguous)")
+                )
 
 
 def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -164,6 +177,8 @@ def rebalance(
     w = _float32_rows(weight)
     if out is None:
         out = RebalanceBuffers.allocate(cfg, w.device)
+    else:
+        out.check(cfg, w.device)
     _kernels().rebalance.rebalance(w, out, launch)
     return out
 

@@ -180,6 +180,21 @@ def test_custom_op_passes_opcheck():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+def test_custom_op_refuses_buffers_of_another_layout():
+    # The kernel writes the buffers by computed offsets: a buffer of another shape (e.g. a scratch
+    # row of an older layout) or dtype is refused by name before anything is launched.
+    cfg = Config(2, 8, 12, 4, 2, 4)
+    w = make_loads(2, 8, "skewed", 4).float().to(DEVICE)
+    b = launch.RebalanceBuffers.allocate(cfg, DEVICE)
+    short = torch.empty((4, 4 + 4), dtype=torch.int32, device=DEVICE)  # [L * N, G + E / N]: no packing rows
+    with pytest.raises(ValueError, match=r"scratch_i must be a contiguous torch.int32 tensor of shape \[4, 20\]"):
+        torch.ops.eplb_triton.rebalance_(w, b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid, short,
+                                         b.scratch_f, 12, 4, 2, 4)  # fmt: skip
+    with pytest.raises(ValueError, match=r"phy2log must be a contiguous torch.int64 tensor"):
+        torch.ops.eplb_triton.rebalance_(w, b.phy2log.int(), b.phyrank, b.logcnt, b.log2phy, b.invalid,
+                                         b.scratch_i, b.scratch_f, 12, 4, 2, 4)  # fmt: skip
+
+
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
