@@ -102,35 +102,39 @@ CONVERSIONS = {"I2F", "F2I", "F2F", "I2I", "FRND", "POPC", "FLO", "BREV"}
 XU = {"MUFU", "FCHK"}
 CONSTANTS = {"LDC", "ULDC", "S2R", "S2UR", "CS2R"}
 
+
+def _sorted_loops(site: str, name: str, rest_name: str, items_packs) -> list[tuple]:
+    """SOURCE_LOOPS entries of one ``_pack_sorted`` call site: its main loop and its last steps.
+    ``items_packs(constexprs)`` gives (items, packs); every weight > 0 is assumed, so the greedy takes
+    all items but the first round (one per pack)."""
+
+    def steps(c: dict) -> int:
+        items, packs = items_packs(c)
+        return items - packs
+
+    return [
+        ("_pack_sorted", (site, "range(first + 4"), name, lambda c: (steps(c) // 4 * 4, 4)),
+        ("_pack_sorted", (site, "range(end, NUM_ITEMS)"), rest_name, lambda c: (steps(c) % 4, 1)),
+    ]
+
+
 # Source loops: (function holding the `for`, text of the call site or of the `for`, name, iterations).
 SOURCE_LOOPS = [
     ("_pack_greedy", "_pack_greedy(b_gload", "group packing: G groups onto N nodes", lambda c: c["G"]),
     # _pack_sorted: the first round (P/N items when every load is > 0) takes no step; the other items
     # run four per trip of the main loop, the rest (< 4) in a loop of their own. Runtime bounds: the
     # iterations and the unrolling are given here, as (iterations, source iterations per trip).
-    (
-        "_pack_sorted",
-        ("_pack_sorted(b_items", "range(first + 4"),
+    *_sorted_loops(
+        "_pack_sorted(b_items",
         "slot packing: R/N slots onto P/N GPUs",
-        lambda c: (_sorted_steps(c["R"] // c["N"], c["P"] // c["N"]) // 4 * 4, 4),
-    ),
-    (
-        "_pack_sorted",
-        ("_pack_sorted(b_items", "range(end, NUM_ITEMS)"),
         "slot packing, last steps",
-        lambda c: (_sorted_steps(c["R"] // c["N"], c["P"] // c["N"]) % 4, 1),
+        lambda c: (c["R"] // c["N"], c["P"] // c["N"]),
     ),
-    (
-        "_pack_sorted",
-        ("_pack_sorted(b_w", "range(first + 4"),
+    *_sorted_loops(
+        "_pack_sorted(b_w",
         "packing: NUM_ITEMS items",
-        lambda c: (_sorted_steps(c["NUM_ITEMS"], c["NUM_PACKS"]) // 4 * 4, 4),
-    ),
-    (
-        "_pack_sorted",
-        ("_pack_sorted(b_w", "range(end, NUM_ITEMS)"),
         "packing, last steps",
-        lambda c: (_sorted_steps(c["NUM_ITEMS"], c["NUM_PACKS"]) % 4, 1),
+        lambda c: (c["NUM_ITEMS"], c["NUM_PACKS"]),
     ),
     (
         "_replicate_greedy",
@@ -153,11 +157,6 @@ SOURCE_LOOPS = [
     ),
 ]
 GREEDY = ("packing", "replication")  # loop names of the greedy chains
-
-
-def _sorted_steps(items: int, packs: int) -> int:
-    """Greedy steps of ``_pack_sorted`` when every weight is > 0: all items but the first round."""
-    return items - packs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,22 +683,18 @@ def _bin() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def aligned_pointers(signature: dict) -> dict:
-    """``attrs`` of an ``ASTSource`` (Triton >= 3.3) saying every pointer argument is 16-byte aligned,
-    as the JIT specialises them at run time for torch's allocations: so the ahead-of-time build
-    vectorises the same memory accesses as the one that runs."""
-    return {(k,): [["tt.divisibility", 16]] for k, ty in enumerate(signature.values()) if ty.startswith("*")}
-
-
 def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
     """cubin, Triton's shared-memory size, resource usage and SASS (with lines) of one compilation."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from eplb_triton import launch
+
     signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
     if "constexprs" in inspect.signature(ASTSource).parameters:
-        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned_pointers(signature))
+        attrs = launch.jit_pointer_attrs(signature)  # pointers aligned, as at run time
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
     else:  # triton < 3.3
         src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
     with warnings.catch_warnings():

@@ -23,6 +23,14 @@ DISPATCH_BLOCK = 1024  # routed entries per program of the record + dispatch ker
 MAX_ASSIGN = 256  # rows (= columns) of one assignment problem: columns 0 .. n live in one program's registers
 
 
+def jit_pointer_attrs(signature: dict[str, str]) -> dict:
+    """``attrs`` for ``triton.compiler.ASTSource`` (Triton >= 3.3) marking every pointer argument of
+    ``signature`` (name -> type, ``"*fp32"`` ...) 16-byte aligned, as Triton's JIT specialises
+    torch's allocations at launch: ahead-of-time builds (compile tests, kernel report) then vectorise
+    the same memory accesses as the build that runs."""
+    return {(k,): [["tt.divisibility", 16]] for k, ty in enumerate(signature.values()) if ty.startswith("*")}
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: its grid, its ``tl.constexpr`` arguments and ``num_warps``."""

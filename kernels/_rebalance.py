@@ -135,7 +135,7 @@ def _pack_sorted(
     BLOCK_I: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """balanced_packing of one row, at least two items per pack: returns (pack, rank), each [BLOCK_I] int32.
+    """balanced_packing of one row: returns (pack, rank), each [BLOCK_I] int32.
 
     Equal to the greedy of docs/algorithm.md, step for step, with less work per step:
 
@@ -149,55 +149,62 @@ def _pack_sorted(
       REDUX, no shuffles). The key carries the pack's load and count, so a step rewrites only the
       chosen pack's key.
 
-    Each item's (pack, rank) goes to scratch with one scalar store and is read back at the end.
+    Each item's (pack, rank) goes to scratch with one scalar store and is read back at the end. With one
+    item per pack, item i is in pack i (the definition's shortcut) and the scratch is not touched.
     """
     CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
-    LANES: tl.constexpr = max(BLOCK_P, 32)
     o_i = tl.arange(0, BLOCK_I)
-    m_i = o_i < NUM_ITEMS
-    o_p = tl.arange(0, LANES)
-    scr_placed = scr_i + NUM_ITEMS
-    b_none = tl.zeros([BLOCK_I], dtype=tl.int32)
-    b_order = tl.sort(tl.where(m_i, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX), descending=True)
-    first = tl.minimum(tl.sum((m_i & (b_w > 0.0)).to(tl.int32), axis=0) + 1, NUM_PACKS)  # the first round
-    b_item = max_key_index(b_order)
-    tl.store(scr_w + o_i, key_to_fpval(b_order), mask=m_i)
-    tl.store(scr_i + o_i, b_item, mask=m_i)
-    tl.store(scr_placed + b_item, o_i << 16, mask=m_i & (o_i < first))
-    tl.debug_barrier()
-    m_first = o_p < first
-    b_key = min_key(tl.load(scr_w + o_p, mask=m_first, other=0.0), o_p, m_first.to(tl.int32), LANES, CAPACITY)
-    b_key = tl.where(o_p < NUM_PACKS, b_key, NO_KEY_MIN)
-    end = first + (NUM_ITEMS - first) // 4 * 4  # the unrolled steps; the rest one by one
-    w0 = tl.load(scr_w + first + 0, mask=first + 0 < end, other=0.0)
-    w1 = tl.load(scr_w + first + 1, mask=first + 1 < end, other=0.0)
-    w2 = tl.load(scr_w + first + 2, mask=first + 2 < end, other=0.0)
-    w3 = tl.load(scr_w + first + 3, mask=first + 3 < end, other=0.0)
-    i0 = tl.load(scr_i + first + 0, mask=first + 0 < end, other=0)
-    i1 = tl.load(scr_i + first + 1, mask=first + 1 < end, other=0)
-    i2 = tl.load(scr_i + first + 2, mask=first + 2 < end, other=0)
-    i3 = tl.load(scr_i + first + 3, mask=first + 3 < end, other=0)
-    for k in range(first + 4, end + 4, 4):
-        m_next = k < end
-        v0 = tl.load(scr_w + k + 0, mask=m_next, other=0.0)
-        v1 = tl.load(scr_w + k + 1, mask=m_next, other=0.0)
-        v2 = tl.load(scr_w + k + 2, mask=m_next, other=0.0)
-        v3 = tl.load(scr_w + k + 3, mask=m_next, other=0.0)
-        j0 = tl.load(scr_i + k + 0, mask=m_next, other=0)
-        j1 = tl.load(scr_i + k + 1, mask=m_next, other=0)
-        j2 = tl.load(scr_i + k + 2, mask=m_next, other=0)
-        j3 = tl.load(scr_i + k + 3, mask=m_next, other=0)
-        b_key = _take_pack(b_key, o_p, w0, i0, scr_placed, CAPACITY, LANES)
-        b_key = _take_pack(b_key, o_p, w1, i1, scr_placed, CAPACITY, LANES)
-        b_key = _take_pack(b_key, o_p, w2, i2, scr_placed, CAPACITY, LANES)
-        b_key = _take_pack(b_key, o_p, w3, i3, scr_placed, CAPACITY, LANES)
-        w0, w1, w2, w3 = v0, v1, v2, v3
-        i0, i1, i2, i3 = j0, j1, j2, j3
-    for k in range(end, NUM_ITEMS):
-        b_key = _take_pack(b_key, o_p, tl.load(scr_w + k), tl.load(scr_i + k), scr_placed, CAPACITY, LANES)
-    tl.debug_barrier()
-    b_placed = tl.load(scr_placed + o_i, mask=m_i, other=0)
-    return b_placed >> 16, b_placed & 0xFFFF
+    if CAPACITY == 1:  # one item per pack: item i in pack i, no sorting at all
+        b_pack = o_i
+        b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    else:
+        LANES: tl.constexpr = max(BLOCK_P, 32)
+        m_i = o_i < NUM_ITEMS
+        o_p = tl.arange(0, LANES)
+        scr_placed = scr_i + NUM_ITEMS
+        b_none = tl.zeros([BLOCK_I], dtype=tl.int32)
+        b_order = tl.sort(tl.where(m_i, max_key(b_w, o_i, b_none, BLOCK_I, 1), NO_KEY_MAX), descending=True)
+        first = tl.minimum(tl.sum((m_i & (b_w > 0.0)).to(tl.int32), axis=0) + 1, NUM_PACKS)  # the first round
+        b_item = max_key_index(b_order)
+        tl.store(scr_w + o_i, key_to_fpval(b_order), mask=m_i)
+        tl.store(scr_i + o_i, b_item, mask=m_i)
+        tl.store(scr_placed + b_item, o_i << 16, mask=m_i & (o_i < first))
+        tl.debug_barrier()
+        m_first = o_p < first
+        b_key = min_key(tl.load(scr_w + o_p, mask=m_first, other=0.0), o_p, m_first.to(tl.int32), LANES, CAPACITY)
+        b_key = tl.where(o_p < NUM_PACKS, b_key, NO_KEY_MIN)
+        end = first + (NUM_ITEMS - first) // 4 * 4  # the unrolled steps; the rest one by one
+        w0 = tl.load(scr_w + first + 0, mask=first + 0 < end, other=0.0)
+        w1 = tl.load(scr_w + first + 1, mask=first + 1 < end, other=0.0)
+        w2 = tl.load(scr_w + first + 2, mask=first + 2 < end, other=0.0)
+        w3 = tl.load(scr_w + first + 3, mask=first + 3 < end, other=0.0)
+        i0 = tl.load(scr_i + first + 0, mask=first + 0 < end, other=0)
+        i1 = tl.load(scr_i + first + 1, mask=first + 1 < end, other=0)
+        i2 = tl.load(scr_i + first + 2, mask=first + 2 < end, other=0)
+        i3 = tl.load(scr_i + first + 3, mask=first + 3 < end, other=0)
+        for k in range(first + 4, end + 4, 4):
+            m_next = k < end
+            v0 = tl.load(scr_w + k + 0, mask=m_next, other=0.0)
+            v1 = tl.load(scr_w + k + 1, mask=m_next, other=0.0)
+            v2 = tl.load(scr_w + k + 2, mask=m_next, other=0.0)
+            v3 = tl.load(scr_w + k + 3, mask=m_next, other=0.0)
+            j0 = tl.load(scr_i + k + 0, mask=m_next, other=0)
+            j1 = tl.load(scr_i + k + 1, mask=m_next, other=0)
+            j2 = tl.load(scr_i + k + 2, mask=m_next, other=0)
+            j3 = tl.load(scr_i + k + 3, mask=m_next, other=0)
+            b_key = _take_pack(b_key, o_p, w0, i0, scr_placed, CAPACITY, LANES)
+            b_key = _take_pack(b_key, o_p, w1, i1, scr_placed, CAPACITY, LANES)
+            b_key = _take_pack(b_key, o_p, w2, i2, scr_placed, CAPACITY, LANES)
+            b_key = _take_pack(b_key, o_p, w3, i3, scr_placed, CAPACITY, LANES)
+            w0, w1, w2, w3 = v0, v1, v2, v3
+            i0, i1, i2, i3 = j0, j1, j2, j3
+        for k in range(end, NUM_ITEMS):
+            b_key = _take_pack(b_key, o_p, tl.load(scr_w + k), tl.load(scr_i + k), scr_placed, CAPACITY, LANES)
+        tl.debug_barrier()
+        b_placed = tl.load(scr_placed + o_i, mask=m_i, other=0)
+        b_pack = b_placed >> 16
+        b_rank = b_placed & 0xFFFF
+    return b_pack, b_rank
 
 
 @triton.jit
@@ -269,13 +276,9 @@ def _balanced_packing_kernel(
     m_i = o_i < NUM_ITEMS
     b_w, valid = _load_row(w_ptr, invalid_ptr, row, NUM_ITEMS, BLOCK_I)
     if valid:
-        if NUM_ITEMS // NUM_PACKS == 1:  # one item per pack: item i in pack i
-            b_pack = o_i
-            b_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        else:
-            scr_f = scratch_f_ptr + row * NUM_ITEMS
-            scr_i = scratch_i_ptr + row * (2 * NUM_ITEMS)
-            b_pack, b_rank = _pack_sorted(b_w, scr_f, scr_i, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
+        scr_f = scratch_f_ptr + row * NUM_ITEMS
+        scr_i = scratch_i_ptr + row * (2 * NUM_ITEMS)
+        b_pack, b_rank = _pack_sorted(b_w, scr_f, scr_i, NUM_ITEMS, NUM_PACKS, BLOCK_I, BLOCK_P)
         tl.store(pack_ptr + row * NUM_ITEMS + o_i, b_pack.to(tl.int64), mask=m_i)
         tl.store(rank_ptr + row * NUM_ITEMS + o_i, b_rank.to(tl.int64), mask=m_i)
 
@@ -352,6 +355,8 @@ def _rebalance_kernel(
     o_r = tl.arange(0, BLOCK_RN)
     m_j = o_j < EN
     m_r = o_r < RN
+    scr_i = scratch_i_ptr + pid * (G + EN + 2 * RN)  # group bases | mlog2log | slot packing
+    scr_f = scratch_f_ptr + pid * (EN + RN)  # shares | slot packing
 
     valid = _row_is_valid(tl.load(w_row + o_e, mask=o_e < E, other=0.0), o_e < E)
     if node == 0:
@@ -368,7 +373,6 @@ def _rebalance_kernel(
             for k in range(GS):  # float32, in the spec's order
                 b_gload += tl.load(w_row + o_g * GS + k, mask=m_g, other=0.0)
             b_gpack, b_grank = _pack_greedy(b_gload, G, N, BLOCK_G, BLOCK_N)
-            scr_i = scratch_i_ptr + pid * (G + EN + 2 * RN)
             tl.store(scr_i + o_g, (b_gpack * GPN + b_grank) * GS, mask=m_g)
             tl.debug_barrier()
             b_mlog = tl.load(scr_i + o_e // GS, mask=o_e < E, other=0) + o_e % GS  # [BLOCK_E]
@@ -400,8 +404,6 @@ def _rebalance_kernel(
         if S == 1:
             b_pos = o_r
         else:
-            scr_f = scratch_f_ptr + pid * (EN + RN)
-            scr_i = scratch_i_ptr + pid * (G + EN + 2 * RN)
             tl.store(scr_f + o_j, b_share, mask=m_j)
             tl.debug_barrier()
             b_items = tl.load(scr_f + b_phy, mask=m_r, other=0.0)
@@ -412,7 +414,7 @@ def _rebalance_kernel(
         if GPN == 1:
             b_log = node * EN + b_phy
         else:
-            b_log = tl.load(scratch_i_ptr + pid * (G + EN + 2 * RN) + G + b_phy, mask=m_r, other=0)
+            b_log = tl.load(scr_i + G + b_phy, mask=m_r, other=0)
         b_slot = node * RN + b_pos  # [BLOCK_RN]
         tl.store(phy2log_ptr + layer * R + b_slot, b_log.to(tl.int64), mask=m_r)
         tl.store(phyrank_ptr + layer * R + b_slot, b_rank.to(tl.int64), mask=m_r)

@@ -109,9 +109,8 @@ def _compile(job: tuple[str, dict, int, int]) -> dict[str, str]:
     signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
     try:
         if "constexprs" in inspect.signature(ASTSource).parameters:
-            # pointers 16-byte aligned, as the JIT specialises them for torch's allocations
-            aligned = {(k,): [["tt.divisibility", 16]] for k, ty in enumerate(signature.values()) if ty.startswith("*")}
-            src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=aligned)
+            attrs = launch.jit_pointer_attrs(signature)  # pointers aligned, as at run time
+            src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
         else:  # triton < 3.3 names them constants
             src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
