@@ -674,6 +674,10 @@ POINTERS = {  # element type of each pointer argument, by name (as in tests/test
     "phy_ptr": "*i64",
     "n_entries": "i32",
     "WIDTH": "i32",
+    "stride_l2p_e": "i32",
+    "stride_l2p_x": "i32",
+    "stride_cnt": "i32",
+    "stride_counts": "i32",
 }
 
 

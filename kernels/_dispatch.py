@@ -19,14 +19,18 @@ import triton.language as tl
 def _record_dispatch_kernel(
     # inputs
     ids_ptr,  # [T * K] int32/int64 logical expert ids
-    log2phy_ptr,  # [E, WIDTH] int64
+    log2phy_ptr,  # [E, X] int64
     logcnt_ptr,  # [E] int64
     # outputs
     counts_ptr,  # [E] int64 (or int32), accumulated
     phy_ptr,  # [T * K] physical slot ids (ids' dtype)
     n_invalid_ptr,  # [1] int64 (or int32), accumulated
     n_entries,
-    WIDTH,
+    # element strides (any layout: views of wider tensors are read and written in place)
+    stride_l2p_e,
+    stride_l2p_x,
+    stride_cnt,
+    stride_counts,
     E: tl.constexpr,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -40,9 +44,9 @@ def _record_dispatch_kernel(
     b_hist = tl.histogram(b_e.to(tl.int32), BLOCK_E)  # [BLOCK_E]
     o_e = tl.arange(0, BLOCK_E)
     b_hist = b_hist.to(counts_ptr.dtype.element_ty)  # counts accumulate in their own width (int64)
-    tl.atomic_add(counts_ptr + o_e, b_hist, mask=(o_e < E) & (b_hist > 0))
+    tl.atomic_add(counts_ptr + o_e * stride_counts, b_hist, mask=(o_e < E) & (b_hist > 0))
     n_bad = tl.sum((m & ~m_valid).to(tl.int32), axis=0).to(n_invalid_ptr.dtype.element_ty)
     tl.atomic_add(n_invalid_ptr, n_bad, mask=n_bad > 0)
-    b_cnt = tl.load(logcnt_ptr + b_e, mask=m_valid, other=1)
-    b_phy = tl.load(log2phy_ptr + b_e * WIDTH + (o // K) % b_cnt, mask=m_valid, other=-1)
+    b_cnt = tl.load(logcnt_ptr + b_e * stride_cnt, mask=m_valid, other=1)
+    b_phy = tl.load(log2phy_ptr + b_e * stride_l2p_e + ((o // K) % b_cnt) * stride_l2p_x, mask=m_valid, other=-1)
     tl.store(phy_ptr + o, b_phy.to(phy_ptr.dtype.element_ty), mask=m)

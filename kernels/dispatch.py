@@ -17,7 +17,9 @@ def record_dispatch(
     out: torch.Tensor,
     launch,
 ) -> torch.Tensor:
-    """Count and map the ``[T, K]`` contiguous ``ids`` of one layer into ``out``; no host sync."""
+    """Count and map the ``[T, K]`` contiguous ``ids`` of one layer into ``out``; no host sync.
+
+    ``log2phy``, ``logcnt`` and ``counts`` may have any strides; ``invalid`` is one element."""
     T, K = ids.shape
     _record_dispatch_kernel[launch.grid](
         # inputs
@@ -30,6 +32,9 @@ def record_dispatch(
         invalid,
         T * K,
         log2phy.stride(0),
+        log2phy.stride(1),
+        logcnt.stride(0),
+        counts.stride(0),
         **launch.constexprs,
         num_warps=launch.num_warps,
     )

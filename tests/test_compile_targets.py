@@ -52,6 +52,7 @@ POINTERS = {  # element type of each pointer argument, by name
     "invalid_ptr": "*i32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "pack_ptr": "*i64", "rank_ptr": "*i64",
     "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i64", "n_invalid_ptr": "*i64", "phy_ptr": "*i64",
     "n_entries": "i32", "WIDTH": "i32",
+    "stride_l2p_e": "i32", "stride_l2p_x": "i32", "stride_cnt": "i32", "stride_counts": "i32",
     "phy_in_ptr": "*i64", "rank_in_ptr": "*i64", "cnt_in_ptr": "*i64", "old_ptr": "*i64", "budget": "i32",
     "share_ptr": "*fp64", "enode_ptr": "*i32",
 }  # fmt: skip
