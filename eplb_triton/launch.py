@@ -283,9 +283,7 @@ def search(
     E = logcnt.shape[1]
     has_budget = old_phy2log is not None and max_moves is not None
     ln = search_launch(L, E, R, num_gpus, num_nodes, has_budget)
-    # NaN rows (only EplbPlanner lets them through; they are flagged and keep their placement)
-    # would leave no fullest GPU; as zeros they search in bounds, on the device, without a sync
-    w = torch.nan_to_num(_float32_rows(weight), nan=0.0)
+    w = _float32_rows(weight)
     dev = w.device
 
     def rows(t: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,10 @@ def _search_kernel(
         while tl.condition(go, disable_licm=True):  # no long live ranges of hoisted blocks
             peak = tl.max(tl.where(m_p, b_load, -INF))
             a = tl.min(tl.where(m_p & (b_load == peak), o_p, NO_INDEX))  # the lowest fullest GPU
+            # No fullest GPU when every load is NaN (tl.max skips NaN, so the peak is a padding
+            # lane's -inf): the row is done. GPU 0 keeps this round's reads in bounds.
+            has_peak = a < NO_INDEX
+            a = tl.where(has_peak, a, 0)
             # swap partners j: another GPU b of a's node; (loads[b] - share[phy[j]]) is the part of
             # the swap's value on b that does not depend on i
             b_gpu = o_q // S
@@ -228,7 +232,7 @@ def _search_kernel(
                 best_k = tl.where(better, kind, best_k)
                 best_i = tl.where(better, i, best_i)
                 best_j = tl.where(better, tl.where(take_shift, shift_q, swap_j), best_j)
-            found = best_v < INF
+            found = has_peak & (best_v < INF)
             # apply the move (i, j): a swap exchanges (phy, rank); a shift turns j's x into y's last
             # replica. Selections by index, NO_INDEX where the move does not apply.
             e_i = tl.load(phy_row + best_i).to(tl.int32)

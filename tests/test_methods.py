@@ -352,3 +352,27 @@ def test_skipping_assignments_that_cannot_fit_changes_nothing(c, frac):
     finally:
         methods._may_fit = original
     assert_same(got, want, ("phy2log", "log2phy", "logcnt"))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy computes with the NaNs
+@pytest.mark.parametrize("P", [3, 4, 6])
+def test_search_kernel_on_nan_rows_stays_in_bounds(P):
+    # all-NaN loads with P not a power of two: tl.max skips NaN, so the peak was a padding lane's
+    # -inf and the kernel read at GPU 2**30; no fullest GPU must end the row's search. Restored
+    # from commit 853aee5 (which dropped it); the bounds-checking interpreter confirms the reads.
+    from eplb_triton import EplbPlanner
+
+    E, R = P, 2 * P
+    planner = EplbPlanner(2, E, R, 1, 1, P, device="cpu", method="refined")
+    before = planner.phy2log.clone()
+    w = torch.stack([torch.arange(1.0, E + 1), torch.full((E,), float("nan"))])
+    phy2log, _, _ = planner.plan(w)
+    assert planner.invalid.tolist() == [0, 1]
+    assert torch.equal(phy2log[1], before[1])
+    want = eplb.rebalance_experts(w[:1], R, 1, 1, P, backend="cpu", method="refined")[0]
+    assert torch.equal(phy2log[:1], want)
+    # the launcher alone, without the planner's mask: the NaN row comes back as it went in
+    from eplb_triton import launch
+
+    phy, rank, cnt = launch.search(w, phy2log, planner.phyrank, planner.logcnt, P, 1)
+    assert torch.equal(phy[1], phy2log[1]) and torch.equal(cnt[1], planner.logcnt[1])
