@@ -42,8 +42,16 @@ class OnlineBalancer:
             each step, ``0 < decay < 1``.
         rebalance_interval: plan every this many steps.
         balancedness_threshold: if given, also check at every step whether a layer's balancedness
-            under the current window fell below this value, and re-plan those layers at once
-            (costs one all-reduce and one planning launch per step; still no host sync).
+            under the current window fell below this value, and re-plan those layers early. A
+            layer re-plans early only when its window holds at least ``min_window`` steps and the
+            new plan passes the ``min_gain`` gate. Costs one all-reduce of the window and one host
+            read of the per-layer verdict per step; a planning launch only when a layer is below.
+        min_window: steps the window (or the EMA) must hold before an early re-plan (default: the
+            full ``window``; with ``ema_decay``, ``rebalance_interval``).
+        min_gain: a layer takes a new plan (early or periodic) only when it lowers the layer's
+            largest GPU load on the window by at least this fraction (default 0.01: a re-plan costs
+            weight transfers); otherwise it keeps its placement and nothing moves. ``0`` takes
+            every plan that is strictly better.
         process_group: ``torch.distributed`` group whose ranks share the placement; counts are
             summed over it before planning. Default: the default group when initialised, else none.
         device: where buffers live (default: CUDA if available, else CPU). On CUDA the planning and
@@ -72,7 +80,8 @@ class OnlineBalancer:
     :attr:`logcnt` ``[L, E]``, the step counts :attr:`counts` ``[L, E]`` and the window (int64, or
     a float64 EMA); no counter wraps below ``2**63 - 1`` tokens per expert. :attr:`invalid_ids`
     ``[1]`` int64 counts the skipped ids since construction or the last checkpoint load (zero it
-    to reset). :meth:`record` and the window roll are safe to capture in a CUDA graph;
+    to reset). :attr:`last_replanned` ``[L]`` bool marks the layers whose placement the last
+    :meth:`step` changed. :meth:`record` and the window roll are safe to capture in a CUDA graph;
     :meth:`step` decides on the host when to plan (a step count, no device read) and plans without
     synchronising (but for ``check_agreement``).
     """
@@ -98,6 +107,8 @@ class OnlineBalancer:
         check_agreement: bool = True,
         method: str = "greedy",
         max_moves: int | None = None,
+        min_window: int | None = None,
+        min_gain: float = 0.01,
     ):
         self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -114,6 +125,13 @@ class OnlineBalancer:
         if balancedness_threshold is not None and not (0.0 < float(balancedness_threshold) <= 1.0):
             raise ValueError(f"balancedness_threshold ({balancedness_threshold!r}) must be in (0, 1]")
         self.balancedness_threshold = balancedness_threshold
+        horizon = self.window if self.window is not None else self.rebalance_interval
+        self.min_window = horizon if min_window is None else check_count("min_window", min_window)
+        if self.window is not None and self.min_window > self.window:
+            raise ValueError(f"min_window ({self.min_window}) must be <= window ({self.window})")
+        if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0.0 <= min_gain < 1.0:
+            raise ValueError(f"min_gain ({min_gain!r}) must be a number with 0 <= min_gain < 1")
+        self.min_gain = float(min_gain)
         self.keep_slots = bool(keep_slots)
         self.process_group = process_group
         self.check_agreement = bool(check_agreement)
@@ -139,6 +157,7 @@ class OnlineBalancer:
         self.log2phy = torch.empty((L, E, self.width), dtype=torch.int64, device=dev)
         self.balancedness = torch.ones(L, dtype=torch.float64, device=dev)
         self.last_balancedness = torch.ones(L, dtype=torch.float64, device=dev)
+        self.last_replanned = torch.zeros(L, dtype=torch.bool, device=dev)
         self.steps = 0
         self.history: deque[dict] = deque(maxlen=history_size)
         self._planner = None
@@ -171,11 +190,21 @@ class OnlineBalancer:
         """This rank's loads the next plan would use: the window sum (int64) or the EMA (float64)."""
         return self._ring.sum(dim=0) if self.window is not None else self._ema.clone()
 
+    @property
+    def window_steps(self) -> int:
+        """Steps the window holds (at most ``window``), or the steps the EMA has seen."""
+        return self.steps if self.window is None else min(self.steps, self.window)
+
     def step(self) -> bool:
         """Close a step: roll the window with this step's counts, then plan when due.
 
-        Returns whether a plan was computed in this step (every ``rebalance_interval`` steps; every
-        step when a ``balancedness_threshold`` is set, applied only to layers below it then).
+        A plan is due every ``rebalance_interval`` steps; with a ``balancedness_threshold``, also at
+        any step where the window holds ``min_window`` steps and some layer is below the threshold
+        (only those layers are re-planned then). Every plan passes the ``min_gain`` gate per layer.
+
+        Returns:
+            Whether some layer's placement changed (then move the weights); the layers are in
+            :attr:`last_replanned`. Reading that verdict is one host synchronisation per plan.
         """
         if self.window is not None:
             self._ring.index_copy_(0, self._pos, self.counts.unsqueeze(0))
@@ -184,19 +213,22 @@ class OnlineBalancer:
             self._ema.mul_(self.ema_decay).add_(self.counts.to(torch.float64), alpha=1.0 - self.ema_decay)
         self.counts.zero_()
         self.steps += 1
+        self.last_replanned.zero_()
         if self.steps % self.rebalance_interval == 0:
-            self.rebalance()
-            return True
-        if self.balancedness_threshold is not None:
-            self.rebalance(only_below=self.balancedness_threshold)
-            return True
+            return bool(self.rebalance().any())
+        if self.balancedness_threshold is not None and self.window_steps >= self.min_window:
+            return bool(self.rebalance(only_below=self.balancedness_threshold).any())
         return False
 
-    def rebalance(self, only_below: float | None = None) -> None:
-        """All-reduce the window over the group and install a new placement (no host sync, but for
-        the agreement check of ``check_agreement``).
+    def rebalance(self, only_below: float | None = None) -> torch.Tensor:
+        """All-reduce the window over the group, plan, and install the plan where it pays.
 
-        ``only_below``: re-plan only the layers whose current balancedness is below it.
+        A layer takes the new plan when it lowers the layer's largest GPU load on the window by at
+        least ``min_gain`` (relative); with ``only_below``, only layers whose current balancedness
+        is below it are considered, and nothing is planned (one host read) when none is.
+
+        Returns:
+            ``[L]`` bool on the device: the layers whose placement changed (also :attr:`last_replanned`).
         """
         loads = self.window_loads()
         group = self._group()
@@ -204,7 +236,13 @@ class OnlineBalancer:
             dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=group)
         P = self.config.num_gpus
         old = (self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone(), self.log2phy.clone())
-        before = metrics.balancedness(metrics.gpu_loads(loads, old[0], old[2], P))
+        old_loads = metrics.gpu_loads(loads, old[0], old[2], P)
+        before = metrics.balancedness(old_loads)
+        candidates = torch.ones_like(before, dtype=torch.bool)
+        if only_below is not None:
+            candidates = before < only_below
+            if not bool(candidates.any()):
+                return self.last_replanned.zero_()
         new = self._plan(loads)
         if self.method != "greedy" or self.max_moves is not None:
             keep = self.keep_slots or self.max_moves is not None
@@ -215,23 +253,26 @@ class OnlineBalancer:
             new = (phy2log, phyrank, logcnt, log2phy_from_rank(phy2log, phyrank, self.config.num_experts, self.width))
         elif self.keep_slots:
             new = _reorder(new, stable_order(old[0], new[0], P))
-        after = metrics.balancedness(metrics.gpu_loads(loads, new[0], new[2], P))
-        if only_below is not None:
-            replan = before < only_below
-            new = tuple(torch.where(replan.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
-            after = torch.where(replan, after, before)
+        new_loads = metrics.gpu_loads(loads, new[0], new[2], P)
+        old_peak, new_peak = old_loads.amax(dim=1), new_loads.amax(dim=1)
+        take = candidates & (new_peak < old_peak) & (new_peak <= (1.0 - self.min_gain) * old_peak)
+        new = tuple(torch.where(take.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
+        after = torch.where(take, metrics.balancedness(new_loads), before)
         if group is not None and self.check_agreement:
             check_ranks_agree([new[0], new[1], new[2]], group, names=["phy2log", "phyrank", "logcnt"])
         self._install(*new)
         self.last_balancedness.copy_(before)
         self.balancedness.copy_(after)
+        self.last_replanned.copy_(take)
         self.history.append({
             "step": self.steps,
             "before": before.mean(),
             "after": after.mean(),
             "worst_after": after.min(),
+            "replanned_layers": take.sum(),
             "migrated_slots": metrics.migration_count(old[0], new[0]).sum(),
         })  # fmt: skip
+        return self.last_replanned
 
     def history_records(self) -> list[dict]:
         """:attr:`history` with host numbers, for logging (reads the device once per entry)."""

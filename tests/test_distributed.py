@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from helpers import make_loads
 
 import eplb_triton as eplb
+from eplb_triton import metrics
 from eplb_triton.distributed import check_ranks_agree, rearrange_expert_weights
 from eplb_triton.online import OnlineBalancer, stable_slots
 
@@ -59,7 +60,7 @@ def _weights_for(phy2log: torch.Tensor, rank: int, S: int) -> list[tuple[torch.T
 
 def _agree_worker(rank: int, world: int) -> None:
     P = world
-    b = OnlineBalancer(L, E, E + 4 * world, G, N, P, window=2, rebalance_interval=2, device="cpu")
+    b = OnlineBalancer(L, E, E + 4 * world, G, N, P, window=2, rebalance_interval=2, min_gain=0, device="cpu")
     for step in range(2):
         loads = _rank_loads(rank, step)
         for layer in range(L):
@@ -72,8 +73,14 @@ def _agree_worker(rank: int, world: int) -> None:
         assert torch.equal(other, b.phy2log), "all ranks hold the same placement"
     total = sum(_rank_loads(r, s) for r in range(world) for s in range(2))
     R = b.config.num_replicas
-    initial = eplb.rebalance_experts(torch.ones(L, E), R, G, N, P)[0]
-    want = stable_slots(initial, eplb.rebalance_experts(total, R, G, N, P)[0], P)
+    initial, _, initial_cnt = eplb.rebalance_experts(torch.ones(L, E), R, G, N, P)
+    plan, _, cnt = eplb.rebalance_experts(total, R, G, N, P)
+    # min_gain=0: a layer takes the plan where it lowers the largest GPU load at all
+    better = metrics.gpu_loads(total, plan, cnt, P).amax(1) < metrics.gpu_loads(
+        total, initial, initial_cnt, P
+    ).amax(1)
+    want = torch.where(better[:, None], stable_slots(initial, plan, P), initial)
+    assert better.any()
     assert torch.equal(b.phy2log, want), "the plan is that of the counts summed over ranks"
 
     # then move the weights to it

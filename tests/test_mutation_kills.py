@@ -86,22 +86,28 @@ def _threshold_balancer(threshold: float) -> tuple[OnlineBalancer, torch.Tensor]
 
 
 def test_threshold_is_strictly_below():
-    # balancedness 0.5 is not below a threshold of 0.5: nothing is re-planned.
+    # balancedness 0.5 is not below a threshold of 0.5: nothing is re-planned (nor planned at all).
     b, initial = _threshold_balancer(0.5)
-    assert b.step() is True
-    assert b.last_balancedness.tolist() == [1.0, 0.5]
+    assert b.step() is False
     assert torch.equal(b.phy2log, initial)
-    assert b.balancedness.tolist() == [1.0, 0.5]
+    assert not b.last_replanned.any() and len(b.history) == 0
 
 
 def test_history_worst_after_is_the_minimum():
-    # no layer re-planned (previous test): after = [1.0, 0.5], mean 0.75, worst 0.5
-    b, _ = _threshold_balancer(0.5)
-    b.step()
+    # threshold 0.9: layer 0 (GPU loads 20 | 20 | 20 | 16, balancedness 0.95) stays, layer 1 (0.5)
+    # is re-planned to 1.0: after = [0.95, 1.0], mean 0.975, worst 0.95
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1000, balancedness_threshold=0.9,
+                       device="cpu")  # fmt: skip
+    initial = b.phy2log.clone()
+    _feed(b, torch.tensor([[10, 10, 10, 10, 10, 10, 10, 6], [0, 20, 0, 0, 40, 0, 10, 10]]))
+    assert b.step() is True
+    assert b.last_replanned.tolist() == [False, True]
+    assert torch.equal(b.phy2log[0], initial[0])
     (entry,) = b.history_records()
-    assert entry["after"] == pytest.approx(0.75)
-    assert entry["worst_after"] == pytest.approx(0.5)
-    assert entry["migrated_slots"] == 0
+    assert entry["after"] == pytest.approx(0.975)
+    assert entry["worst_after"] == pytest.approx(0.95)
+    assert entry["replanned_layers"] == 1
+    assert entry["migrated_slots"] == int((b.phy2log[1] != initial[1]).sum()) > 0
 
 
 def test_default_window_is_the_rebalance_interval():

@@ -190,6 +190,57 @@ def test_threshold_replans_the_layers_below_it_before_planning():
     assert torch.equal(b.phy2log[0], initial[0])
     assert not torch.equal(b.phy2log[1], initial[1])
     assert b.balancedness.tolist() == [1.0, 1.0]
+    assert b.last_replanned.tolist() == [False, True]
+
+
+def test_threshold_does_not_replan_even_loads():
+    # The review's case: threshold 0.7 and loads that the current placement already balances
+    # perfectly. No step may report a change (that would mean moving weights every step).
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=3, rebalance_interval=1000, balancedness_threshold=0.7, device="cpu")
+    initial = b.phy2log.clone()
+    for _ in range(8):
+        _feed(b, torch.full((2, 8), 10))
+        assert b.step() is False
+    assert torch.equal(b.phy2log, initial) and len(b.history) == 0
+
+
+def test_threshold_waits_for_min_window_steps():
+    # A bad layer from the first step on: no early re-plan until the window holds min_window steps
+    # (default: the whole window), then one re-plan, and none after it while the loads stay.
+    loads = torch.tensor([[10] * 8, [0, 20, 0, 0, 40, 0, 10, 10]])
+    for min_window, first in ((None, 4), (2, 2), (1, 1)):
+        b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=4, rebalance_interval=1000, balancedness_threshold=0.9,
+                           min_window=min_window, device="cpu")  # fmt: skip
+        changed = []
+        for _ in range(6):
+            _feed(b, loads)
+            changed.append(b.step())
+        assert changed == [s == first for s in range(1, 7)], (min_window, changed)
+
+
+def test_min_gain_keeps_placements_that_a_plan_barely_beats():
+    # Layer 1 under the equal-load placement: GPU loads 12 | 10 | 10 | 10 (worst 12). The greedy
+    # plan splits 12 and the 10s in two (shares 6, 6, 5 x 6) and packs 6+5 | 6+5 | 5+5 | 5+5: worst 11,
+    # a gain of 1/12 = 8.3%. min_gain 0.1 keeps the placement; 0.05 takes the plan.
+    loads = torch.tensor([[10] * 8, [0, 0, 0, 0, 12, 10, 10, 10]])
+    for min_gain, moves in ((0.1, False), (0.05, True)):
+        b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1, min_gain=min_gain, device="cpu")
+        initial = b.phy2log.clone()
+        _feed(b, loads)
+        assert b.step() is moves
+        assert torch.equal(b.phy2log[0], initial[0])
+        assert torch.equal(b.phy2log[1], initial[1]) is not moves
+        assert b.last_replanned.tolist() == [False, moves]
+
+
+def test_min_window_and_min_gain_validation():
+    with pytest.raises(ValueError, match=r"min_window \(5\) must be <= window \(4\)"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, window=4, min_window=5, device="cpu")
+    with pytest.raises(ValueError, match="min_window"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, min_window=0, device="cpu")
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="min_gain"):
+            OnlineBalancer(1, 4, 4, 1, 1, 1, min_gain=bad, device="cpu")
 
 
 def test_state_dict_round_trip():
