@@ -112,10 +112,14 @@ def _agree(
     if problem is not None and not isinstance(problem, ValueError):
         text = f"{type(problem).__name__}: {text}"
     row = list(digests) + [int(problem is not None)] + _encode(text)
-    mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group))
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(rows, mine, group=group)
-    message = _verdict([r.tolist() for r in rows], names)
+    if _single_process(group):
+        rows = [row]
+    else:
+        mine = torch.tensor(row, dtype=torch.int64, device=_collective_device(group))
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        rows = [r.tolist() for r in gathered]
+    message = _verdict(rows, names)
     if message is not None:
         raise ValueError(message) from problem
 
@@ -156,6 +160,17 @@ def check_ranks_agree(
     except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
         problem, digests = exc, [0] * len(tensors)
     _agree(digests, labels, group, problem)
+
+
+def _single_process(group: dist.ProcessGroup | None) -> bool:
+    """No process group to talk to: ``group=None`` with ``torch.distributed`` not initialised.
+
+    Raises ``ValueError`` when a ``group`` is given but ``torch.distributed`` is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return False
+    if group is not None:
+        raise ValueError("group was given, but torch.distributed is not initialised")
+    return True
 
 
 def _check_placements(old: list[list[int]], new: list[list[int]]) -> None:
@@ -220,6 +235,8 @@ def rearrange_expert_weights(
             be ``nn.Parameter`` objects: the move runs under ``torch.no_grad()`` and writes them in place.
         old_phy2log, new_phy2log: ``[L, R]`` integer placements, identical on every rank (any device).
         group: the expert-parallel process group (default: the world); its size must be ``R / S``.
+            Without ``torch.distributed`` initialised (and ``group=None``) the call runs in this
+            process alone, as a group of one: every slot is rewritten by a local copy.
         max_inflight: experts per batch of point-to-point operations (bounds in-flight requests).
 
     Before any weight is touched, every rank checks its own inputs (shapes, ids >= 0, every expert
@@ -253,10 +270,9 @@ def rearrange_expert_weights(
     Example:
         >>> stats = rearrange_expert_weights([(w13, w2) for w13, w2 in layers], old, new)  # doctest: +SKIP
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("rearrange_expert_weights needs an initialised torch.distributed process group")
-    world = dist.get_world_size(group)
-    me = dist.get_rank(group)
+    local = _single_process(group)
+    world = 1 if local else dist.get_world_size(group)
+    me = 0 if local else dist.get_rank(group)
     problem = None
     digests = [0, 0, 0]
     try:

@@ -154,8 +154,11 @@ def test_rearrange_expert_weights(world, kind):
 
 
 def test_rearrange_argument_errors():
-    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+    # in one process (no process group) the inputs are checked as in a group
+    with pytest.raises(ValueError, match="old_phy2log must be an integer tensor, got torch.float32"):
         rearrange_expert_weights([torch.zeros(2, 1)], torch.zeros(1, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"expert_weights\[0\] tensors must be \[slots_per_rank=2, ...\]"):
+        rearrange_expert_weights([torch.zeros(3, 1)], torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2).long())
 
 
 # Faults: every rank must raise the same ValueError and keep its weights bit for bit. Each rank runs
@@ -305,3 +308,19 @@ def test_balancer_plans_that_differ_between_ranks_are_not_installed(tmp_path):
         results = torch.load(tmp_path / f"{rank}.pt")
         assert results["unchanged"], f"rank {rank}"
         assert results["error"].startswith("phy2log differs between ranks (ranks 0 and 1 disagree)"), results
+
+
+def test_rearrange_in_one_process_without_a_process_group():
+    # The README's loop in a single process: no torch.distributed, group=None. Every slot is
+    # rewritten from the process's own old slots, nothing else is touched, bad inputs still raise.
+    assert not dist.is_initialized()
+    old = eplb.rebalance_experts(torch.ones(L, E), E + 4, G, N, 2)[0]
+    new = eplb.rebalance_experts(make_loads(L, E, "skewed", 3), E + 4, G, N, 2)[0]
+    weights = _weights_for(old, 0, E + 4)
+    stats = rearrange_expert_weights(weights, old, new)
+    _check_weights(weights, new, 0, E + 4)
+    assert stats.received == stats.sent == 0 and stats.local_copies == int((old != new).sum()) > 0
+    with pytest.raises(ValueError, match="expert_weights has 2 layers, the placements have 3"):
+        rearrange_expert_weights(weights[:2], new, old)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        rearrange_expert_weights(weights, new, old, group=object())
