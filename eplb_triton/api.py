@@ -54,7 +54,7 @@ def balanced_packing(
     m = check_count("num_packs", num_packs)
     if n % m:
         raise EplbArgumentError(f"number of items ({n}, weight.shape[1]) must be a multiple of num_packs ({m})")
-    backend = backends.resolve(backend, weight.device)
+    backend = backends.resolve(backend, weight.device, items=n)
     if X == 0:
         return _empty(weight.device, (0, n), (0, n))  # type: ignore[return-value]
     return backends.run("balanced_packing", backend, weight, m)
@@ -85,7 +85,7 @@ def replicate_experts(
     check_slots("num_phy", R, X)
     if R < E:
         raise EplbArgumentError(f"num_phy ({R}) must be >= the number of logical experts ({E}, weight.shape[1])")
-    backend = backends.resolve(backend, weight.device)
+    backend = backends.resolve(backend, weight.device, experts=E, replicas=R)
     if X == 0:
         return _empty(weight.device, (0, R), (0, R), (0, E))  # type: ignore[return-value]
     return backends.run("replicate_experts", backend, weight, R)
@@ -123,7 +123,7 @@ def rebalance_experts_hierarchical(
         weight, num_physical_experts, num_groups, num_nodes, num_gpus,
         require_hierarchical=True, replicas_name="num_physical_experts",
     )  # fmt: skip
-    backend = backends.resolve(backend, weight.device)
+    backend = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     if cfg.num_layers == 0:
@@ -186,7 +186,7 @@ def rebalance_experts(
         [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]
     """
     cfg = check_config(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    backend = backends.resolve(backend, weight.device)
+    backend = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas

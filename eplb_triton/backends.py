@@ -56,16 +56,19 @@ def kernels() -> ModuleType:
     return package
 
 
-def resolve(backend: object, device: torch.device) -> str:
+def resolve(backend: object, device: torch.device, *, experts: int = 0, replicas: int = 0, items: int = 0) -> str:
     """The concrete backend (``"cpu"``, ``"reference"`` or ``"triton"``) for data on ``device``.
 
-    ``"auto"`` is ``"triton"`` for CUDA data when Triton is installed, else ``"cpu"``;
-    ``"triton"`` needs CUDA data, or the interpreter.
+    ``"auto"`` is ``"triton"`` for CUDA data when Triton is installed and the problem fits the
+    kernels (``experts <= launch.MAX_EXPERTS``, ``replicas <= launch.MAX_REPLICAS``, ``items <=
+    launch.MAX_ITEMS`` per row), else ``"cpu"``; ``"triton"`` needs CUDA data, or the interpreter
+    (beyond the limits it raises, naming the limit).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise EplbArgumentError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "cpu"
+        fits = experts <= launch.MAX_EXPERTS and replicas <= launch.MAX_REPLICAS and items <= launch.MAX_ITEMS
+        return "triton" if device.type == "cuda" and triton_available() and fits else "cpu"
     if backend == "triton" and not (device.type == "cuda" or interpreter_active()):
         raise EplbArgumentError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the kernels "

@@ -136,7 +136,7 @@ class OnlineBalancer:
         self.process_group = process_group
         self.check_agreement = bool(check_agreement)
         self.device = resolve_device(device)
-        self.backend = backends.resolve(backend, self.device)
+        self.backend = backends.resolve(backend, self.device, experts=E, replicas=self.config.num_replicas)
         self.method = check_method(method)
         self.max_moves = check_max_moves(max_moves)
 

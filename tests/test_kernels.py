@@ -201,6 +201,23 @@ def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
         eplb.rebalance_experts(torch.ones(1, 4), 4, 1, 1, 1, backend="triton")
 
 
+def test_auto_falls_back_to_cpu_beyond_the_kernel_limits():
+    # CUDA data beyond the kernels' limits: "auto" must take the CPU path, not pick Triton and raise
+    # (resolve only reads the device type, so a CUDA device object serves without a GPU).
+    from eplb_triton import backends, launch
+
+    cuda = torch.device("cuda")
+    E, R, n = launch.MAX_EXPERTS, launch.MAX_REPLICAS, launch.MAX_ITEMS
+    assert backends.resolve("auto", cuda, experts=E, replicas=R) == "triton"
+    assert backends.resolve("auto", cuda, items=n) == "triton"
+    assert backends.resolve("auto", cuda, experts=E + 1, replicas=R) == "cpu"
+    assert backends.resolve("auto", cuda, experts=E, replicas=R + 1) == "cpu"
+    assert backends.resolve("auto", cuda, items=n + 1) == "cpu"
+    assert backends.resolve("auto", torch.device("cpu"), experts=1) == "cpu"
+    with pytest.raises(ValueError, match="supports up to 1024 logical experts per layer, got 1025; use backend='cpu'"):
+        eplb.rebalance_experts(torch.ones(1, E + 1), E + 1, 1, 1, 1, backend="triton")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_capture_and_replay():
     planner = eplb.EplbPlanner(58, 256, 288, 8, 4, 32, device="cuda")
