@@ -105,6 +105,20 @@ def _float32_cpu(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
+    """The float32 NumPy copy the CPU path works on, after the value check, without torch kernels.
+
+    The CPU path runs on one thread from here on: torch's intra-op parallel regions wait for every
+    worker thread, and on a host whose other core is busy a descheduled worker made a 5 ms
+    ``fill_`` of 58 layers' ``log2phy`` cost more than the whole greedy."""
+    w = weight.detach().cpu()
+    if w.dtype == torch.bfloat16:  # no NumPy dtype; a small exact widening
+        w = w.to(torch.float32)
+    a = w.numpy().astype(np.float32)  # C-contiguous, round to nearest as torch's .to(float32)
+    cpu.check_values(a)
+    return a
+
+
 def _tensors(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
 
@@ -133,7 +147,7 @@ def _packing_reference(weight: torch.Tensor, num_packs: int):
 
 @implements("balanced_packing", "cpu")
 def _packing_cpu(weight: torch.Tensor, num_packs: int):
-    return _tensors(cpu.balanced_packing(_float32_cpu(weight).numpy(), num_packs), weight.device)
+    return _tensors(cpu.balanced_packing(_float32_numpy(weight), num_packs), weight.device)
 
 
 @implements("balanced_packing", "triton")
@@ -155,7 +169,7 @@ def _replicate_reference(weight: torch.Tensor, num_phy: int):
 
 @implements("replicate_experts", "cpu")
 def _replicate_cpu(weight: torch.Tensor, num_phy: int):
-    return _tensors(cpu.replicate_experts(_float32_cpu(weight).numpy(), num_phy)[:3], weight.device)
+    return _tensors(cpu.replicate_experts(_float32_numpy(weight), num_phy)[:3], weight.device)
 
 
 @implements("replicate_experts", "triton")
@@ -183,11 +197,11 @@ def _rebalance_reference(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
 
 @implements("rebalance", "cpu")
 def _rebalance_cpu(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
-    w = _float32_cpu(weight).numpy()
+    w = _float32_numpy(weight)
     R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-    phy2log, phyrank, logcnt = _tensors(cpu.rebalance_experts_hierarchical(w, R, G, N, P), weight.device)
-    log2phy = log2phy_from_rank(phy2log, phyrank, cfg.num_experts, int(logcnt.max())) if with_log2phy else None
-    return phy2log, phyrank, logcnt, log2phy
+    phy2log, phyrank, logcnt = cpu.rebalance_experts_hierarchical(w, R, G, N, P)
+    log2phy = cpu.log2phy(phy2log, phyrank, cfg.num_experts, int(logcnt.max())) if with_log2phy else None
+    return (*_tensors((phy2log, phyrank, logcnt), weight.device), None if log2phy is None else _tensors([log2phy], weight.device)[0])
 
 
 @implements("rebalance", "triton")
@@ -233,7 +247,7 @@ def _search_reference(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, 
 @implements("search", "cpu")
 def _search_cpu(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
     arrays = [None if t is None else t.cpu().numpy() for t in (phy2log, phyrank, logcnt, old_phy2log)]
-    out = cpu.search(_float32_cpu(weight).numpy(), *arrays[:3], P, N, arrays[3], max_moves)
+    out = cpu.search(_float32_numpy(weight), *arrays[:3], P, N, arrays[3], max_moves)
     return _tensors(out, weight.device)
 
 

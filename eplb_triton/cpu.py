@@ -18,39 +18,99 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import EplbArgumentError
+
 _FULL = np.iinfo(np.int32).max
+
+
+def check_values(w32: np.ndarray, name: str = "weight") -> None:
+    """``w32``, the float32 loads: every entry finite and >= 0 (else the API's error, naming the first)."""
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(w32) & (w32 >= 0))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise EplbArgumentError(
+            f"{name} must be finite and >= 0 in float32, found {float(w32[row, col])} at [{row}, {col}]"
+        )
+
+
+def _rows_offset(shape: tuple[int, int]) -> np.ndarray:
+    """``[X, 1]`` flat offset of each row of a C-contiguous ``[X, n]`` array."""
+    return (np.arange(shape[0], dtype=np.int64) * shape[1])[:, None]
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``take_along_axis(a, idx, axis=1)`` by flat indexing (C-contiguous ``a``), without its overhead."""
+    return a.reshape(-1)[idx + _rows_offset(a.shape)]
+
+
+def _put(out: np.ndarray, idx: np.ndarray, values: np.ndarray) -> None:
+    """``put_along_axis(out, idx, values, axis=1)`` by flat indexing (C-contiguous ``out``)."""
+    out.reshape(-1)[idx + _rows_offset(out.shape)] = values
+
+
+def log2phy(phy2log: np.ndarray, rank: np.ndarray, num_experts: int, width: int) -> np.ndarray:
+    """``[L, E, width]`` int64: ``log2phy[l, e, r]`` is the slot of replica ``r`` of ``e``, ``-1`` past its count."""
+    L, R = phy2log.shape
+    out = np.full((L, num_experts * width), -1, np.int64)
+    _put(out, phy2log * width + rank, np.broadcast_to(np.arange(R, dtype=np.int64), (L, R)))
+    return out.reshape(L, num_experts, width)
+
+
+_INF_BITS = np.int64(0x7F800000)  # float32 +inf: the largest bit pattern of a valid (non-negative) load
+
+
+def _decreasing_order(w: np.ndarray) -> np.ndarray:
+    """Per row, the item indices by decreasing weight, lower index first among equals.
+
+    One int64 key per item, ``(inf bits - weight bits) << 32 | index``: weights are non-negative
+    float32 (``-0.0`` already made ``+0.0``), which order like their bit patterns, and the keys are
+    distinct, so a plain sort of the keys gives the order, and its low bits the indices."""
+    bits = w.view(np.int32).astype(np.int64)
+    key = ((_INF_BITS - bits) << 32) | np.arange(w.shape[1], dtype=np.int64)
+    key.sort(axis=1)
+    return key & 0xFFFFFFFF
 
 
 def balanced_packing(w: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """``w``: float32 ``[X, n]``. Returns ``(pack, rank)``, int64 ``[X, n]``."""
     X, n = w.shape
-    capacity = n // num_packs
+    P = num_packs
+    capacity = n // P
     if capacity == 1:
         return np.broadcast_to(np.arange(n, dtype=np.int64), (X, n)).copy(), np.zeros((X, n), np.int64)
-    order = np.argsort(-w, axis=1, kind="stable")
-    w_sorted = np.take_along_axis(w, order, axis=1)
-    loads = np.zeros(X * num_packs, np.float32)
-    counts = np.zeros(X * num_packs, np.int64)
-    key = np.zeros((X, num_packs), np.int32)  # bits of the pack load, _FULL once full
-    key_flat = key.reshape(-1)
-    base = np.arange(X, dtype=np.int64) * num_packs
+    w = w + np.float32(0.0)  # -0.0 as +0.0: the pack keys compare float32 bit patterns
+    order = _decreasing_order(w)
+    w_cols = np.ascontiguousarray(_take(w, order).T)  # [n, X]: item t of every row, contiguous
     pack_sorted = np.empty((n, X), np.int64)
     rank_sorted = np.empty((n, X), np.int64)
-    for t in range(n):
-        p = key.argmin(axis=1)
-        flat = base + p
-        r = counts[flat]
-        pack_sorted[t] = p
-        rank_sorted[t] = r
-        with np.errstate(over="ignore"):  # float32 overflow to inf is part of the spec
-            new_load = loads[flat] + w_sorted[:, t]
-        loads[flat] = new_load
-        counts[flat] = r + 1
-        key_flat[flat] = np.where(r + 1 < capacity, new_load.view(np.int32), _FULL)
+    # The first round needs no search (docs/algorithm.md section 6): while every item taken so far
+    # weighs > 0, item k finds packs 0..k-1 loaded and k..P-1 empty, so it goes to pack k.
+    positive = (w_cols > 0).sum(axis=0).min() if X else 0
+    first = min(P, int(positive) + 1, n)
+    pack_sorted[:first] = np.arange(first)[:, None]
+    rank_sorted[:first] = 0
+    counts = np.zeros(X * P, np.int64)
+    key = np.zeros((X, P), np.int32)  # bits of the pack's float32 load while it has room, _FULL once full
+    key_flat = key.reshape(-1)
+    load_flat = key_flat.view(np.float32)
+    counts.reshape(X, P)[:, :first] = 1
+    key[:, :first] = w_cols[:first].T.view(np.int32)
+    base = np.arange(X, dtype=np.int64) * P
+    with np.errstate(over="ignore"):  # float32 overflow to inf is part of the spec
+        for t in range(first, n):
+            p = key.argmin(axis=1)
+            flat = base + p
+            r = counts[flat]
+            pack_sorted[t] = p
+            rank_sorted[t] = r
+            new_load = load_flat[flat] + w_cols[t]
+            counts[flat] = r + 1
+            key_flat[flat] = np.where(r + 1 < capacity, new_load.view(np.int32), _FULL)
     pack = np.empty((X, n), np.int64)
     rank = np.empty((X, n), np.int64)
-    np.put_along_axis(pack, order, pack_sorted.T, axis=1)
-    np.put_along_axis(rank, order, rank_sorted.T, axis=1)
+    _put(pack, order, pack_sorted.T)
+    _put(rank, order, rank_sorted.T)
     return pack, rank
 
 
@@ -82,7 +142,7 @@ def replicate_experts(w: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarr
 def rebalance_experts_hierarchical(
     w: np.ndarray, R: int, G: int, N: int, P: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``w``: float32 ``[L, E]``. Returns ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``."""
+    """``w``: float32 ``[L, E]``, C-contiguous. Returns ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``."""
     L, E = w.shape
     gs, gpn, En, Rn, Pn, S = E // G, G // N, E // N, R // N, P // N, R // P
 
@@ -98,25 +158,25 @@ def rebalance_experts_hierarchical(
         gpack, grank = balanced_packing(gload, N)
     log2mlog = (((gpack * gpn + grank) * gs)[:, :, None] + np.arange(gs)).reshape(L, E)
     mlog2log = np.empty((L, E), np.int64)
-    np.put_along_axis(mlog2log, log2mlog, np.broadcast_to(np.arange(E), (L, E)), axis=1)
+    _put(mlog2log, log2mlog, np.broadcast_to(np.arange(E), (L, E)))
 
     # 2. Replicas within each node: one row per (layer, node).
-    wn = np.take_along_axis(w, mlog2log, axis=1).reshape(L * N, En)
+    wn = _take(w, mlog2log).reshape(L * N, En)
     phy2mlog, phyrank, mlogcnt, share = replicate_experts(wn, Rn)
 
     # 3. Slots to GPUs within each node.
-    items = np.take_along_axis(share, phy2mlog, axis=1)
+    items = _take(share, phy2mlog)
     pack, rk = balanced_packing(items, Pn)
 
     # 4. Back to global numbering.
     node = np.arange(N)[None, :, None]
-    item_log = np.take_along_axis(mlog2log, (phy2mlog.reshape(L, N, Rn) + node * En).reshape(L, R), axis=1)
+    item_log = _take(mlog2log, (phy2mlog.reshape(L, N, Rn) + node * En).reshape(L, R))
     item_slot = ((pack * S + rk).reshape(L, N, Rn) + node * Rn).reshape(L, R)
     phy2log = np.empty((L, R), np.int64)
     rank = np.empty((L, R), np.int64)
-    np.put_along_axis(phy2log, item_slot, item_log, axis=1)
-    np.put_along_axis(rank, item_slot, phyrank.reshape(L, R), axis=1)
-    logcnt = np.take_along_axis(mlogcnt.reshape(L, E), log2mlog, axis=1)
+    _put(phy2log, item_slot, item_log)
+    _put(rank, item_slot, phyrank.reshape(L, R))
+    logcnt = _take(mlogcnt.reshape(L, E), log2mlog)
     return phy2log, rank, logcnt
 
 

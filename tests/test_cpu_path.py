@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import FIXED_CASES, Case, assert_same, assert_valid_placement, cases
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import eplb_triton as eplb
 from eplb_triton import reference
@@ -57,3 +58,28 @@ def test_overflowing_pack_loads_stay_exact():
     got = eplb.balanced_packing(w, 2, backend="cpu")
     want = reference.balanced_packing(w, 2)
     assert_same(got, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda packs: st.tuples(
+            st.just(packs),
+            st.integers(1, 5).flatmap(
+                lambda cap: st.lists(
+                    st.lists(
+                        st.sampled_from([0.0, -0.0, 1.0, 2.0, 2.0, 3.5, 3e38, 1e-45]), min_size=packs * cap,
+                        max_size=packs * cap,
+                    ),
+                    min_size=1, max_size=3,
+                )
+            ),
+        )
+    )
+)
+def test_packing_zero_signed_zero_overflow_and_ties(args):
+    # the CPU packing's shortcuts (its first round, bit-pattern keys): -0.0 among +0.0, subnormals,
+    # float32 sums overflowing to inf, equal weights, any number of positive items per row
+    packs, rows = args
+    w = torch.tensor(rows, dtype=torch.float32)
+    assert_same(eplb.balanced_packing(w, packs, backend="cpu"), reference.balanced_packing(w, packs))
