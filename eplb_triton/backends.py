@@ -28,7 +28,6 @@ import torch
 
 from . import cpu, launch, recording, reference
 from ._validation import BACKENDS, Config, EplbArgumentError, check_values
-from .placement import log2phy_from_rank
 
 TABLE: dict[tuple[str, str], Callable] = {}
 
@@ -200,8 +199,11 @@ def _rebalance_cpu(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
     w = _float32_numpy(weight)
     R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
     phy2log, phyrank, logcnt = cpu.rebalance_experts_hierarchical(w, R, G, N, P)
-    log2phy = cpu.log2phy(phy2log, phyrank, cfg.num_experts, int(logcnt.max())) if with_log2phy else None
-    return (*_tensors((phy2log, phyrank, logcnt), weight.device), None if log2phy is None else _tensors([log2phy], weight.device)[0])
+    arrays = [phy2log, phyrank, logcnt]
+    if with_log2phy:
+        arrays.append(cpu.log2phy(phy2log, phyrank, cfg.num_experts, int(logcnt.max())))
+    out = _tensors(arrays, weight.device)
+    return out if with_log2phy else (*out, None)
 
 
 @implements("rebalance", "triton")
