@@ -76,9 +76,7 @@ def _agree_worker(rank: int, world: int) -> None:
     initial, _, initial_cnt = eplb.rebalance_experts(torch.ones(L, E), R, G, N, P)
     plan, _, cnt = eplb.rebalance_experts(total, R, G, N, P)
     # min_gain=0: a layer takes the plan where it lowers the largest GPU load at all
-    better = metrics.gpu_loads(total, plan, cnt, P).amax(1) < metrics.gpu_loads(
-        total, initial, initial_cnt, P
-    ).amax(1)
+    better = metrics.gpu_loads(total, plan, cnt, P).amax(1) < metrics.gpu_loads(total, initial, initial_cnt, P).amax(1)
     want = torch.where(better[:, None], stable_slots(initial, plan, P), initial)
     assert better.any()
     assert torch.equal(b.phy2log, want), "the plan is that of the counts summed over ranks"

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_loads
 
 import eplb_triton as eplb
 from eplb_triton.placement import assign_max_overlap
-
-from helpers import make_loads
 
 BACKENDS = ["cpu", "triton"]
 
