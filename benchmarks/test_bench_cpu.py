@@ -31,3 +31,20 @@ def test_replicate_cpu(benchmark, num_phy):
 def test_packing_cpu(benchmark, num_packs):
     w = synthetic_loads(58, 288)
     benchmark(eplb.balanced_packing, w, num_packs, backend="cpu")
+
+
+@pytest.fixture
+def one_core_busy():
+    """Another process keeps a core busy, as on a serving host (bench_layers.py --busy 1)."""
+    from eplb_triton.bench import busy_processes
+
+    with busy_processes(1):
+        yield
+
+
+@pytest.mark.parametrize("model", list(MODELS), ids=str)
+def test_rebalance_cpu_one_core_busy(benchmark, model, one_core_busy):
+    d = MODELS[model]
+    w = synthetic_loads(58, d.experts)
+    phy2log, _, _ = benchmark(eplb.rebalance_experts, w, *d.args, backend="cpu")
+    assert phy2log.shape == (58, d.replicas)

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.plot([r["without"] for r in rows], label="no rebalancing")
     planned = [r["step"] for r in rows if r["rebalanced"]]
     for i, step in enumerate(planned):  # one legend entry for all of them
-        ax.axvline(step, color="grey", alpha=0.25, label="new placement planned" if i == 0 else "_nolegend_")
+        ax.axvline(step, color="grey", alpha=0.25, label="placement changed" if i == 0 else "_nolegend_")
     ax.set_xlabel("step")
     ax.set_ylabel("balancedness (mean / max GPU load)")
     ax.set_ylim(0, 1.02)

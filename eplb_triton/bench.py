@@ -28,12 +28,14 @@ Writes ``latency.csv``, ``results.json`` (with provenance), ``summary.txt`` (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import hashlib
 import importlib.util
 import json
 import math
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -83,6 +85,50 @@ def load_deepseek(path: Path) -> ModuleType:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# sha256 of every published version of eplb.py in github.com/deepseek-ai/EPLB -> its commit
+DEEPSEEK_VERSIONS = {
+    "25b37ccd83aef2369c68f2b4bb596608a4f289956d97d9a3504bfd3159459e29": "d52c72d (2025-03-24, the newest)",
+    "cbebf43827fbae30cc0df69c45928bb3f6fe0f7c007035af3fcc41241c5d83e8": "e1100fe (2025-03-21)",
+    "a952549162b5b26b8d12d767fe23a0c0e4b173b7d2941492ae68dfe2dd7d0caa": "9d303fa (2025-02-27)",
+    "b712dfa7f7a7b23e2fbed46470bdd2998ba6d81aab20cc667c444172c62e46ad": "48c86cb (2025-02-27)",
+    "71503cc72f073c4e8d34a9b61a92ec0abde4ec719d5cf229baa91f8178f419cb": "fc36b96 (2025-02-27)",
+    "f64ac531dc4021f075199604fe73fb1875be2a5197827ec9480106dcf39e6dec": "f9bc62e (2025-02-26, the first)",
+}
+
+
+def deepseek_provenance(path: Path) -> dict:
+    """The file timed as DeepSeek's: its path, sha256, and the published commit it matches (if any)."""
+    digest = file_sha256(path)
+    commit = DEEPSEEK_VERSIONS.get(digest, "none: matches no published version of eplb.py")
+    return {"path": str(path), "sha256": digest, "commit": commit}
+
+
+def _spin() -> None:  # pragma: no cover (runs in the busy processes)
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes that keep a core busy each while the block runs, as on a serving host."""
+    if count < 0:
+        raise ValueError(f"--busy ({count}) must be >= 0")
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    procs = [ctx.Process(target=_spin, daemon=True) for _ in range(count)]
+    for proc in procs:
+        proc.start()
+    try:
+        if procs:
+            time.sleep(0.5)  # let the scheduler see them before any timing
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join()
 
 
 def synthetic_loads(layers: int, experts: int, seed: int = 0) -> torch.Tensor:
@@ -517,7 +563,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="DeepSeek's published eplb.py (github.com/deepseek-ai/EPLB): time its rebalance_experts "
                         "as the backend 'deepseek' and, with --loads, compare its placements with ours "
                         "(default: none)")  # fmt: skip
-    p.add_argument("--no-latency", action="store_true", help="only the quality report (default: off)")
+    p.add_argument("--no-latency", action="store_true", help="only the quality report; needs --loads (default: off)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="time while N other processes keep a core busy each, as on a serving host "
+                        "(default: 0)")  # fmt: skip
     p.add_argument("--methods", action="store_true",
                    help="with --loads: also method='refined' per file, incremental replans (max_moves = 15%% "
                         "of R) between consecutive files, and the budget curve (default: off)")  # fmt: skip
@@ -554,6 +603,12 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     backends = args.backends or ["reference", "cpu", *(["triton"] if has_gpu else [])]
     if "triton" in backends and not has_gpu:
         parser.error("--backends triton needs a CUDA device")
+    if args.no_latency and not args.loads:
+        parser.error("--no-latency needs --loads FILE: without the latency sweep only the quality report is left")
+    if args.methods and not args.loads:
+        parser.error("--methods needs --loads FILE: the methods are measured on real loads")
+    if args.busy < 0:
+        parser.error(f"--busy ({args.busy}) must be >= 0")
     for m in models:  # the same rules as the API, before any time is spent
         check_shape_config(max(layers), m.experts, *m.args)
     deepseek = load_deepseek(args.deepseek) if args.deepseek is not None else None
@@ -565,21 +620,25 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     info = provenance()
+    info["busy_processes"] = args.busy
     if args.deepseek is not None:
-        info["deepseek_eplb"] = f"{args.deepseek} (sha256 {file_sha256(args.deepseek)})"
+        info["deepseek_eplb"] = deepseek_provenance(args.deepseek)
     log(f"device: {info['gpu'] or 'no GPU (CPU backends only)'}; cpu: {info['cpu']}; torch {info['torch']}, "
         f"triton {info['triton']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"provenance": info, "args": {k: str(v) for k, v in vars(args).items()}}
     tables: list[str] = []
     if not args.no_latency and models:
-        rows = sweep_latency(models, layers, backends, repeats, budget, log, native=args.layers is None,
-                             deepseek=deepseek)  # fmt: skip
+        if args.busy:
+            log(f"timing with {args.busy} busy process(es)")
+        with busy_processes(args.busy):
+            rows = sweep_latency(models, layers, backends, repeats, budget, log, native=args.layers is None,
+                                 deepseek=deepseek)  # fmt: skip
         for r in rows:
             m = next(d for d in models if d.name == r["model"])
             r.update(experts=m.experts, replicas=m.replicas, groups=m.groups, nodes=m.nodes, gpus=m.gpus)
             r.update(device=info["gpu"] if r["backend"] == "triton" else info["cpu"], date=info["date"],
-                     torch=info["torch"], triton=info["triton"])  # fmt: skip
+                     torch=info["torch"], triton=info["triton"], busy=args.busy)  # fmt: skip
         result["latency"] = rows
         tables.append(format_latency(rows, backends))
         print(tables[-1])
@@ -614,14 +673,16 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             print(tables[-1])
     if files and args.methods:
         log("method='refined' on every file (CPU path)")
-        refined = refined_report(files, deployments, repeats, log)
+        with busy_processes(args.busy):
+            refined = refined_report(files, deployments, repeats, log)
         result["refined"] = refined
         tables.append("method='refined' against the greedy (balancedness means; closed: share of the gap to the "
                       "bound; worse: layers where refined < greedy)\n" + format_refined(refined))  # fmt: skip
         print()
         print(tables[-1])
         if len(files) > 1:
-            incremental = incremental_report(files, deployments, repeats, log)
+            with busy_processes(args.busy):
+                incremental = incremental_report(files, deployments, repeats, log)
             result["incremental"] = incremental
             tables.append(
                 "Consecutive files: the greedy plan of the first serves the second's loads. old: that placement; "

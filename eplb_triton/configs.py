@@ -49,6 +49,7 @@ MODELS = {
     d.name: d
     for d in (
         Deployment("deepseek-v3-prefill-ep32", 256, 288, 8, 4, 32, 58),
+        Deployment("deepseek-v3-decode-ep64", 256, 320, 8, 1, 64, 58),
         Deployment("deepseek-v3-decode-ep144", 256, 288, 8, 18, 144, 58),
         Deployment("qwen3-235b-ep32", 128, 160, 1, 4, 32, 94),
         Deployment("kimi-k2-ep64", 384, 448, 1, 8, 64, 60),

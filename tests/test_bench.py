@@ -96,7 +96,10 @@ def test_deepseek_is_timed_as_a_backend_column(tmp_path, capsys):
     assert all(r["median_ms"] > 0 for r in rows)
     assert all(r["device"] == result["provenance"]["cpu"] for r in rows if r["backend"] == "deepseek")
     digest = hashlib.sha256(module.read_bytes()).hexdigest()
-    assert result["provenance"]["deepseek_eplb"] == f"{module} (sha256 {digest})"
+    assert result["provenance"]["deepseek_eplb"] == {
+        "path": str(module), "sha256": digest, "commit": "none: matches no published version of eplb.py"
+    }  # fmt: skip
+    assert result["provenance"]["busy_processes"] == 0 and all(r["busy"] == 0 for r in rows)
     header, first = stdout.splitlines()[:2]
     assert header.split() == ["model", "layers", "deepseek", "ms", "cpu", "ms", "ds/cpu"]
     ds_ms, cpu_ms, ratio = first.split()[2:]
@@ -217,8 +220,8 @@ def test_train_loop_legend_covers_every_line(tmp_path, monkeypatch):
     saved = []
     original = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
-    assert train_loop.main(["--steps", "4", "--interval", "2", "--layers", "1", "--experts", "4", "--replicas", "4",
-                            "--groups", "1", "--nodes", "1", "--gpus", "2", "--tokens", "16", "--dim", "4",
+    assert train_loop.main(["--steps", "4", "--interval", "2", "--layers", "1", "--experts", "4", "--replicas", "6",
+                            "--groups", "1", "--nodes", "1", "--gpus", "2", "--tokens", "32", "--dim", "4",
                             "--device", "cpu", "--out", str(tmp_path)]) == 0  # fmt: skip
     (fig,) = saved
     (ax,) = fig.axes
@@ -279,3 +282,40 @@ def test_methods_report_rows_and_budget_curve(tmp_path, capsys):
     )
     assert all(p["moved"] <= p["max_moves"] / 24 + 1e-12 for p in curve if p["max_moves"] is not None)
     assert (out / "budget_curve.csv").exists() and (out / "budget_curve.png").exists()
+
+
+def test_busy_processes_run_only_while_timing(tmp_path, capsys):
+    # --busy 1: one extra process spins during the sweep, and is gone afterwards
+    import multiprocessing
+
+    code, _, err = run_bench(capsys, *CUSTOM, "--layers", "1", "--repeats", "1", "--backends", "cpu", "--busy", "1",
+                             "--out", tmp_path / "out")  # fmt: skip
+    assert code == 0, err
+    assert "timing with 1 busy process(es)" in err
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["provenance"]["busy_processes"] == 1 and all(r["busy"] == 1 for r in result["latency"])
+    assert not multiprocessing.active_children()
+    seen = []
+    with bench.busy_processes(2):
+        seen = [p.is_alive() for p in multiprocessing.active_children()]
+    assert seen == [True, True] and not multiprocessing.active_children()
+
+
+def test_deepseek_versions_are_the_published_files():
+    # the table names a commit only for the exact bytes of that version; a copy with other bytes says so
+    assert len(bench.DEEPSEEK_VERSIONS) == 6 and all(len(k) == 64 for k in bench.DEEPSEEK_VERSIONS)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--no-latency"], "--no-latency needs --loads FILE"),
+        (["--no-latency", "--methods"], "--no-latency needs --loads FILE"),
+        (["--methods"], "--methods needs --loads FILE"),
+        (["--busy", "-1"], "--busy (-1) must be >= 0"),
+    ],
+)
+def test_options_that_would_do_nothing_exit_2(tmp_path, capsys, args, message):
+    code, stdout, err = run_bench(capsys, *CUSTOM, *args, "--out", tmp_path / "out")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -39,13 +39,13 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ARCHS = [80, 90]
 
 # (name, E, R, G, N, P): every configuration the project ships or documents, and the limits.
-CONFIGS = sorted(
-    {(d.name, d.experts, d.replicas, d.groups, d.nodes, d.gpus) for d in (*DEEPSEEK_V3.values(), *MODELS.values())}
-    | {
-        ("limits-hierarchical", launch.MAX_EXPERTS, launch.MAX_REPLICAS, 16, 4, 64),
-        ("limits-global", launch.MAX_EXPERTS, launch.MAX_REPLICAS, 1, 1, 128),
-    }
-)
+# One job per shape: deployments of the same shape under two names compile the same kernel.
+_SHAPES: dict[tuple, str] = {}
+for _d in (*DEEPSEEK_V3.values(), *MODELS.values()):
+    _SHAPES.setdefault((_d.experts, _d.replicas, _d.groups, _d.nodes, _d.gpus), _d.name)
+_SHAPES[(launch.MAX_EXPERTS, launch.MAX_REPLICAS, 16, 4, 64)] = "limits-hierarchical"
+_SHAPES[(launch.MAX_EXPERTS, launch.MAX_REPLICAS, 1, 1, 128)] = "limits-global"
+CONFIGS = sorted((name, *shape) for shape, name in _SHAPES.items())
 
 POINTERS = {  # element type of each pointer argument, by name
     "w_ptr": "*fp32", "phy2log_ptr": "*i64", "phyrank_ptr": "*i64", "logcnt_ptr": "*i64", "log2phy_ptr": "*i64",
