@@ -51,10 +51,17 @@ def accepts_arrays(*names: str) -> Callable[[Callable], Callable]:
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
+        empty = inspect.Parameter.empty
+        shown = signature.replace(  # the call's shape without type hints, for error messages
+            parameters=[p.replace(annotation=empty) for p in signature.parameters.values()], return_annotation=empty
+        )
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as exc:  # name the function: the wrapper hides it from Python's message
+                raise TypeError(f"{fn.__name__}{shown}: {exc}") from None
             numpy_in = False
             for name in names:
                 if name in bound.arguments:

@@ -71,3 +71,13 @@ def test_identity_gpu_loads():
     assert metrics.identity_gpu_loads(w, 3).tolist() == [[3.0, 7.0, 11.0]]
     assert metrics.identity_gpu_loads(w, 4).tolist() == [[3.0, 3.0, 9.0, 6.0]]  # e * 4 // 6
     assert metrics.identity_gpu_loads(w, 6).tolist() == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+
+
+def test_a_wrong_call_names_the_function_and_its_signature():
+    w = torch.ones(2, 4)
+    with pytest.raises(TypeError, match=r"^gpu_loads\(weight, phy2log, logcnt, num_gpus\): too many positional arguments"):
+        metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4), 2, 3)
+    with pytest.raises(TypeError, match=r"^lower_bound\(.*\): missing a required argument: 'num_gpus'"):
+        metrics.lower_bound(w, 4)
+    with pytest.raises(TypeError, match=r"^rebalance_experts\(.*\): got an unexpected keyword argument 'gpus'"):
+        eplb.rebalance_experts(w, 4, 1, 1, 2, gpus=2)
