@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from eplb_triton.bench import deepseek_agreement, load_deepseek, provenance
+from eplb_triton.bench import deepseek_agreement, deepseek_provenance, load_deepseek, provenance
 from eplb_triton.configs import DEEPSEEK_V3
 from eplb_triton.io import read_loads
 
@@ -59,6 +59,7 @@ def compare(module, paths: list[Path]) -> list[dict]:
         stable = deepseek_agreement(files, deployments, module)
     for row, again in zip(rows, stable, strict=True):
         row["differ_with_stable_sort"] = again["differ"]
+        row["replicas_renumbered_with_stable_sort"] = again["replicas_renumbered"]
     return rows
 
 
@@ -75,17 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(module, args.loads)
     lines = [
         f"{'deployment':22s} {'layers':>6s} {'differ':>7s} {'share':>6s} {'same max GPU load':>17s} "
-        f"{'differ, stable sort':>19s}"
+        f"{'renumbered':>10s} {'differ, stable sort':>19s} {'renumbered, stable':>18s}"
     ]
     for r in rows:
         lines.append(
             f"{r['deployment']:22s} {r['layers']:6d} {r['differ']:7d} {r['differ_share']:6.1%} "
-            f"{str(r['same_max_gpu_load']):>17s} {r['differ_with_stable_sort']:19d}"
+            f"{str(r['same_max_gpu_load']):>17s} {r['replicas_renumbered']:10d} {r['differ_with_stable_sort']:19d} "
+            f"{r['replicas_renumbered_with_stable_sort']:18d}"
         )
     table = "\n".join(lines)
     print(table)
     info = provenance()
     info["loads"] = [p.name for p in args.loads]
+    info["deepseek_eplb"] = deepseek_provenance(args.deepseek)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"provenance": info, "rows": rows}, indent=1))
     header = "\n".join(f"{k}: {v}" for k, v in info.items())

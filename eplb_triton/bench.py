@@ -243,7 +243,7 @@ def quality_report(files: list[Loads], deployments: list[Deployment], log=print)
             if d.experts != E:
                 log(f"{path.name}: {d.name} skipped: it has {d.experts} experts, the file has {E}")
                 continue
-            phy2log, _, logcnt = rebalance_experts(w, *d.args, backend="cpu")
+            phy2log, log2phy, logcnt = rebalance_experts(w, *d.args, backend="cpu")
             after = metrics.balancedness(metrics.gpu_loads(w, phy2log, logcnt, d.gpus))
             before = metrics.balancedness(metrics.identity_gpu_loads(w, d.gpus))
             ceiling = w.double().sum(1) / d.gpus / metrics.lower_bound(w, d.replicas, d.gpus)
@@ -271,17 +271,20 @@ def deepseek_agreement(files: list[Loads], deployments: list[Deployment], deepse
     ``differ``: layers whose ``phy2log`` or ``logcnt`` are not equal; ``same_max_gpu_load``: whether
     the max GPU load (the quantity EPLB minimises) is the same on every layer. DeepSeek orders equal
     loads with torch's non-stable sort, so layers with ties may differ while balancing equally well.
+    ``replicas_renumbered``: layers with equal ``phy2log`` and ``logcnt`` whose ``log2phy`` differs:
+    the replicas of one expert have equal loads, so the sort also decides which replica number goes
+    to which of its slots.
     """
     rows = []
     for d in deployments:
         fitting = _fitting(files, d)
         if not fitting:
             continue
-        layers = differ = 0
+        layers = differ = renumbered = 0
         same_max = True
         for loads in fitting:
             w = loads.weight
-            phy2log, _, logcnt = rebalance_experts(w, *d.args, backend="cpu")
+            phy2log, log2phy, logcnt = rebalance_experts(w, *d.args, backend="cpu")
             theirs = deepseek.rebalance_experts(w, *d.args)
             theirs_phy2log, theirs_logcnt = torch.as_tensor(theirs[0]).cpu(), torch.as_tensor(theirs[2]).cpu()
             if theirs_phy2log.shape != phy2log.shape or theirs_logcnt.shape != logcnt.shape:
@@ -295,10 +298,16 @@ def deepseek_agreement(files: list[Loads], deployments: list[Deployment], deepse
             theirs_peak = _max_gpu_load(w, theirs_phy2log, theirs_logcnt, d.gpus)
             layers += w.shape[0]
             differ += int(differs.sum())
+            theirs_log2phy = torch.as_tensor(theirs[1]).cpu()
+            if theirs_log2phy.shape == log2phy.shape:
+                renumbered += int(((theirs_log2phy != log2phy).flatten(1).any(1) & ~differs).sum())
+            else:  # a different X = max(logcnt) means different counts: counted in differ already
+                renumbered += 0
             same_max &= bool(torch.equal(peak, theirs_peak))
         rows.append({
             "deployment": d.name, "policy": d.policy, "files": [f.path.name for f in fitting], "layers": layers,
             "differ": differ, "differ_share": differ / layers, "same_max_gpu_load": same_max,
+            "replicas_renumbered": renumbered,
         })  # fmt: skip
     return rows
 
@@ -484,11 +493,12 @@ def format_quality(rows: list[dict]) -> str:
 
 
 def format_agreement(rows: list[dict]) -> str:
-    lines = [f"{'deployment':20s} {'policy':12s} {'layers':>6s} {'differ':>6s} {'share':>6s}  same max GPU load"]
+    lines = [f"{'deployment':20s} {'policy':12s} {'layers':>6s} {'differ':>6s} {'share':>6s}  same max GPU load  "
+             "same phy2log, replicas renumbered"]  # fmt: skip
     for r in rows:
         lines.append(
             f"{r['deployment']:20s} {r['policy']:12s} {r['layers']:6d} {r['differ']:6d} {r['differ_share']:6.1%}  "
-            f"{'yes, every layer' if r['same_max_gpu_load'] else 'NO'}"
+            f"{'yes, every layer' if r['same_max_gpu_load'] else 'NO':17s}  {r['replicas_renumbered']}"
         )
     return "\n".join(lines)
 

@@ -18,17 +18,23 @@ spec.loader.exec_module(parity)
 # A stand-in that, like the published code, takes its tie order from Tensor.sort: it reverses the
 # expert order before planning whenever the sort it sees is not stable on equal keys.
 STAND_IN = """
+import inspect
 import torch
 import eplb_triton as eplb
 
 def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
-    order = torch.zeros(8).sort(dim=-1, descending=True).indices
-    stable = torch.equal(order, torch.arange(8))
+    stable = inspect.isfunction(torch.Tensor.sort)  # the parity script's stable stand-in for the method
     out = eplb.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, backend="cpu")
     if stable:
         return out
-    phy2log = out[0].flip(1)  # another placement with the same GPU loads multiset, as ties would give
-    return phy2log, out[1], out[2]
+    # layer 0: another placement with the same GPU loads multiset, as ties would give; layer 1: the
+    # same placement with each expert's replicas numbered the other way round
+    phy2log, log2phy, logcnt = (t.clone() for t in out)
+    phy2log[0] = phy2log[0].flip(0)
+    for e in range(log2phy.shape[1]):
+        c = int(logcnt[1, e])
+        log2phy[1, e, :c] = log2phy[1, e, :c].flip(0)
+    return phy2log, log2phy, logcnt
 """
 
 
@@ -50,7 +56,9 @@ def test_parity_report(tmp_path):
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["deployment"] for r in rows][:2] == ["prefill-EP32", "prefill-EP32-global"]
     for r in rows:
-        assert r["layers"] == 2 and r["differ_with_stable_sort"] == 0
+        assert r["layers"] == 2 and r["differ"] == 1 and r["differ_with_stable_sort"] == 0
+        redundant = r["deployment"] != "EP8-no-redundancy"  # no expert has two replicas to renumber there
+        assert r["replicas_renumbered"] == int(redundant) and r["replicas_renumbered_with_stable_sort"] == 0
 
 
 def test_a_missing_module_is_one_clear_error(tmp_path):
