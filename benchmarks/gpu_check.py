@@ -253,7 +253,8 @@ def graph_of(fn) -> torch.cuda.CUDAGraph:
 
 
 def time_online(rep: Report) -> dict:
-    from eplb_triton.online import OnlineBalancer, record_dispatch_reference
+    from eplb_triton import OnlineBalancer
+    from eplb_triton.reference import record_dispatch as record_dispatch_reference
 
     L, E, R, G, N, P = (2, 16, 24, 4, 2, 8) if SMOKE else (58, 256, 288, 8, 4, 32)
     tokens, top_k = (64, 2) if SMOKE else (8192, 8)

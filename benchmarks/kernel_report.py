@@ -39,14 +39,14 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "static-sm90"
+sys.path.insert(0, str(HERE))
+import aot  # noqa: E402  (the ahead-of-time harness, shared with the compile tests)
 
 # ----------------------------------------------------------------------------------------------
 # Timing model. ptxas encodes its own schedule in every instruction's control bits: a stall count
@@ -654,73 +654,13 @@ def additive_cycles(ins_list: list[Instr]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compilation
+# Compilation: benchmarks/aot.py, the harness the compile tests use too
 # ----------------------------------------------------------------------------------------------
-POINTERS = {  # element type of each pointer argument, by name (as in tests/test_compile_targets.py)
-    "w_ptr": "*fp32",
-    "phy2log_ptr": "*i64",
-    "phyrank_ptr": "*i64",
-    "logcnt_ptr": "*i64",
-    "log2phy_ptr": "*i64",
-    "invalid_ptr": "*i32",
-    "scratch_i_ptr": "*i32",
-    "scratch_f_ptr": "*fp32",
-    "pack_ptr": "*i64",
-    "rank_ptr": "*i64",
-    "cnt_ptr": "*i64",
-    "ids_ptr": "*i64",
-    "counts_ptr": "*i64",
-    "n_invalid_ptr": "*i64",
-    "phy_ptr": "*i64",
-    "n_entries": "i32",
-    "WIDTH": "i32",
-    "stride_l2p_e": "i32",
-    "stride_l2p_x": "i32",
-    "stride_cnt": "i32",
-    "stride_counts": "i32",
-}
-
-
-def _bin() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
     """cubin, Triton's shared-memory size, resource usage and SASS (with lines) of one compilation."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from eplb_triton import launch
-
-    signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
-    if "constexprs" in inspect.signature(ASTSource).parameters:
-        attrs = launch.jit_pointer_attrs(signature)  # pointers aligned, as at run time
-        src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
-    else:  # triton < 3.3
-        src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TRITON_DEFAULT_FP_FUSION notice; the default is what runs
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-
-        def tool(*args):
-            return subprocess.run(
-                [str(_bin() / args[0]), *args[1:], str(cubin)], capture_output=True, text=True, check=True
-            ).stdout
-
-        usage = tool("cuobjdump", "--dump-resource-usage")
-        sass = tool("cuobjdump", "-sass")
-        lined = tool("nvdisasm", "-c", "-gi")
-    return {"usage": usage, "sass": sass, "lined": lined, "shared": int(getattr(compiled.metadata, "shared", 0))}
-
-
-def resources(usage: str) -> dict[str, int]:
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return aot.compile_kernel(fn, constexprs, num_warps, arch, sass=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -914,7 +854,7 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
             lp.cost = by_tag.get(lp.name, Cost())
     straight_ins = [body[k] for k in range(len(body)) if k not in in_loop]
     additive = additive_cycles(straight_ins) + sum(lp.additive for lp in real)
-    res = resources(compiled["usage"])
+    res = aot.resources(compiled["usage"])
     spills = sum(1 for i in body if i.base in ("LDL", "STL"))
     return Analysis(res, compiled["shared"], len(body), loops, cost, additive, spills, waits_by_line)
 
@@ -1046,7 +986,7 @@ def provenance(arch: int) -> dict[str, str]:
         except (OSError, subprocess.CalledProcessError):
             return "?"
 
-    ptxas = subprocess.run([str(_bin() / "ptxas"), "--version"], capture_output=True, text=True).stdout
+    ptxas = subprocess.run([str(aot.tools() / "ptxas"), "--version"], capture_output=True, text=True).stdout
     dirty = git("status", "--porcelain", "--", "../kernels", "../eplb_triton/launch.py")
     return {
         "target": f"sm_{arch}, compiled ahead of time on a CPU-only machine (no GPU involved)",

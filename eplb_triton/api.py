@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, methods
+from . import backends, pipeline
 from ._arrays import accepts_arrays
 from ._validation import (
     EplbArgumentError,
@@ -54,10 +54,10 @@ def balanced_packing(
     m = check_count("num_packs", num_packs)
     if n % m:
         raise EplbArgumentError(f"number of items ({n}, weight.shape[1]) must be a multiple of num_packs ({m})")
-    backend = backends.resolve(backend, weight.device, items=n)
+    served = backends.resolve(backend, weight.device, items=n)
     if X == 0:
         return _empty(weight.device, (0, n), (0, n))  # type: ignore[return-value]
-    return backends.run("balanced_packing", backend, weight, m)
+    return served.pack(weight, m)
 
 
 @accepts_arrays("weight")
@@ -85,10 +85,10 @@ def replicate_experts(
     check_slots("num_phy", R, X)
     if R < E:
         raise EplbArgumentError(f"num_phy ({R}) must be >= the number of logical experts ({E}, weight.shape[1])")
-    backend = backends.resolve(backend, weight.device, experts=E, replicas=R)
+    served = backends.resolve(backend, weight.device, experts=E, replicas=R)
     if X == 0:
         return _empty(weight.device, (0, R), (0, R), (0, E))  # type: ignore[return-value]
-    return backends.run("replicate_experts", backend, weight, R)
+    return served.replicate(weight, R)
 
 
 @accepts_arrays("weight", "old_phy2log")
@@ -123,15 +123,12 @@ def rebalance_experts_hierarchical(
         weight, num_physical_experts, num_groups, num_nodes, num_gpus,
         require_hierarchical=True, replicas_name="num_physical_experts",
     )  # fmt: skip
-    backend = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
+    served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
-    if method == "greedy" and old is None:
-        phy2log, phyrank, logcnt, _ = backends.run("rebalance", backend, weight, cfg, False)
-        return phy2log, phyrank, logcnt
-    return methods.plan(weight, cfg, backend, method, old, max_moves)
+    return tuple(pipeline.plan(served, weight, cfg, method=method, old_phy2log=old, max_moves=max_moves))
 
 
 @accepts_arrays("weight", "old_phy2log")
@@ -186,14 +183,14 @@ def rebalance_experts(
         [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]
     """
     cfg = check_config(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    backend = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
+    served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
-    if method == "greedy" and old is None:
-        phy2log, _, logcnt, log2phy = backends.run("rebalance", backend, weight, cfg.effective(), True)
-        return phy2log, log2phy, logcnt
-    phy2log, phyrank, logcnt = methods.plan(weight, cfg.effective(), backend, method, old, max_moves)
-    return phy2log, methods.log2phy(backend, phy2log, phyrank, logcnt), logcnt
+    if method == "greedy" and old is None:  # the fast path: the greedy builds log2phy as it plans
+        plan, log2phy = served.greedy_with_log2phy(weight, cfg.effective())
+        return plan.phy2log, log2phy, plan.logcnt
+    plan = pipeline.plan(served, weight, cfg.effective(), method=method, old_phy2log=old, max_moves=max_moves)
+    return plan.phy2log, served.log2phy(plan, int(plan.logcnt.max())), plan.logcnt

@@ -1,111 +1,104 @@
-"""Which implementation serves a call: the one dispatch point of the package.
+"""Which implementation serves a call: one object per backend, behind the :class:`Backend` protocol.
 
 * one backend vocabulary, :data:`BACKENDS`, for every public function and for the online layer;
-* one rule for ``"auto"`` and for the Triton interpreter (:func:`resolve`);
-* one import of the Triton kernels (:func:`kernels`);
-* one table from ``(operation, backend)`` to implementation (:data:`TABLE`, filled by
-  :func:`implements`), driven by :func:`run`.
+* :func:`resolve` is the only place that chooses: ``"auto"``, the kernels' limits, the interpreter;
+  :func:`device_for` says where a backend's data should live (the command line asks it);
+* three backends, one object each, with the same operations and identical results:
 
-Every implementation of an operation takes the same arguments (the validated, unmodified input
-tensor first) and returns ``int64`` tensors on the input's device. The three families:
+  - :data:`REFERENCE`: :mod:`eplb_triton.reference`, docs/algorithm.md literally (the oracle);
+  - :data:`CPU`: :mod:`eplb_triton.cpu`, NumPy vectorised over rows, on one thread;
+  - :data:`TRITON`: :mod:`eplb_triton.launch` and the kernels, on CUDA tensors (or the interpreter).
 
-* ``"reference"``: :mod:`eplb_triton.reference`, docs/algorithm.md literally (the oracle);
-* ``"cpu"``: :mod:`eplb_triton.cpu`, NumPy vectorised over rows (torch for recording);
-* ``"triton"``: :mod:`eplb_triton.kernels`, on CUDA tensors (or the interpreter).
-
-Adding an operation or a method means one entry per backend here and one call in the API.
+Every operation takes validated tensors (the public functions check arguments first), never
+modifies its inputs, and returns ``int64`` tensors on the input's device. A new operation is one
+method on :class:`Backend` and one on each backend; a backend that lacks it is a type error.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
-from types import ModuleType
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 
-from . import cpu, launch, recording, reference
-from ._validation import BACKENDS, Config, EplbArgumentError, check_values
-
-TABLE: dict[tuple[str, str], Callable] = {}
-
-
-def interpreter_active() -> bool:
-    """Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``, set before import)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from . import cpu, launch, reference
+from ._validation import BACKENDS, Config, EplbArgumentError
+from .placement import log2phy_from_rank
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+class Plan(NamedTuple):
+    """A placement of every layer: the expert of each slot, each slot's replica number, the counts."""
+
+    phy2log: torch.Tensor  # [L, R] int64
+    phyrank: torch.Tensor  # [L, R] int64, 0 .. logcnt - 1 per expert
+    logcnt: torch.Tensor  # [L, E] int64
 
 
-@functools.cache
-def kernels() -> ModuleType:
-    """The Triton kernels package, imported once (``eplb_triton.kernels``, with its launchers)."""
-    from . import kernels as package
-    from .kernels import dispatch, rebalance  # noqa: F401  (submodules become attributes)
+class Backend(Protocol):
+    """The operations every backend implements, with identical results (docs/algorithm.md)."""
 
-    return package
+    name: str
+    host_reads_are_free: bool
+    """The data lives on the host: reading values to skip work costs no synchronisation."""
 
+    def pack(self, weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``balanced_packing`` of ``weight [X, n]``: ``(pack, rank)``, each ``[X, n]``."""
+        ...
 
-def resolve(backend: object, device: torch.device, *, experts: int = 0, replicas: int = 0, items: int = 0) -> str:
-    """The concrete backend (``"cpu"``, ``"reference"`` or ``"triton"``) for data on ``device``.
+    def replicate(self, weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``replicate_experts`` of ``weight [X, E]``: ``(phy2log, rank, cnt)``."""
+        ...
 
-    ``"auto"`` is ``"triton"`` for CUDA data when Triton is installed and the problem fits the
-    kernels (``experts <= launch.MAX_EXPERTS``, ``replicas <= launch.MAX_REPLICAS``, ``items <=
-    launch.MAX_ITEMS`` per row), else ``"cpu"``; ``"triton"`` needs CUDA data, or the interpreter
-    (beyond the limits it raises, naming the limit).
-    """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise EplbArgumentError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if backend == "auto":
-        fits = experts <= launch.MAX_EXPERTS and replicas <= launch.MAX_REPLICAS and items <= launch.MAX_ITEMS
-        return "triton" if device.type == "cuda" and triton_available() and fits else "cpu"
-    if backend == "triton" and not (device.type == "cuda" or interpreter_active()):
-        raise EplbArgumentError(
-            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the kernels "
-            f"on the CPU interpreter), got tensors on {device}"
-        )
-    return backend
+    def greedy(self, weight: torch.Tensor, cfg: Config, *, validate: bool = True) -> Plan:
+        """The greedy of the effective configuration ``cfg`` (global policy: ``G = N = 1``) for every layer.
 
+        ``validate``: raise :class:`EplbArgumentError` on loads that are not finite and ``>= 0``
+        (on a GPU one host synchronisation); without it such layers are left unplanned (garbage),
+        for callers whose loads cannot be invalid (token counts)."""
+        ...
 
-def implements(op: str, *backends: str) -> Callable[[Callable], Callable]:
-    """Register the decorated function as ``op`` for each of ``backends``."""
+    def greedy_with_log2phy(self, weight: torch.Tensor, cfg: Config) -> tuple[Plan, torch.Tensor]:
+        """:meth:`greedy` (validated) and its ``log2phy [L, E, max(logcnt)]``: the drop-in call."""
+        ...
 
-    def register(fn: Callable) -> Callable:
-        for b in backends:
-            TABLE[(op, b)] = fn
-        return fn
+    def search(
+        self, weight: torch.Tensor, start: Plan, num_gpus: int, num_nodes: int, *,
+        old_phy2log: torch.Tensor | None = None, max_moves: int | None = None, skip: torch.Tensor | None = None,
+    ) -> Plan:  # fmt: skip
+        """The local search of docs/algorithm.md 10.2 from ``start``; ``num_nodes`` is the effective one.
 
-    return register
+        With ``old_phy2log`` and ``max_moves``, at most ``max_moves`` slots per layer end up differing
+        from ``old_phy2log``. ``skip [L]`` bool: layers returned as they start, without a search."""
+        ...
 
+    def assign(self, overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact maximum-overlap assignment of each ``[n, n]`` problem of ``overlap [B, n, n]``
+        (docs/algorithm.md 10.3): ``[B, n]`` int64, the column of each row. ``skip [B]`` bool:
+        problems answered by the identity, unsolved."""
+        ...
 
-def run(op: str, backend: str, *args, **kwargs):
-    """Call the implementation of ``op`` for an already :func:`resolve`-d ``backend``."""
-    return TABLE[(op, backend)](*args, **kwargs)
+    def log2phy(self, plan: Plan, width: int) -> torch.Tensor:
+        """``[L, E, width]`` int64: the slot of replica ``r`` of expert ``e``, ``-1`` past its count."""
+        ...
+
+    def record(
+        self, topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, counts: torch.Tensor,
+        invalid: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """One layer's record + dispatch (:func:`eplb_triton.record_dispatch`); ``counts`` and ``invalid``
+        accumulate in place. Returns the slot of every routed entry, ``-1`` for invalid ids."""
+        ...
 
 
 # ----------------------------------------------------------------------------------------------
-# Family adapters: what every member of a family does around its algorithm
+# The two CPU families: the reference and the NumPy path share how data comes in and goes out
 # ----------------------------------------------------------------------------------------------
-
-
-def _float32_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """The float32 CPU copy the CPU families work on, after the value check (docs/algorithm.md: float32 first)."""
-    w = weight.detach().to(device="cpu", dtype=torch.float32)
-    check_values(w)
-    return w
 
 
 def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
-    """The float32 NumPy copy the CPU path works on, after the value check, without torch kernels.
+    """The float32 NumPy copy the CPU families work on, after the value check, without torch kernels.
 
     The CPU path runs on one thread from here on: torch's intra-op parallel regions wait for every
     worker thread, and on a host whose other core is busy a descheduled worker made a 5 ms
@@ -122,137 +115,206 @@ def _tensors(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
 
 
-def _sync_flags(weight: torch.Tensor, invalid: torch.Tensor, *values: torch.Tensor) -> list[int]:
-    """One host read of the kernel's invalid flags and any device scalars.
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
 
-    The kernels skip and flag rows with NaN, inf or negative loads: raise the CPU path's error then.
+
+class _HostBackend:
+    """What the reference and the NumPy backends share: host data, the torch recording."""
+
+    host_reads_are_free = True
+
+    def greedy_with_log2phy(self, weight: torch.Tensor, cfg: Config) -> tuple[Plan, torch.Tensor]:
+        plan = self.greedy(weight, cfg)
+        return plan, self.log2phy(plan, int(plan.logcnt.max()))
+
+    def record(self, topk_ids, log2phy, logcnt, counts, invalid):
+        phy, bad = reference.record_dispatch(topk_ids, log2phy, logcnt, counts)
+        invalid += bad.to(invalid.dtype)
+        return phy
+
+
+class ReferenceBackend(_HostBackend):
+    """docs/algorithm.md literally (:mod:`eplb_triton.reference`): per-layer Python loops."""
+
+    name = "reference"
+
+    def pack(self, weight, num_packs):
+        w = torch.from_numpy(_float32_numpy(weight))
+        return tuple(t.to(weight.device) for t in reference.balanced_packing(w, num_packs))
+
+    def replicate(self, weight, num_phy):
+        w = torch.from_numpy(_float32_numpy(weight))
+        return tuple(t.to(weight.device) for t in reference.replicate_experts(w, num_phy))
+
+    def greedy(self, weight, cfg, *, validate=True):
+        w = torch.from_numpy(_float32_numpy(weight))
+        R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
+        return Plan(*(t.to(weight.device) for t in reference.rebalance_experts_hierarchical(w, R, G, N, P)))
+
+    def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
+        w = torch.from_numpy(_float32_numpy(weight))
+        args = [t.cpu() for t in start]
+        old = None if old_phy2log is None else old_phy2log.cpu()
+        out = reference.search(w, *args, num_gpus, num_nodes, old, max_moves, None if skip is None else skip.cpu())
+        return Plan(*(t.to(weight.device) for t in out))
+
+    def assign(self, overlap, skip=None):
+        return self._assign(overlap, skip)
+
+    @staticmethod
+    def _assign(overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        cols = cpu.assign_max_overlap(overlap.detach().cpu().numpy().astype(np.int64), _numpy(skip))
+        return torch.from_numpy(cols).to(overlap.device)
+
+    def log2phy(self, plan, width):
+        return reference.log2phy(*(t.cpu() for t in plan), width=width).to(plan.phy2log.device)
+
+
+class CpuBackend(_HostBackend):
+    """NumPy, every greedy step over all rows at once (:mod:`eplb_triton.cpu`), on one thread."""
+
+    name = "cpu"
+
+    def pack(self, weight, num_packs):
+        return _tensors(cpu.balanced_packing(_float32_numpy(weight), num_packs), weight.device)
+
+    def replicate(self, weight, num_phy):
+        return _tensors(cpu.replicate_experts(_float32_numpy(weight), num_phy)[:3], weight.device)
+
+    def greedy(self, weight, cfg, *, validate=True):
+        R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
+        return Plan(*_tensors(cpu.rebalance_experts_hierarchical(_float32_numpy(weight), R, G, N, P), weight.device))
+
+    def greedy_with_log2phy(self, weight, cfg):
+        R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
+        arrays = cpu.rebalance_experts_hierarchical(_float32_numpy(weight), R, G, N, P)
+        log2phy = cpu.log2phy(arrays[0], arrays[1], cfg.num_experts, int(arrays[2].max()))
+        *plan, log2phy = _tensors((*arrays, log2phy), weight.device)
+        return Plan(*plan), log2phy
+
+    def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
+        arrays = [_numpy(t) for t in start]
+        out = cpu.search(
+            _float32_numpy(weight), *arrays, num_gpus, num_nodes, _numpy(old_phy2log), max_moves, _numpy(skip)
+        )
+        return Plan(*_tensors(out, weight.device))
+
+    assign = staticmethod(ReferenceBackend._assign)  # the same NumPy assignment: integer arithmetic, exact
+
+    def log2phy(self, plan, width):
+        phy2log, phyrank, logcnt = (_numpy(t) for t in plan)
+        return _tensors([cpu.log2phy(phy2log, phyrank, logcnt.shape[1], width)], plan.phy2log.device)[0]
+
+
+class TritonBackend:
+    """The Triton kernels (:mod:`eplb_triton.launch`): all layers per launch, no host synchronisation
+    except where a drop-in call must raise on bad loads or read ``X = max(logcnt)``."""
+
+    name = "triton"
+    host_reads_are_free = False
+
+    @staticmethod
+    def _raise_if_flagged(weight: torch.Tensor, invalid: torch.Tensor, *values: torch.Tensor) -> list[int]:
+        """One host read of the kernel's invalid flags and of any device scalars: the CPU path's error
+        when a row was flagged (NaN, inf or negative loads)."""
+        flagged, *host = torch.stack([invalid.max().to(torch.int64), *(v.to(torch.int64) for v in values)]).tolist()
+        if flagged:
+            _float32_numpy(weight)  # raises, naming the first bad entry
+            raise EplbArgumentError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
+        return host
+
+    def pack(self, weight, num_packs):
+        pack, rank, invalid = launch.balanced_packing(weight, num_packs)
+        self._raise_if_flagged(weight, invalid)
+        return pack, rank
+
+    def replicate(self, weight, num_phy):
+        phy2log, rank, cnt, invalid = launch.replicate_experts(weight, num_phy)
+        self._raise_if_flagged(weight, invalid)
+        return phy2log, rank, cnt
+
+    def greedy(self, weight, cfg, *, validate=True):
+        out = launch.rebalance(weight, cfg)
+        if validate:
+            self._raise_if_flagged(weight, out.invalid)
+        return Plan(out.phy2log, out.phyrank, out.logcnt)
+
+    def greedy_with_log2phy(self, weight, cfg):
+        out = launch.rebalance(weight, cfg)
+        # The one host synchronisation of the drop-in call: the value check, and X = max(logcnt).
+        (width,) = self._raise_if_flagged(weight, out.invalid, out.logcnt.max())
+        return Plan(out.phy2log, out.phyrank, out.logcnt), out.log2phy[:, :, :width].contiguous()
+
+    def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
+        return Plan(*launch.search(weight, *start, num_gpus, num_nodes, old_phy2log, max_moves, skip))
+
+    def assign(self, overlap, skip=None):
+        if overlap.shape[1] > launch.MAX_ASSIGN:  # more GPUs than one program holds: one host round trip
+            return CPU.assign(overlap, skip)
+        return launch.assign_max_overlap(overlap, skip)
+
+    def log2phy(self, plan, width):
+        return log2phy_from_rank(plan.phy2log, plan.phyrank, plan.logcnt.shape[1], width)
+
+    def record(self, topk_ids, log2phy, logcnt, counts, invalid):
+        return launch.record_dispatch(topk_ids, log2phy, logcnt, counts, invalid)
+
+
+REFERENCE = ReferenceBackend()
+CPU = CpuBackend()
+TRITON = TritonBackend()
+_BY_NAME: dict[str, Backend] = {b.name: b for b in (REFERENCE, CPU, TRITON)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The one place that chooses
+# ----------------------------------------------------------------------------------------------
+
+
+def interpreter_active() -> bool:
+    """Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``, set before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_name(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise EplbArgumentError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: object, device: torch.device, *, experts: int = 0, replicas: int = 0, items: int = 0) -> Backend:
+    """The backend that serves a call on data on ``device``.
+
+    ``"auto"`` is Triton for CUDA data when Triton is installed and the problem fits the kernels
+    (``experts <= launch.MAX_EXPERTS``, ``replicas <= launch.MAX_REPLICAS``, ``items <=
+    launch.MAX_ITEMS`` per row), else the CPU path; ``"triton"`` needs CUDA data, or the
+    interpreter (beyond the limits the launch raises, naming the limit).
     """
-    flagged, *host = torch.stack([invalid.max().to(torch.int64), *(v.to(torch.int64) for v in values)]).tolist()
-    if flagged:
-        check_values(weight.detach().to(device="cpu", dtype=torch.float32))
-        raise EplbArgumentError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
-    return host
+    name = _check_name(backend)
+    if name == "auto":
+        fits = experts <= launch.MAX_EXPERTS and replicas <= launch.MAX_REPLICAS and items <= launch.MAX_ITEMS
+        name = "triton" if device.type == "cuda" and triton_available() and fits else "cpu"
+    if name == "triton" and not (device.type == "cuda" or interpreter_active()):
+        raise EplbArgumentError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the kernels "
+            f"on the CPU interpreter), got tensors on {device}"
+        )
+    return _BY_NAME[name]
 
 
-# ----------------------------------------------------------------------------------------------
-# balanced_packing(weight [X, n], num_packs) -> (pack, rank)
-# ----------------------------------------------------------------------------------------------
-
-
-@implements("balanced_packing", "reference")
-def _packing_reference(weight: torch.Tensor, num_packs: int):
-    return tuple(t.to(weight.device) for t in reference.balanced_packing(_float32_cpu(weight), num_packs))
-
-
-@implements("balanced_packing", "cpu")
-def _packing_cpu(weight: torch.Tensor, num_packs: int):
-    return _tensors(cpu.balanced_packing(_float32_numpy(weight), num_packs), weight.device)
-
-
-@implements("balanced_packing", "triton")
-def _packing_triton(weight: torch.Tensor, num_packs: int):
-    pack, rank, invalid = launch.balanced_packing(weight, num_packs)
-    _sync_flags(weight, invalid)
-    return pack, rank
-
-
-# ----------------------------------------------------------------------------------------------
-# replicate_experts(weight [X, E], num_phy) -> (phy2log, rank, logcnt)
-# ----------------------------------------------------------------------------------------------
-
-
-@implements("replicate_experts", "reference")
-def _replicate_reference(weight: torch.Tensor, num_phy: int):
-    return tuple(t.to(weight.device) for t in reference.replicate_experts(_float32_cpu(weight), num_phy))
-
-
-@implements("replicate_experts", "cpu")
-def _replicate_cpu(weight: torch.Tensor, num_phy: int):
-    return _tensors(cpu.replicate_experts(_float32_numpy(weight), num_phy)[:3], weight.device)
-
-
-@implements("replicate_experts", "triton")
-def _replicate_triton(weight: torch.Tensor, num_phy: int):
-    phy2log, rank, cnt, invalid = launch.replicate_experts(weight, num_phy)
-    _sync_flags(weight, invalid)
-    return phy2log, rank, cnt
-
-
-# ----------------------------------------------------------------------------------------------
-# rebalance(weight [L, E], cfg, with_log2phy) -> (phy2log, phyrank, logcnt, log2phy | None)
-# ``cfg`` is the effective configuration (the global policy is G = N = 1); log2phy is trimmed to
-# X = max(logcnt) columns.
-# ----------------------------------------------------------------------------------------------
-
-
-@implements("rebalance", "reference")
-def _rebalance_reference(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
-    w = _float32_cpu(weight)
-    R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-    phy2log, phyrank, logcnt = reference.rebalance_experts_hierarchical(w, R, G, N, P)
-    log2phy = reference.log2phy(phy2log, phyrank, logcnt) if with_log2phy else None
-    return tuple(None if t is None else t.to(weight.device) for t in (phy2log, phyrank, logcnt, log2phy))
-
-
-@implements("rebalance", "cpu")
-def _rebalance_cpu(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
-    w = _float32_numpy(weight)
-    R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-    phy2log, phyrank, logcnt = cpu.rebalance_experts_hierarchical(w, R, G, N, P)
-    arrays = [phy2log, phyrank, logcnt]
-    if with_log2phy:
-        arrays.append(cpu.log2phy(phy2log, phyrank, cfg.num_experts, int(logcnt.max())))
-    out = _tensors(arrays, weight.device)
-    return out if with_log2phy else (*out, None)
-
-
-@implements("rebalance", "triton")
-def _rebalance_triton(weight: torch.Tensor, cfg: Config, with_log2phy: bool):
-    out = launch.rebalance(weight, cfg)
-    # The one host synchronisation of the drop-in API: the value check, and X = max(logcnt).
-    (width,) = _sync_flags(weight, out.invalid, out.logcnt.max())
-    log2phy = out.log2phy[:, :, :width].contiguous() if with_log2phy else None
-    return out.phy2log, out.phyrank, out.logcnt, log2phy
-
-
-# ----------------------------------------------------------------------------------------------
-# record_dispatch(topk_ids, log2phy, logcnt, counts, invalid) -> slots; counts, invalid accumulated
-# ----------------------------------------------------------------------------------------------
-
-
-@implements("record_dispatch", "reference", "cpu")
-def _record_torch(topk_ids, log2phy, logcnt, counts, invalid):
-    phy, bad = recording.record_dispatch_reference(topk_ids, log2phy, logcnt, counts)
-    invalid += bad.to(invalid.dtype)
-    return phy
-
-
-@implements("record_dispatch", "triton")
-def _record_triton(topk_ids, log2phy, logcnt, counts, invalid):
-    return launch.record_dispatch(topk_ids, log2phy, logcnt, counts, invalid)
-
-
-# ----------------------------------------------------------------------------------------------
-# search(weight [L, E], phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None)
-#   -> (phy2log, phyrank, logcnt): the local search of docs/algorithm.md section 10.2 from the
-# given placement; N is the effective number of nodes (1 for the global policy).
-# ----------------------------------------------------------------------------------------------
-
-
-@implements("search", "reference")
-def _search_reference(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
-    cpu_args = [None if t is None else t.cpu() for t in (phy2log, phyrank, logcnt, old_phy2log)]
-    out = reference.search(_float32_cpu(weight), *cpu_args[:3], P, N, cpu_args[3], max_moves)
-    return tuple(t.to(weight.device) for t in out)
-
-
-@implements("search", "cpu")
-def _search_cpu(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
-    arrays = [None if t is None else t.cpu().numpy() for t in (phy2log, phyrank, logcnt, old_phy2log)]
-    out = cpu.search(_float32_numpy(weight), *arrays[:3], P, N, arrays[3], max_moves)
-    return _tensors(out, weight.device)
-
-
-@implements("search", "triton")
-def _search_triton(weight, phy2log, phyrank, logcnt, P, N, old_phy2log=None, max_moves=None):
-    return launch.search(weight, phy2log, phyrank, logcnt, P, N, old_phy2log, max_moves)
+def device_for(backend: object) -> torch.device:
+    """Where data for ``backend`` should live when the caller is free to choose (the command line):
+    CUDA for ``"auto"`` and ``"triton"`` when a GPU and Triton are there, else the CPU."""
+    name = _check_name(backend)
+    gpu = torch.cuda.is_available() and triton_available()
+    return torch.device("cuda" if name in ("auto", "triton") and gpu else "cpu")

@@ -22,11 +22,19 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from . import backends, methods, metrics
-from ._validation import check_count, check_max_moves, check_method, check_shape_config, resolve_device
+from . import backends, metrics, pipeline
+from ._validation import (
+    EplbArgumentError,
+    check_count,
+    check_max_moves,
+    check_method,
+    check_shape_config,
+    resolve_device,
+)
+from .backends import Plan
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
-from .placement import _occurrence, log2phy_from_rank, stable_order
+from .placement import occurrence
 from .recording import record_dispatch
 
 
@@ -114,29 +122,30 @@ class OnlineBalancer:
         L, E = self.config.num_layers, self.config.num_experts
         self.rebalance_interval = check_count("rebalance_interval", rebalance_interval)
         if window is not None and ema_decay is not None:
-            raise ValueError("give either window or ema_decay, not both")
+            raise EplbArgumentError("give either window or ema_decay, not both")
         if ema_decay is not None:
             if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0:
-                raise ValueError(f"ema_decay ({ema_decay!r}) must be a number with 0 < ema_decay < 1")
+                raise EplbArgumentError(f"ema_decay ({ema_decay!r}) must be a number with 0 < ema_decay < 1")
             self.window = None
         else:
             self.window = check_count("window", window if window is not None else self.rebalance_interval)
         self.ema_decay = ema_decay
         if balancedness_threshold is not None and not (0.0 < float(balancedness_threshold) <= 1.0):
-            raise ValueError(f"balancedness_threshold ({balancedness_threshold!r}) must be in (0, 1]")
+            raise EplbArgumentError(f"balancedness_threshold ({balancedness_threshold!r}) must be in (0, 1]")
         self.balancedness_threshold = balancedness_threshold
         horizon = self.window if self.window is not None else self.rebalance_interval
         self.min_window = horizon if min_window is None else check_count("min_window", min_window)
         if self.window is not None and self.min_window > self.window:
-            raise ValueError(f"min_window ({self.min_window}) must be <= window ({self.window})")
+            raise EplbArgumentError(f"min_window ({self.min_window}) must be <= window ({self.window})")
         if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0.0 <= min_gain < 1.0:
-            raise ValueError(f"min_gain ({min_gain!r}) must be a number with 0 <= min_gain < 1")
+            raise EplbArgumentError(f"min_gain ({min_gain!r}) must be a number with 0 <= min_gain < 1")
         self.min_gain = float(min_gain)
         self.keep_slots = bool(keep_slots)
         self.process_group = process_group
         self.check_agreement = bool(check_agreement)
         self.device = resolve_device(device)
-        self.backend = backends.resolve(backend, self.device, experts=E, replicas=self.config.num_replicas)
+        self._backend = backends.resolve(backend, self.device, experts=E, replicas=self.config.num_replicas)
+        self.backend = self._backend.name
         self.method = check_method(method)
         self.max_moves = check_max_moves(max_moves)
 
@@ -160,13 +169,9 @@ class OnlineBalancer:
         self.last_replanned = torch.zeros(L, dtype=torch.bool, device=dev)
         self.steps = 0
         self.history: deque[dict] = deque(maxlen=history_size)
-        self._planner = None
-        if self.backend == "triton":
-            from .planner import EplbPlanner
-
-            self._planner = EplbPlanner(L, E, R, num_groups, num_nodes, num_gpus, device=dev)
-        # the placement for equal loads until the first plan
-        self._install(*self._plan(torch.ones((L, E), dtype=torch.float32, device=dev)))
+        # the greedy placement for equal loads until the first plan
+        equal = torch.ones((L, E), dtype=torch.float32, device=dev)
+        self._install(pipeline.plan(self._backend, equal, self.config.effective(), validate=False))
 
     # -- recording --------------------------------------------------------------------------------
 
@@ -178,7 +183,7 @@ class OnlineBalancer:
         """
         L = self.config.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
-            raise ValueError(f"layer ({layer!r}) must be an int in [0, {L})")
+            raise EplbArgumentError(f"layer ({layer!r}) must be an int in [0, {L})")
         return record_dispatch(
             topk_ids, self.log2phy[layer], self.logcnt[layer], self.counts[layer], invalid=self.invalid_ids,
             check=check, backend=self.backend,
@@ -235,32 +240,25 @@ class OnlineBalancer:
         if group is not None:
             dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=group)
         P = self.config.num_gpus
-        old = (self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone(), self.log2phy.clone())
-        old_loads = metrics.gpu_loads(loads, old[0], old[2], P)
+        old = Plan(self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone())
+        old_loads = metrics.gpu_loads(loads, old.phy2log, old.logcnt, P)
         before = metrics.balancedness(old_loads)
+        keep = None
         candidates = torch.ones_like(before, dtype=torch.bool)
         if only_below is not None:
             candidates = before < only_below
             if not bool(candidates.any()):
                 return self.last_replanned.zero_()
-        new = self._plan(loads)
-        if self.method != "greedy" or self.max_moves is not None:
-            keep = self.keep_slots or self.max_moves is not None
-            phy2log, phyrank, logcnt = methods.plan(
-                loads, self.config.effective(), self.backend, self.method, old[0] if keep else None, self.max_moves,
-                greedy=new[:3],
-            )  # fmt: skip
-            new = (phy2log, phyrank, logcnt, log2phy_from_rank(phy2log, phyrank, self.config.num_experts, self.width))
-        elif self.keep_slots:
-            new = _reorder(new, stable_order(old[0], new[0], P))
-        new_loads = metrics.gpu_loads(loads, new[0], new[2], P)
+            keep = (~candidates, old)  # the other layers are neither searched nor relabelled
+        new = self._plan(loads, old, keep)
+        new_loads = metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)
         old_peak, new_peak = old_loads.amax(dim=1), new_loads.amax(dim=1)
         take = candidates & (new_peak < old_peak) & (new_peak <= (1.0 - self.min_gain) * old_peak)
-        new = tuple(torch.where(take.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
+        new = Plan(*(torch.where(take.view(-1, 1), n, o) for n, o in zip(new, old, strict=True)))
         after = torch.where(take, metrics.balancedness(new_loads), before)
         if group is not None and self.check_agreement:
-            check_ranks_agree([new[0], new[1], new[2]], group, names=["phy2log", "phyrank", "logcnt"])
-        self._install(*new)
+            check_ranks_agree(list(new), group, names=["phy2log", "phyrank", "logcnt"])
+        self._install(new)
         self.last_balancedness.copy_(before)
         self.balancedness.copy_(after)
         self.last_replanned.copy_(take)
@@ -270,7 +268,7 @@ class OnlineBalancer:
             "after": after.mean(),
             "worst_after": after.min(),
             "replanned_layers": take.sum(),
-            "migrated_slots": metrics.migration_count(old[0], new[0]).sum(),
+            "migrated_slots": metrics.migration_count(old.phy2log, new.phy2log).sum(),
         })  # fmt: skip
         return self.last_replanned
 
@@ -315,46 +313,46 @@ class OnlineBalancer:
         self.steps = values.pop("steps")
         for name, value in values.items():
             getattr(self, name).copy_(value)
-        log2phy_from_rank(self.phy2log, self.phyrank, self.config.num_experts, self.width, out=self.log2phy)
+        self._install(Plan(self.phy2log, self.phyrank, self.logcnt))
 
     def _checked_state(self, state: object) -> dict:
         """The validated state as ``{attribute: value}``; raises ``ValueError`` naming the bad key."""
         if not isinstance(state, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+            raise EplbArgumentError(f"state_dict must be a dict, got {type(state).__name__}")
         c = self.config
         L, E, R = c.num_layers, c.num_experts, c.num_replicas
         tensors = ["counts", "invalid_ids", "phy2log", "logcnt", "balancedness", "last_balancedness"]
         tensors += ["ring", "pos"] if self.window is not None else ["ema"]
         missing = [k for k in ("config", "window", "ema_decay", "steps", *tensors) if k not in state]
         if missing:
-            raise ValueError(f"state_dict is missing {', '.join(map(repr, missing))}")
+            raise EplbArgumentError(f"state_dict is missing {', '.join(map(repr, missing))}")
         mine = (L, E, R, c.num_groups, c.num_nodes, c.num_gpus)
         if tuple(state["config"]) != mine:
-            raise ValueError(f"state_dict is for configuration {state['config']}, this balancer has {mine}")
+            raise EplbArgumentError(f"state_dict is for configuration {state['config']}, this balancer has {mine}")
         if state["window"] != self.window or state["ema_decay"] != self.ema_decay:
-            raise ValueError(
+            raise EplbArgumentError(
                 f"state_dict has window={state['window']}, ema_decay={state['ema_decay']}; "
                 f"this balancer has window={self.window}, ema_decay={self.ema_decay}"
             )
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
+            raise EplbArgumentError(f"state_dict['steps'] must be an int >= 0, got {steps!r}")
 
         def tensor(key: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
             t = state[key]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"state_dict[{key!r}] must be a tensor of shape {shape}, got {got}")
+                raise EplbArgumentError(f"state_dict[{key!r}] must be a tensor of shape {shape}, got {got}")
             integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
             if kind == "int" and not integer:
-                raise ValueError(f"state_dict[{key!r}] must have an integer dtype, got {t.dtype}")
+                raise EplbArgumentError(f"state_dict[{key!r}] must have an integer dtype, got {t.dtype}")
             if kind == "float" and not t.dtype.is_floating_point:
-                raise ValueError(f"state_dict[{key!r}] must have a floating dtype, got {t.dtype}")
+                raise EplbArgumentError(f"state_dict[{key!r}] must have a floating dtype, got {t.dtype}")
             t = t.detach().to(self.device, torch.int64 if kind == "int" else torch.float64)
             if kind == "float" and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"state_dict[{key!r}] must be finite")
+                raise EplbArgumentError(f"state_dict[{key!r}] must be finite")
             if bool((t < 0).any()):
-                raise ValueError(f"state_dict[{key!r}] must be >= 0")
+                raise EplbArgumentError(f"state_dict[{key!r}] must be >= 0")
             return t
 
         out = {
@@ -367,25 +365,25 @@ class OnlineBalancer:
             "last_balancedness": tensor("last_balancedness", (L,), "float"),
         }
         if bool((out["phy2log"] >= E).any()):
-            raise ValueError(f"state_dict['phy2log'] has expert ids outside [0, {E})")
+            raise EplbArgumentError(f"state_dict['phy2log'] has expert ids outside [0, {E})")
         counted = torch.zeros((L, E), dtype=torch.int64, device=self.device)
         counted.scatter_add_(1, out["phy2log"], torch.ones_like(out["phy2log"]))
         if not torch.equal(counted, out["logcnt"]):
-            raise ValueError("state_dict['logcnt'] must count the slots of each expert in state_dict['phy2log']")
+            raise EplbArgumentError("state_dict['logcnt'] must count the slots of each expert in state_dict['phy2log']")
         # replicas of 0.1 checkpoints were numbered in slot order
-        phyrank = tensor("phyrank", (L, R), "int") if "phyrank" in state else _occurrence(out["phy2log"])
+        phyrank = tensor("phyrank", (L, R), "int") if "phyrank" in state else occurrence(out["phy2log"])
         # every (expert, rank) with rank < logcnt exactly once: ranks below the count, and no repeats
         keys = torch.sort(out["phy2log"] * R + phyrank, dim=1).values
         if bool((phyrank >= out["logcnt"].gather(1, out["phy2log"])).any()) or bool(
             (keys[:, 1:] == keys[:, :-1]).any()
         ):
-            raise ValueError("state_dict['phyrank'] must number the replicas of each expert 0 .. logcnt - 1")
+            raise EplbArgumentError("state_dict['phyrank'] must number the replicas of each expert 0 .. logcnt - 1")
         out["phyrank"] = phyrank
         if self.window is not None:
             out["_ring"] = tensor("ring", (self.window, L, E), "int")
             pos = tensor("pos", (1,), "int")
             if int(pos) >= self.window:
-                raise ValueError(f"state_dict['pos'] ({int(pos)}) must be in [0, window={self.window})")
+                raise EplbArgumentError(f"state_dict['pos'] ({int(pos)}) must be in [0, window={self.window})")
             out["_pos"] = pos
         else:
             out["_ema"] = tensor("ema", (L, E), "float")
@@ -400,32 +398,21 @@ class OnlineBalancer:
             return dist.group.WORLD
         return None
 
-    def _plan(self, loads: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(phy2log, phyrank, logcnt, log2phy)`` for ``loads``, without host synchronisation: on
-        the Triton backend the GPU planner's static buffers (the kernel wrote ``log2phy``), else
-        the backend's plan with the torch family's ``log2phy``."""
-        if self._planner is not None:
-            phy2log, log2phy, logcnt = self._planner.plan(loads)
-            return phy2log, self._planner.phyrank, logcnt, log2phy
-        phy2log, phyrank, logcnt, _ = backends.run("rebalance", self.backend, loads, self.config.effective(), False)
-        phy2log, phyrank, logcnt = phy2log.to(self.device), phyrank.to(self.device), logcnt.to(self.device)
-        return phy2log, phyrank, logcnt, log2phy_from_rank(phy2log, phyrank, self.config.num_experts, self.width)
+    def _plan(self, loads: torch.Tensor, current: Plan | None = None, keep: tuple | None = None) -> Plan:
+        """The plan for ``loads`` (:func:`eplb_triton.pipeline.plan`), without host synchronisation.
 
-    def _install(self, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor, log2phy: torch.Tensor):
-        self.phy2log.copy_(phy2log)
-        self.phyrank.copy_(phyrank)
-        self.logcnt.copy_(logcnt)
-        self.log2phy.copy_(log2phy)
+        With ``current``: relabelled to it (the exact node/GPU assignment for ``method="refined"``,
+        slot order within each GPU for the greedy), or replanned from it with ``max_moves``."""
+        relabel = current is not None and (self.keep_slots or self.max_moves is not None)
+        exact = self.method != "greedy" or self.max_moves is not None
+        return pipeline.plan(
+            self._backend, loads, self.config.effective(), method=self.method,
+            old_phy2log=current.phy2log if relabel else None, max_moves=self.max_moves,
+            relabel_to_old="gpus" if exact else "slots", keep=keep, validate=False,
+        )  # fmt: skip
 
-
-def _reorder(plan: tuple[torch.Tensor, ...], order: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A plan with its slots permuted by ``order`` (new slot ``q`` takes old slot ``order[q]``).
-
-    ``log2phy`` is relabelled, not rebuilt: slot ``order[q]`` becomes ``q``.
-    """
-    phy2log, phyrank, logcnt, log2phy = plan
-    L, R = order.shape
-    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(R, device=order.device).expand(L, R))
-    relabelled = new_slot.gather(1, log2phy.clamp_min(0).reshape(L, -1)).view_as(log2phy)
-    log2phy = torch.where(log2phy >= 0, relabelled, log2phy)
-    return phy2log.gather(1, order), phyrank.gather(1, order), logcnt, log2phy
+    def _install(self, plan: Plan) -> None:
+        self.phy2log.copy_(plan.phy2log)
+        self.phyrank.copy_(plan.phyrank)
+        self.logcnt.copy_(plan.logcnt)
+        self.log2phy.copy_(self._backend.log2phy(plan, self.width))

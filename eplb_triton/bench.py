@@ -52,7 +52,7 @@ from . import metrics
 from ._validation import check_shape_config
 from .api import rebalance_experts
 from .configs import DEEPSEEK_V3, MODELS, Deployment
-from .io import Loads, one_line, read_loads
+from .io import Loads, OneLineParser, one_line, read_loads
 
 FULL_LAYERS = [1, 8, 16, 32, 58, 64, 128, 256]
 QUICK_LAYERS = [1, 8, 58]
@@ -535,14 +535,6 @@ def plot_latency(rows: list[dict], backends: list[str], path: Path, title: str) 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr, with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

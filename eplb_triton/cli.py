@@ -32,8 +32,8 @@ from . import __version__, metrics
 from ._atomic import replace_files
 from ._validation import check_config
 from .api import rebalance_experts
-from .backends import BACKENDS
-from .bench import OneLineParser as _Parser
+from .backends import BACKENDS, device_for
+from .io import OneLineParser as _Parser
 from .io import one_line, read_loads
 
 POLICIES = ("auto", "hierarchical", "global")
@@ -160,7 +160,7 @@ def _plan(args: argparse.Namespace) -> int:
         )
     loads = read_loads(args.loads)
     w = loads.weight
-    device = "cuda" if args.backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
+    device = device_for(args.backend)
     # auto and hierarchical: rebalance_experts applies the one rule (select_policy); global is G = N = 1
     groups, nodes = (1, 1) if args.policy == "global" else (args.groups, args.nodes)
     cfg = check_config(w, args.replicas, groups, nodes, args.gpus)  # its errors say it best, as they are

@@ -181,6 +181,77 @@ def rebalance_experts_hierarchical(
 
 
 # ----------------------------------------------------------------------------------------------
+# The exact assignment of the relabelling (docs/algorithm.md 10.3)
+# ----------------------------------------------------------------------------------------------
+
+COST_INF = 1 << 40  # larger than any reduced cost: overlaps are <= R <= 65536; the kernel's COST_INF
+
+
+def assign_max_overlap(overlap: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
+    """Exact maximum-weight perfect matching of each ``[n, n]`` matrix of ``overlap [B, n, n]`` (int64).
+
+    The Hungarian algorithm in its shortest-augmenting-path form (Kuhn-Munkres with potentials,
+    ``O(n^3)``) on ``cost = -overlap``, with 1-based rows and columns and column 0 as the root:
+    rows are added in order ``1 .. n``; each step scans the unused columns in index order and takes
+    the first minimum of the reduced costs (docs/algorithm.md 10.3). Integer arithmetic throughout,
+    so the Triton kernel (:mod:`eplb_triton.kernels._assign`) returns the same matching. Gains must
+    satisfy ``0 <= overlap < 2**31``. ``skip [B]`` bool: problems answered by the identity, unsolved.
+
+    Returns ``[B, n]`` int64: the column of each row.
+    """
+    B, n, _ = overlap.shape
+    if skip is not None and skip.any():
+        out = np.broadcast_to(np.arange(n, dtype=np.int64), (B, n)).copy()
+        solve = ~skip
+        if solve.any():
+            out[solve] = assign_max_overlap(overlap[solve])
+        return out
+    cost = np.zeros((B, n + 1, n + 1), np.int64)
+    cost[:, 1:, 1:] = -overlap
+    u = np.zeros((B, n + 1), np.int64)  # row potentials
+    v = np.zeros_like(u)  # column potentials
+    p = np.zeros_like(u)  # p[j]: the row holding column j (0: none)
+    way = np.zeros_like(u)  # the previous column on the shortest path
+    everyone = np.arange(B)
+    for i in range(1, n + 1):
+        p[:, 0] = i
+        j0 = np.zeros(B, np.int64)
+        minv = np.full((B, n + 1), COST_INF, np.int64)
+        used = np.zeros((B, n + 1), bool)
+        b = everyone  # the problems whose path for row i is still growing
+        while b.size:
+            k = np.arange(b.size)
+            used[b, j0[b]] = True
+            i0 = p[b, j0[b]]
+            us, mv = used[b], minv[b]
+            cur = cost[b, i0] - u[b, i0][:, None] - v[b]
+            better = ~us & (cur < mv)
+            mv = np.where(better, cur, mv)
+            way[b] = np.where(better, j0[b][:, None], way[b])
+            free = np.where(us, COST_INF, mv)
+            j1 = free.argmin(axis=1)  # the first minimum
+            delta = free[k, j1]
+            step = np.where(us, delta[:, None], 0)
+            ub = u[b]
+            # used columns hold distinct rows; unused ones add 0 (row 0 may repeat there)
+            ub[k[:, None], p[b]] += step
+            u[b] = ub
+            v[b] -= step
+            minv[b] = np.where(us, mv, mv - delta[:, None])
+            j0[b] = j1
+            b = b[p[b, j1] != 0]
+        b = everyone[j0 != 0]
+        while b.size:  # augment along the path back to column 0
+            j1 = way[b, j0[b]]
+            p[b, j0[b]] = p[b, j1]
+            j0[b] = j1
+            b = b[j1 != 0]
+    col = np.empty((B, n + 1), np.int64)  # p[:, 0] is scratch (the last row added): skip it
+    np.put_along_axis(col, p[:, 1:], np.broadcast_to(np.arange(1, n + 1), (B, n)), axis=1)
+    return col[:, 1:] - 1
+
+
+# ----------------------------------------------------------------------------------------------
 # Beyond the greedy: the local search of docs/algorithm.md section 10.2, one move per row per round
 # ----------------------------------------------------------------------------------------------
 
@@ -196,12 +267,13 @@ def _slot_sums(per_slot: np.ndarray, S: int) -> np.ndarray:
 
 def search(
     w: np.ndarray, phy: np.ndarray, rank: np.ndarray, cnt: np.ndarray, P: int, N: int,
-    old: np.ndarray | None = None, budget: int | None = None,
+    old: np.ndarray | None = None, budget: int | None = None, skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """``w`` float32 ``[X, E]``; ``phy``/``rank`` ``[X, R]``, ``cnt`` ``[X, E]`` int64 (the start).
 
     Returns the searched ``(phy, rank, cnt)`` (new arrays), equal to :func:`reference.search`.
-    Every round makes one move in each row still searching; rows that stop are set aside.
+    Every round makes one move in each row still searching; rows that stop are set aside, and
+    rows marked in ``skip [X]`` (bool) are never searched.
     """
     X = w.shape[0]
     R = phy.shape[1]
@@ -209,24 +281,31 @@ def search(
     if P == 1 or X == 0:
         return tuple(out)
     w64 = w.astype(np.float64)
-    ids = np.arange(X)  # rows still searching
-    state = [a.copy() for a in out]
+    ids = np.arange(X) if skip is None else np.flatnonzero(~skip)  # rows still searching
+    if ids.size == 0:
+        return tuple(out)
+    w64 = w64[ids]
+    state = [a[ids] for a in out]
+    old = None if old is None else old[ids]
+    searched = ids
     start_peak = None
     for _ in range(R):
-        peak, moved = _round(w64[ids], *state, P, N, None if old is None else old[ids], budget)
+        peak, moved = _round(w64, *state, P, N, old, budget)
         if start_peak is None:
             start_peak = peak
         if not moved.all():
             for o, st in zip(out, state, strict=True):
                 o[ids[~moved]] = st[~moved]
-            ids, state = ids[moved], [st[moved] for st in state]
+            ids, state, w64 = ids[moved], [st[moved] for st in state], w64[moved]
+            old = None if old is None else old[moved]
         if ids.size == 0:
             break
     for o, st in zip(out, state, strict=True):  # rows stopped by the round limit
         o[ids] = st
     # never worse than the start (docs/algorithm.md 10.2): a guard against float64 rounding
-    final = _slot_sums(np.take_along_axis(w64 / out[2], out[0], axis=1), R // P).max(axis=1)
-    worse = final > start_peak
+    w64 = w[searched].astype(np.float64)
+    final = _slot_sums(_take(w64 / out[2][searched], out[0][searched]), R // P).max(axis=1)
+    worse = searched[final > start_peak]
     for o, begin in zip(out, (phy, rank, cnt), strict=True):
         o[worse] = begin[worse]
     return tuple(out)

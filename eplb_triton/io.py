@@ -17,8 +17,10 @@ keeps each remaining row's index in the file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,14 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colours in libr
 def _printable(text: str) -> str:
     """``text`` with control characters (a newline in a file name) written as escapes."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, with exit code 2 (the command line and the benchmark)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
 
 def one_line(text: object, limit: int | None = 200) -> str:

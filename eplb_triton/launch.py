@@ -10,7 +10,9 @@ This module imports Triton only when a kernel is launched.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -21,14 +23,6 @@ MAX_REPLICAS = 2048  # slots per layer
 MAX_ITEMS = 2048  # balanced_packing: items per row
 DISPATCH_BLOCK = 1024  # routed entries per program of the record + dispatch kernel
 MAX_ASSIGN = 256  # rows (= columns) of one assignment problem: columns 0 .. n live in one program's registers
-
-
-def jit_pointer_attrs(signature: dict[str, str]) -> dict:
-    """``attrs`` for ``triton.compiler.ASTSource`` (Triton >= 3.3) marking every pointer argument of
-    ``signature`` (name -> type, ``"*fp32"`` ...) 16-byte aligned, as Triton's JIT specialises
-    torch's allocations at launch: ahead-of-time builds (compile tests, kernel report) then vectorise
-    the same memory accesses as the build that runs."""
-    return {(k,): [["tt.divisibility", 16]] for k, ty in enumerate(signature.values()) if ty.startswith("*")}
 
 
 @dataclass(frozen=True)
@@ -166,10 +160,14 @@ def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float32).contiguous()
 
 
-def _kernels():
-    from .backends import kernels
+@functools.cache
+def _kernels() -> ModuleType:
+    """The Triton kernels package with its launchers, imported at the first launch (the only place
+    that imports it: Triton's import is slow and optional until a kernel runs)."""
+    from . import kernels
+    from .kernels import assign, dispatch, rebalance, search  # noqa: F401  (submodules become attributes)
 
-    return kernels()
+    return kernels
 
 
 def rebalance(
@@ -221,7 +219,10 @@ def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor,
 def record_dispatch(
     topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, counts: torch.Tensor, invalid: torch.Tensor
 ) -> torch.Tensor:
-    """One layer's record + dispatch; ``counts`` and ``invalid`` are accumulated in place. No host sync."""
+    """One layer's record + dispatch; ``counts`` and ``invalid`` are accumulated in place. No host sync.
+
+    ``log2phy``, ``logcnt`` and ``counts`` are read and written through their strides (views of
+    wider tensors work in place); ``topk_ids`` is read contiguously; ``invalid`` is one element."""
     T, K = topk_ids.shape
     ids = topk_ids.contiguous()
     launch = dispatch_launch(T * K, K, log2phy.shape[0])
@@ -269,16 +270,16 @@ def search(
     num_nodes: int,
     old_phy2log: torch.Tensor | None = None,
     max_moves: int | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The local search of every layer from ``(phy2log, phyrank, logcnt)``, one launch, no host sync.
 
     ``num_nodes`` is the effective one (1 for the global policy). With ``old_phy2log`` and
     ``max_moves``, at most ``max_moves`` slots per layer end up differing from ``old_phy2log``
-    (``max_moves`` alone is ignored here; the reference needs ``old_phy2log`` for it). Returns new ``int64``
-    tensors ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``; the inputs are not modified.
+    (``max_moves`` alone is ignored here; the reference needs ``old_phy2log`` for it). Layers marked
+    in ``skip [L]`` (bool) come back as they went in, unsearched. Returns new ``int64`` tensors
+    ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``; the inputs are not modified.
     """
-    from .kernels import search as kernel
-
     L, R = phy2log.shape
     E = logcnt.shape[1]
     has_budget = old_phy2log is not None and max_moves is not None
@@ -291,26 +292,47 @@ def search(
 
     phy_in, rank_in, cnt_in = rows(phy2log), rows(phyrank), rows(logcnt)
     old = rows(old_phy2log) if has_budget else phy_in  # unread without a budget
+    skip_rows = (
+        torch.zeros(L, dtype=torch.int32, device=dev) if skip is None else skip.to(device=dev, dtype=torch.int32)
+    )
     phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
     if L == 0:
         return phy, rank, cnt
     scratch_f = torch.empty((L, E + 2 * R + 1), dtype=torch.float64, device=dev)
     scratch_i = torch.empty((L, E), dtype=torch.int32, device=dev)
-    kernel.search(
-        w, phy_in, rank_in, cnt_in, old, max(-1, min(int(max_moves), R)) if has_budget else 0,  # int32 in range
-        phy, rank, cnt, scratch_f, scratch_i, ln,
-    )  # fmt: skip
+    budget = min(int(max_moves), R) if has_budget else 0  # validated >= 0; int32 in range
+    _kernels().search.search(
+        w, phy_in, rank_in, cnt_in, old, budget, skip_rows.contiguous(), phy, rank, cnt, scratch_f, scratch_i, ln
+    )
     return phy, rank, cnt
 
 
 # ----------------------------------------------------------------------------------------------
-# The exact assignment of the relabelling (placement.assign_max_overlap)
+# The exact assignment of the relabelling (docs/algorithm.md 10.3; cpu.assign_max_overlap)
 # ----------------------------------------------------------------------------------------------
 
 
 def assign_launch(B: int, n: int) -> Launch:
     """One program per ``[n, n]`` problem; ``BLOCK_N`` lanes cover the columns ``0 .. n``."""
     if not 1 <= n <= MAX_ASSIGN:
-        raise ValueError(f"the assignment kernel solves problems of 1 to {MAX_ASSIGN} rows, got {n}")
+        raise EplbArgumentError(f"the assignment kernel solves problems of 1 to {MAX_ASSIGN} rows, got {n}")
     block_n = _pow2(n + 1)
     return Launch((B,), dict(N=n, BLOCK_N=block_n), _num_warps(block_n))
+
+
+def assign_max_overlap(overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`eplb_triton.cpu.assign_max_overlap` returns for ``overlap [B, n, n]`` (``n <=
+    MAX_ASSIGN``), in one launch without host synchronisation. ``skip [B]`` bool: problems answered by
+    the identity, unsolved. Returns ``[B, n]`` int64.
+    """
+    B, n, _ = overlap.shape
+    out = torch.empty((B, n), dtype=torch.int64, device=overlap.device)
+    if B == 0 or n == 0:
+        return out
+    skip_rows = (
+        torch.zeros(B, dtype=torch.int32, device=overlap.device)
+        if skip is None
+        else skip.to(device=overlap.device, dtype=torch.int32).contiguous()
+    )
+    _kernels().assign.assign(overlap.to(torch.int64).contiguous(), skip_rows, out, assign_launch(B, n))
+    return out

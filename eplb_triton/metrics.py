@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu
 from ._arrays import accepts_arrays
-from ._validation import check_count, check_weight
+from ._validation import EplbArgumentError, check_count, check_weight
 
 
 def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> int:
     L, E = check_weight(weight)
     P = check_count("num_gpus", num_gpus)
     if phy2log.dim() != 2 or phy2log.shape[0] != L:
-        raise ValueError(f"phy2log must be [num_layers={L}, num_replicas], got shape {tuple(phy2log.shape)}")
+        raise EplbArgumentError(f"phy2log must be [num_layers={L}, num_replicas], got shape {tuple(phy2log.shape)}")
     if tuple(logcnt.shape) != (L, E):
-        raise ValueError(f"logcnt must have weight's shape {(L, E)}, got {tuple(logcnt.shape)}")
+        raise EplbArgumentError(f"logcnt must have weight's shape {(L, E)}, got {tuple(logcnt.shape)}")
     if phy2log.shape[1] % P:
-        raise ValueError(f"num_replicas ({phy2log.shape[1]}, phy2log.shape[1]) must be a multiple of num_gpus ({P})")
+        raise EplbArgumentError(
+            f"num_replicas ({phy2log.shape[1]}, phy2log.shape[1]) must be a multiple of num_gpus ({P})"
+        )
     return P
 
 
@@ -71,7 +74,9 @@ def balancedness(loads: torch.Tensor) -> torch.Tensor:
         ``[L]`` float64.
     """
     if loads.dim() != 2 or loads.shape[1] == 0:
-        raise ValueError(f"loads must be 2-D [num_layers, num_gpus] with num_gpus >= 1, got {tuple(loads.shape)}")
+        raise EplbArgumentError(
+            f"loads must be 2-D [num_layers, num_gpus] with num_gpus >= 1, got {tuple(loads.shape)}"
+        )
     loads = loads.to(torch.float64)
     peak = loads.max(dim=1).values
     mean = loads.mean(dim=1)
@@ -97,13 +102,11 @@ def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch
     Returns:
         ``[L]`` float64 on ``weight.device``.
     """
-    from . import cpu
-
     L, E = check_weight(weight)
     R = check_count("num_replicas", num_replicas)
     P = check_count("num_gpus", num_gpus)
     if R < E:
-        raise ValueError(f"num_replicas ({R}) must be >= the number of logical experts ({E})")
+        raise EplbArgumentError(f"num_replicas ({R}) must be >= the number of logical experts ({E})")
     w32 = weight.detach().to(device="cpu", dtype=torch.float32)
     share = cpu.replicate_experts(w32.numpy(), R)[3]
     t_star = torch.from_numpy(share).to(torch.float64).amax(dim=1)
@@ -119,7 +122,7 @@ def migration_count(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor) -> tor
         ``[L]`` int64.
     """
     if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
-        raise ValueError(
+        raise EplbArgumentError(
             f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
             f"and {tuple(new_phy2log.shape)}"
         )

@@ -4,15 +4,19 @@
   replica rank (the one construction of the torch family; the reference and the kernel have
   their own);
 * :func:`stable_order` / :func:`stable_slots`: reorder a new placement within each GPU so that
-  experts that stay on a GPU keep their slot, and only slots whose expert changes need weights.
+  experts that stay on a GPU keep their slot, and only slots whose expert changes need weights;
+  :func:`reorder_log2phy` follows such a reordering in ``log2phy``;
+* :func:`relabel`: renumber a new placement's nodes and GPUs, then slots, to keep experts where an
+  old placement had them (with the backend's exact assignment, docs/algorithm.md 10.3).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+
 import torch
 
-from ._validation import check_count
+from ._validation import EplbArgumentError, check_count
 
 
 def log2phy_from_rank(
@@ -39,7 +43,7 @@ def log2phy_from_rank(
     return out
 
 
-def _occurrence(keys: torch.Tensor) -> torch.Tensor:
+def occurrence(keys: torch.Tensor) -> torch.Tensor:
     """For each entry of each row, how many earlier entries of the row have the same key."""
     sorted_keys, order = torch.sort(keys, dim=1, stable=True)
     first = torch.searchsorted(sorted_keys, sorted_keys, right=False)
@@ -57,30 +61,34 @@ def stable_order(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus:
 
     Returns ``order [L, R]`` int64 such that ``new_phy2log.gather(1, order)`` is
     :func:`stable_slots`; apply the same gather to any per-slot tensor of the new placement
-    (its replica ranks) to keep it aligned.
+    (its replica ranks; its ``log2phy`` through :func:`reorder_log2phy`) to keep it aligned.
+    Entries of ``old_phy2log`` outside ``[0, R)``, such as ``-1`` for an empty slot, match nothing.
     """
     L, R = new_phy2log.shape
     P = check_count("num_gpus", num_gpus)
     if old_phy2log.shape != new_phy2log.shape or R % P:
-        raise ValueError(
-            f"phy2log shapes {tuple(old_phy2log.shape)}, {tuple(new_phy2log.shape)} and num_gpus {P} mismatch"
+        raise EplbArgumentError(
+            f"old_phy2log {list(old_phy2log.shape)} and new_phy2log {list(new_phy2log.shape)} must have one shape "
+            f"[L, R] with R a multiple of num_gpus ({P})"
         )
     S = R // P
     dev = new_phy2log.device
     old = old_phy2log.to(dev, torch.int64)
+    old = torch.where((old >= 0) & (old < R), old, -1)  # an empty slot (-1) or a foreign id matches nothing
     gpu = (torch.arange(R, device=dev) // S).expand(L, R)
-    old_key = gpu * R + old  # (GPU, expert) keys: expert ids are < E <= R
-    new_key = gpu * R + new_phy2log
+    # (GPU, expert) keys, expert + 1 in 0 .. R: an empty old slot is (GPU, 0), which no new slot has
+    old_key = gpu * (R + 1) + (old + 1)
+    new_key = gpu * (R + 1) + (new_phy2log + 1)
     sorted_old, _ = torch.sort(old_key, dim=1)
     sorted_new, new_by_key = torch.sort(new_key, dim=1, stable=True)
     # an old slot stays if its GPU still wants that many copies of its expert
-    keep = _occurrence(old_key) < _count_in(old_key, sorted_new)
+    keep = occurrence(old_key) < _count_in(old_key, sorted_new)
     # new entries beyond the copies the GPU already had are the ones to place
-    surplus = _occurrence(new_key) >= _count_in(new_key, sorted_old)
+    surplus = occurrence(new_key) >= _count_in(new_key, sorted_old)
     # a kept slot takes the new entry with its (GPU, expert) key and occurrence: the k-th copy in
     # slot order of the sorted new keys
     first_new = torch.searchsorted(sorted_new, old_key, right=False)
-    kept_source = new_by_key.gather(1, (first_new + _occurrence(old_key)).clamp_max(R - 1))
+    kept_source = new_by_key.gather(1, (first_new + occurrence(old_key)).clamp_max(R - 1))
     # k-th free slot of a GPU <- k-th surplus entry of that GPU (both in slot order)
     free = ~keep
     free_rank = (torch.cumsum(free.view(L, P, S).long(), dim=2) - 1).view(L, R)
@@ -91,6 +99,15 @@ def stable_order(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus:
     surplus_at.scatter_(1, index, torch.arange(R, device=dev).expand(L, R))
     free_source = surplus_at.gather(1, gpu * S + free_rank.clamp_min(0))
     return torch.where(keep, kept_source, free_source)
+
+
+def reorder_log2phy(log2phy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``log2phy [L, E, X]`` of a placement whose slots were reordered by ``phy2log.gather(1, order)``:
+    each replica follows its expert to the new slot (``-1`` padding stays)."""
+    L, R = order.shape
+    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(R, device=order.device).expand(L, R))
+    moved = new_slot.gather(1, log2phy.clamp_min(0).reshape(L, -1)).view_as(log2phy)
+    return torch.where(log2phy >= 0, moved, log2phy)
 
 
 def stable_slots(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -114,87 +131,18 @@ def stable_slots(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor, num_gpus:
 # Relabelling a new placement to keep experts where an old one had them (docs/algorithm.md 10.3)
 # ----------------------------------------------------------------------------------------------
 
-_INF = 1 << 40  # larger than any reduced cost: overlaps are <= R <= 65536
+Assign = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""A backend's exact assignment: ``(overlap [B, n, n], skip [B] bool | None) -> [B, n]`` column per row."""
 
 
-def assign_max_overlap(overlap: torch.Tensor) -> torch.Tensor:
-    """Exact maximum-weight perfect matching of each ``[n, n]`` matrix of a batch.
+def block_overlap(
+    new: torch.Tensor, old: torch.Tensor, blocks: int, num_experts: int, read_bound: bool = False
+) -> torch.Tensor:
+    """``[L, blocks, blocks]``: experts (with multiplicity) that new block ``i`` and old block ``j`` share.
 
-    The Hungarian algorithm in its shortest-augmenting-path form (Kuhn-Munkres with potentials,
-    ``O(n^3)``) on ``cost = -overlap``, with 1-based rows and columns and column 0 as the root:
-    rows are added in order ``1 .. n``; each step scans the unused columns in index order and takes
-    the first minimum of the reduced costs. Integer arithmetic throughout, so the matching is the
-    same on every device: NumPy on the CPU, one Triton program per matrix on a GPU
-    (:mod:`eplb_triton.kernels.assign`, up to ``launch.MAX_ASSIGN = 256`` rows, without host
-    synchronisation; larger problems on a GPU are solved on the host).
-
-    Args:
-        overlap: ``[B, n, n]`` integer tensor, ``overlap[b, i, j]`` the gain of giving row ``i``
-            column ``j``; ``0 <= overlap < 2**31``.
-
-    Returns:
-        ``[B, n]`` int64 on ``overlap``'s device: the column of each row.
+    ``read_bound``: read the largest number of copies of one expert in one block from the data (a
+    host read; worth it where that is free) instead of taking the block width as the bound.
     """
-    from .launch import MAX_ASSIGN
-
-    if overlap.device.type != "cpu" and overlap.shape[1] <= MAX_ASSIGN:
-        from .kernels.assign import assign_max_overlap_triton
-
-        return assign_max_overlap_triton(overlap)
-    # the CPU, or more than MAX_ASSIGN GPUs in one problem on a GPU: one round trip to the host
-    result = _assign_numpy(overlap.to(device="cpu", dtype=torch.int64).numpy())
-    return torch.from_numpy(result).to(overlap.device)
-
-
-def _assign_numpy(overlap: np.ndarray) -> np.ndarray:
-    B, n, _ = overlap.shape
-    cost = np.zeros((B, n + 1, n + 1), np.int64)
-    cost[:, 1:, 1:] = -overlap
-    u = np.zeros((B, n + 1), np.int64)  # row potentials
-    v = np.zeros_like(u)  # column potentials
-    p = np.zeros_like(u)  # p[j]: the row holding column j (0: none)
-    way = np.zeros_like(u)  # the previous column on the shortest path
-    everyone = np.arange(B)
-    for i in range(1, n + 1):
-        p[:, 0] = i
-        j0 = np.zeros(B, np.int64)
-        minv = np.full((B, n + 1), _INF, np.int64)
-        used = np.zeros((B, n + 1), bool)
-        b = everyone  # the problems whose path for row i is still growing
-        while b.size:
-            k = np.arange(b.size)
-            used[b, j0[b]] = True
-            i0 = p[b, j0[b]]
-            us, mv = used[b], minv[b]
-            cur = cost[b, i0] - u[b, i0][:, None] - v[b]
-            better = ~us & (cur < mv)
-            mv = np.where(better, cur, mv)
-            way[b] = np.where(better, j0[b][:, None], way[b])
-            free = np.where(us, _INF, mv)
-            j1 = free.argmin(axis=1)  # the first minimum
-            delta = free[k, j1]
-            step = np.where(us, delta[:, None], 0)
-            ub = u[b]
-            # used columns hold distinct rows; unused ones add 0 (row 0 may repeat there)
-            ub[k[:, None], p[b]] += step
-            u[b] = ub
-            v[b] -= step
-            minv[b] = np.where(us, mv, mv - delta[:, None])
-            j0[b] = j1
-            b = b[p[b, j1] != 0]
-        b = everyone[j0 != 0]
-        while b.size:  # augment along the path back to column 0
-            j1 = way[b, j0[b]]
-            p[b, j0[b]] = p[b, j1]
-            j0[b] = j1
-            b = b[j1 != 0]
-    col = np.empty((B, n + 1), np.int64)  # p[:, 0] is scratch (the last row added): skip it
-    np.put_along_axis(col, p[:, 1:], np.broadcast_to(np.arange(1, n + 1), (B, n)), axis=1)
-    return col[:, 1:] - 1
-
-
-def _block_overlap(new: torch.Tensor, old: torch.Tensor, blocks: int, num_experts: int) -> torch.Tensor:
-    """``[L, blocks, blocks]``: experts (with multiplicity) that new block ``i`` and old block ``j`` share."""
     L, R = new.shape
     width = R // blocks
     block = (torch.arange(R, device=new.device) // width).expand(L, R)
@@ -205,8 +153,7 @@ def _block_overlap(new: torch.Tensor, old: torch.Tensor, blocks: int, num_expert
         return c.view(L, blocks, num_experts)
 
     cn, co = counts(new), counts(old)
-    # Copies of one expert in one block: at most ``width``; read the real bound only on the CPU.
-    top = int(cn.max()) if new.device.type == "cpu" else width
+    top = int(cn.max()) if read_bound else width  # copies of one expert in one block
     total = torch.zeros((L, blocks, blocks), dtype=torch.float64, device=new.device)
     # min(a, b) = sum over k >= 1 of [a >= k][b >= k]; small integers, so the float64 sums are exact
     for k in range(1, top + 1):
@@ -224,13 +171,15 @@ def _move_blocks(t: torch.Tensor, target: torch.Tensor, width: int) -> torch.Ten
 
 def relabel(
     old_phy2log: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, num_experts: int, num_gpus: int,
-    num_nodes: int,
+    num_nodes: int, assign: Assign, skip: torch.Tensor | None = None, read_bounds: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Renumber the nodes and GPUs of a placement, then its slots, to keep experts where they were.
 
     Nodes first (when ``num_nodes > 1``): an exact assignment of new nodes to old node positions
     maximising the experts they share; then the GPUs within each node the same way; then
     :func:`stable_order` within each GPU. GPU loads and every GPU's set of experts are unchanged.
+    ``assign`` is the backend's exact assignment; ``skip [L]`` bool marks layers whose result the
+    caller discards (their assignments are not solved); ``read_bounds``: see :func:`block_overlap`.
 
     Returns the relabelled ``(phy2log, phyrank)``.
     """
@@ -238,14 +187,14 @@ def relabel(
     old = old_phy2log.to(phy2log.device, torch.int64)
     N, P = num_nodes, num_gpus
     if N > 1:
-        node = assign_max_overlap(_block_overlap(phy2log, old, N, num_experts))
+        node = assign(block_overlap(phy2log, old, N, num_experts, read_bounds), skip)
         phy2log, phyrank = (_move_blocks(t, node, R // N) for t in (phy2log, phyrank))
     Pn, S = P // N, R // P
-    full = _block_overlap(phy2log, old, P, num_experts).view(L, N, Pn, N, Pn)
+    full = block_overlap(phy2log, old, P, num_experts, read_bounds).view(L, N, Pn, N, Pn)
     idx = torch.arange(N, device=phy2log.device)
     within = full[:, idx, :, idx, :]  # [N, L, Pn, Pn]: new and old GPUs of the same node
     within = within.permute(1, 0, 2, 3).reshape(L * N, Pn, Pn)
-    local = assign_max_overlap(within).view(L, N, Pn)
+    local = assign(within, None if skip is None else skip.repeat_interleave(N)).view(L, N, Pn)
     gpu = (local + idx[None, :, None] * Pn).view(L, P)
     phy2log, phyrank = (_move_blocks(t, gpu, S) for t in (phy2log, phyrank))
     order = stable_order(old, phy2log, P)
@@ -257,7 +206,7 @@ def slot_order_ranks(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     L, R = phy2log.shape
     cnt = torch.zeros((L, num_experts), dtype=torch.int64, device=phy2log.device)
     cnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-    return _occurrence(phy2log), cnt
+    return occurrence(phy2log), cnt
 
 
 def max_gpu_load(weight32: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, launch, methods
+from . import backends, launch, pipeline
 from ._validation import (
     Config,
+    EplbArgumentError,
     check_max_moves,
     check_method,
     check_old_placement,
@@ -21,6 +22,7 @@ from ._validation import (
     check_weight,
     resolve_device,
 )
+from .backends import TRITON, Plan
 from .placement import log2phy_from_rank
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
@@ -102,7 +104,7 @@ class EplbPlanner:
         self._policy = self.config.effective()
         self.device = resolve_device(device)
         if not (self.device.type == "cuda" or backends.interpreter_active()):
-            raise ValueError(
+            raise EplbArgumentError(
                 f"EplbPlanner runs the Triton kernels and needs a CUDA device, got {self.device} (set "
                 "TRITON_INTERPRET=1 before import for the CPU interpreter); on the CPU use "
                 "rebalance_experts(..., backend='cpu') or OnlineBalancer(..., device='cpu')"
@@ -139,26 +141,29 @@ class EplbPlanner:
         L, E = check_weight(weight)
         cfg = self.config
         if (L, E) != (cfg.num_layers, cfg.num_experts):
-            raise ValueError(
+            raise EplbArgumentError(
                 f"weight must have shape [num_layers={cfg.num_layers}, num_experts={cfg.num_experts}], "
                 f"got {tuple(weight.shape)}"
             )
         if weight.device != self.device:
-            raise ValueError(f"weight must be on the planner's device {self.device}, got {weight.device}")
+            raise EplbArgumentError(f"weight must be on the planner's device {self.device}, got {weight.device}")
         old, max_moves = check_old_placement(old_phy2log, self.max_moves, cfg, self.device, check_data=False)
         b, p = self._buffers, self._policy
         beyond = self.method != "greedy" or old is not None
         if beyond:
-            previous = (b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
+            previous = Plan(b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
         torch.ops.eplb_triton.rebalance_(
             weight, b.phy2log, b.phyrank, b.logcnt, b.log2phy, b.invalid, b.scratch_i, b.scratch_f,
             p.num_replicas, p.num_groups, p.num_nodes, p.num_gpus,
         )  # fmt: skip
         if beyond:
-            greedy = (b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
-            new = methods.plan(weight, p, "triton", self.method, old, max_moves, greedy=greedy)
-            keep = (b.invalid != 0).view(-1, 1)  # flagged layers keep their previous placement
-            for buf, n, prev in zip((b.phy2log, b.phyrank, b.logcnt), new, previous, strict=True):
-                buf.copy_(torch.where(keep, prev, n))
+            greedy = Plan(b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())
+            # flagged layers keep their previous placement; the search and the assignments skip them
+            new = pipeline.plan(
+                TRITON, weight, p, method=self.method, old_phy2log=old, max_moves=max_moves, start=greedy,
+                keep=(b.invalid != 0, previous),
+            )  # fmt: skip
+            for buf, n in zip((b.phy2log, b.phyrank, b.logcnt), new, strict=True):
+                buf.copy_(n)
             log2phy_from_rank(b.phy2log, b.phyrank, cfg.num_experts, b.log2phy.shape[2], out=b.log2phy)
         return b.phy2log, b.log2phy, b.logcnt

@@ -2,7 +2,7 @@
 
 :func:`record_dispatch` adds one MoE layer's routed ``topk_ids`` to per-expert counts and maps each
 token to a physical replica of its expert; on CUDA it is one Triton kernel
-(:mod:`eplb_triton.kernels.dispatch`), elsewhere :func:`record_dispatch_reference` (torch).
+(:mod:`eplb_triton.kernels.dispatch`), elsewhere :func:`eplb_triton.reference.record_dispatch` (torch).
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._validation import EplbArgumentError
 
 
 def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
-        raise ValueError(
+        raise EplbArgumentError(
             f"topk_ids must be a 2-D tensor [num_tokens, top_k], got {getattr(topk_ids, 'shape', topk_ids)}"
         )
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if log2phy.dim() != 2 or logcnt.shape != (log2phy.shape[0],) or counts.shape != logcnt.shape:
-        raise ValueError(
+        raise EplbArgumentError(
             f"log2phy must be [E, X] with logcnt and counts [E], got {tuple(log2phy.shape)}, "
             f"{tuple(logcnt.shape)}, {tuple(counts.shape)}"
         )
@@ -28,26 +29,9 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
         raise TypeError(f"counts must be int64 (or int32, which wraps past 2**31 - 1), got {counts.dtype}")
     devices = {t.device for t in (topk_ids, log2phy, logcnt, counts)}
     if len(devices) != 1:
-        raise ValueError(f"topk_ids, log2phy, logcnt and counts must be on one device, got {sorted(map(str, devices))}")
-
-
-def record_dispatch_reference(
-    topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch implementation of :func:`record_dispatch` (the kernel's oracle, and the non-Triton path).
-
-    Returns ``(physical ids, number of invalid ids)``; ``counts`` is accumulated in place.
-    """
-    T, K = topk_ids.shape
-    E = logcnt.shape[0]
-    ids = topk_ids.long()
-    valid = (ids >= 0) & (ids < E)
-    counts += torch.bincount(ids[valid], minlength=E).to(counts.dtype)
-    e = ids.clamp(0, E - 1)
-    token = torch.arange(T, device=ids.device).unsqueeze(1).expand(T, K)
-    phy = log2phy[e, token % logcnt[e]]
-    phy = torch.where(valid, phy, torch.full_like(phy, -1)).to(topk_ids.dtype)
-    return phy, (~valid).sum().view(1)
+        raise EplbArgumentError(
+            f"topk_ids, log2phy, logcnt and counts must be on one device, got {sorted(map(str, devices))}"
+        )
 
 
 def record_dispatch(
@@ -74,20 +58,23 @@ def record_dispatch(
         invalid: optional ``[1]`` int64 (or int32) device counter of invalid ids, accumulated in place.
         check: raise ``ValueError`` on invalid ids (synchronises with the host).
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"triton"``, or
-            ``"cpu"`` / ``"reference"`` (both: :func:`record_dispatch_reference`, on any device).
+            ``"cpu"`` / ``"reference"`` (both: :func:`eplb_triton.reference.record_dispatch`, torch on
+            any device).
 
     Returns:
         ``[num_tokens, top_k]`` physical slot ids, ``topk_ids``' dtype.
     """
     _check_dispatch_args(topk_ids, log2phy, logcnt, counts)
-    backend = backends.resolve(backend, topk_ids.device)
+    served = backends.resolve(backend, topk_ids.device)
     if invalid is None:
         invalid = torch.zeros(1, dtype=torch.int64, device=topk_ids.device)
     before = invalid.clone() if check else None
-    phy = backends.run("record_dispatch", backend, topk_ids, log2phy, logcnt, counts, invalid)
+    phy = served.record(topk_ids, log2phy, logcnt, counts, invalid)
     if check:
         n_bad = int((invalid - before).item())
         if n_bad:
             E = logcnt.shape[0]
-            raise ValueError(f"topk_ids has {n_bad} ids outside [0, {E}) (they were skipped and dispatched to -1)")
+            raise EplbArgumentError(
+                f"topk_ids has {n_bad} ids outside [0, {E}) (they were skipped and dispatched to -1)"
+            )
     return phy

@@ -129,11 +129,14 @@ def rebalance_experts_hierarchical(
     return phy2log, phyrank, logcnt
 
 
-def log2phy(phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    """``log2phy[l, e, r]``: the slot holding replica ``r`` of ``e``, ``-1`` padded to ``X = max(logcnt)``."""
+def log2phy(
+    phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor, width: int | None = None
+) -> torch.Tensor:
+    """``log2phy[l, e, r]``: the slot holding replica ``r`` of ``e``, ``-1`` padded to ``width`` columns
+    (default ``X = max(logcnt)``)."""
     L, E = logcnt.shape
     R = phy2log.shape[1]
-    X = int(logcnt.max()) if L > 0 else 0
+    X = width if width is not None else (int(logcnt.max()) if L > 0 else 0)
     out = torch.full((L, E, X), -1, dtype=torch.int64)
     for layer in range(L):
         for q in range(R):
@@ -272,21 +275,24 @@ def _search_layer(
 def search(
     weight: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor,
     num_gpus: int, num_nodes: int, old_phy2log: torch.Tensor | None = None, max_moves: int | None = None,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The local search of docs/algorithm.md section 10.2 from the placement ``(phy2log, phyrank, logcnt)``.
 
     ``num_nodes`` is the effective one (1 for the global policy). With ``old_phy2log`` and
     ``max_moves``, at most ``max_moves`` slots per layer end up differing from ``old_phy2log``.
-    Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors.
+    Layers marked in ``skip [L]`` (bool) are returned as they are. Returns ``(phy2log, phyrank,
+    logcnt)`` int64 CPU tensors.
     """
     rows = _rows(weight)
     out = []
     for layer, w in enumerate(rows):
+        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
+        if skip is not None and bool(skip[layer]):
+            out.append(start)
+            continue
         old = None if old_phy2log is None else old_phy2log[layer].tolist()
-        out.append(_search_layer(
-            w, phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist(),
-            num_gpus, num_nodes, old, max_moves,
-        ))  # fmt: skip
+        out.append(_search_layer(w, *start, num_gpus, num_nodes, old, max_moves))
     L, R = phy2log.shape
     E = logcnt.shape[1]
     return (
@@ -294,3 +300,29 @@ def search(
         torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
         torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step recording and dispatch (the record + dispatch kernel's oracle, and the torch path)
+# ----------------------------------------------------------------------------------------------
+
+
+def record_dispatch(
+    topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count one layer's routed ``topk_ids [T, k]`` per expert into ``counts [E]`` (in place) and map
+    entry ``(t, k)`` with expert ``e`` to replica ``t % logcnt[e]``, slot ``log2phy[e, t % logcnt[e]]``.
+
+    Ids outside ``[0, E)`` are not counted and get slot ``-1``. Torch on any device. Returns
+    ``(slots [T, k] in topk_ids' dtype, number of invalid ids [1])``.
+    """
+    T, K = topk_ids.shape
+    E = logcnt.shape[0]
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < E)
+    counts += torch.bincount(ids[valid], minlength=E).to(counts.dtype)
+    e = ids.clamp(0, E - 1)
+    token = torch.arange(T, device=ids.device).unsqueeze(1).expand(T, K)
+    phy = log2phy[e, token % logcnt[e]]
+    phy = torch.where(valid, phy, torch.full_like(phy, -1)).to(topk_ids.dtype)
+    return phy, (~valid).sum().view(1)

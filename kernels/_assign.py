@@ -58,12 +58,14 @@ def _first_min(b_key, o):
 @triton.jit
 def _assign_kernel(
     overlap_ptr,  # [B, N, N] int64
+    skip_ptr,  # [B] int32: 1 where the problem is answered by the identity, unsolved
     col_ptr,  # [B, N] int64: the column of each row
     N: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N > N, "columns 0 .. N")
     b = tl.program_id(0).to(tl.int64)
+    solve = tl.load(skip_ptr + b) == 0
     row_ptr = overlap_ptr + b * N * N - N - 1  # row_ptr + i * N + j: overlap[b, i - 1, j - 1]
     o = tl.arange(0, BLOCK_N)  # columns 0 .. N, then padding
     m_real = (o >= 1) & (o <= N)
@@ -82,7 +84,7 @@ def _assign_kernel(
         i0 = i  # p[j0]
         u0 = tl.zeros([], dtype=tl.int64)  # u[i0]
         steps = 0
-        run = True
+        run = solve
         while run:
             b_used = b_used | (o == j0)
             b_cost = -tl.load(row_ptr + i0 * N + o, mask=m_real, other=0)  # [BLOCK_N] cost[i0, :]
@@ -108,5 +110,7 @@ def _assign_kernel(
             b_u = tl.where(m_j0, u1, b_u)
             j0 = j1
             steps += 1
-    # column j - 1 for row p[j] - 1; column 0 holds a copy of the last row, not a real column
+    # column j - 1 for row p[j] - 1; column 0 holds a copy of the last row, not a real column. A
+    # skipped problem never ran a path (every row's p stays 0 but column 0's): the identity.
+    b_p = tl.where(solve, b_p, o)
     tl.store(col_ptr + b * N + b_p - 1, (o - 1).to(tl.int64), mask=m_real & (b_p > 0))

@@ -104,6 +104,7 @@ def _search_kernel(
     cnt_in_ptr,  # [L, E] int64
     old_ptr,  # [L, R] int64, read only when HAS_BUDGET
     budget,  # int: most slots differing from old, when HAS_BUDGET
+    skip_ptr,  # [L] int32: 1 where the layer is returned as it starts, unsearched
     # outputs (and the search state)
     phy_ptr,  # [L, R] int64
     rank_ptr,  # [L, R] int64
@@ -161,7 +162,7 @@ def _search_kernel(
         b_load = _publish(o_q, m_q, o_e, m_e, o_p, m_p, phy_row, share_row, slot_share_row, enode_row, R, N, S)
         start_max = tl.max(tl.where(m_p, b_load, -INF))
         tl.store(bound_row + R, start_max)  # read back at the end only: not held in a register
-        go = start_max == start_max  # true
+        go = tl.load(skip_ptr + layer) == 0
         rnd = 0
         while tl.condition(go, disable_licm=True):  # no long live ranges of hoisted blocks
             peak = tl.max(tl.where(m_p, b_load, -INF))

@@ -19,6 +19,7 @@ def search(
     cnt_in: torch.Tensor,
     old: torch.Tensor,
     budget: int,
+    skip: torch.Tensor,
     phy: torch.Tensor,
     rank: torch.Tensor,
     cnt: torch.Tensor,
@@ -26,7 +27,7 @@ def search(
     scratch_i: torch.Tensor,
     launch,
 ) -> None:
-    """``old`` is any int64 tensor (unread) unless ``launch.constexprs["HAS_BUDGET"]``."""
+    """``old`` is any int64 tensor (unread) unless ``launch.constexprs["HAS_BUDGET"]``; ``skip [L]`` int32."""
     _search_kernel[launch.grid](
         # inputs
         w,
@@ -35,6 +36,7 @@ def search(
         cnt_in,
         old,
         budget,
+        skip,
         # outputs
         phy,
         rank,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import strategies as st
 
 from eplb_triton.configs import DEEPSEEK_V3
@@ -140,3 +144,28 @@ def assert_same(got, want, names=("out0", "out1", "out2")) -> None:
     for name, a, b in zip(names, got, want, strict=False):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{b.shape}"
         assert torch.equal(a.cpu(), b.cpu()), f"{name} differs"
+
+
+# A rank left waiting for a peer that never comes fails the test after this long instead of hanging it.
+TIMEOUT = timedelta(seconds=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, fn, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined in a gloo process group (the
+    world group, on loopback); a process's exception fails the call. ``fn`` must be importable
+    (a module-level function of a test module)."""
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()

@@ -16,26 +16,21 @@ picks at run time (the same functions), and the result is checked:
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import aot  # noqa: E402  (the one ahead-of-time harness: benchmarks/aot.py)
 
 from eplb_triton import launch  # noqa: E402
 from eplb_triton._validation import Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
 from eplb_triton.kernels import _rebalance, _search  # noqa: E402
 
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ARCHS = [80, 90]
 
 # (name, E, R, G, N, P): every configuration the project ships or documents, and the limits.
@@ -46,25 +41,6 @@ for _d in (*DEEPSEEK_V3.values(), *MODELS.values()):
 _SHAPES[(launch.MAX_EXPERTS, launch.MAX_REPLICAS, 16, 4, 64)] = "limits-hierarchical"
 _SHAPES[(launch.MAX_EXPERTS, launch.MAX_REPLICAS, 1, 1, 128)] = "limits-global"
 CONFIGS = sorted((name, *shape) for shape, name in _SHAPES.items())
-
-POINTERS = {  # element type of each pointer argument, by name
-    "w_ptr": "*fp32", "phy2log_ptr": "*i64", "phyrank_ptr": "*i64", "logcnt_ptr": "*i64", "log2phy_ptr": "*i64",
-    "invalid_ptr": "*i32", "scratch_i_ptr": "*i32", "scratch_f_ptr": "*fp32", "pack_ptr": "*i64", "rank_ptr": "*i64",
-    "cnt_ptr": "*i64", "ids_ptr": "*i64", "counts_ptr": "*i64", "n_invalid_ptr": "*i64", "phy_ptr": "*i64",
-    "n_entries": "i32", "WIDTH": "i32",
-    "stride_l2p_e": "i32", "stride_l2p_x": "i32", "stride_cnt": "i32", "stride_counts": "i32",
-    "phy_in_ptr": "*i64", "rank_in_ptr": "*i64", "cnt_in_ptr": "*i64", "old_ptr": "*i64", "budget": "i32",
-    "share_ptr": "*fp64", "enode_ptr": "*i32",
-}  # fmt: skip
-
-
-KERNELS = {
-    "rebalance": "_rebalance._rebalance_kernel",
-    "replicate": "_rebalance._replicate_kernel",
-    "packing": "_rebalance._balanced_packing_kernel",
-    "dispatch": "_dispatch._record_dispatch_kernel",
-    "search": "_search._search_kernel",
-}
 
 
 def _jobs() -> dict[str, tuple]:
@@ -88,6 +64,9 @@ def _jobs() -> dict[str, tuple]:
                 ln = launch.search_launch(58, E, R, P, N, budget)
                 job_id = f"search-E{E}-R{R}-P{P}-N{N}-{'budget' if budget else 'free'}-sm{arch}"
                 jobs[job_id] = ("search", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
+        for n in ASSIGN_SIZES:
+            ln = launch.assign_launch(58, n)
+            jobs[f"assign-n{n}-sm{arch}"] = ("assign", ln.constexprs, ln.num_warps, arch)
     return jobs
 
 
@@ -99,53 +78,15 @@ SEARCH_SHAPES = [(256, 288, 32, 1), (256, 288, 144, 1), (256, 320, 64, 1), (256,
 SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, 64, 1))
 
 
-def _compile(job: tuple[str, dict, int, int]) -> dict[str, str]:
-    """Compile one job (in the worker process, where the kernels are real ``JITFunction`` s)."""
-    import importlib
-
-    kernel, constexprs, num_warps, arch, *maxnreg = job  # a fifth entry: ptxas .maxnreg
-    options = {"num_warps": num_warps, **({"maxnreg": maxnreg[0]} if maxnreg else {})}
-    module, attr = KERNELS[kernel].split(".")
-    fn = getattr(importlib.import_module(f"eplb_triton.kernels.{module}"), attr)
-    signature = {p.name: ("constexpr" if p.is_constexpr else POINTERS[p.name]) for p in fn.params}
-    try:
-        if "constexprs" in inspect.signature(ASTSource).parameters:
-            attrs = launch.jit_pointer_attrs(signature)  # pointers aligned, as at run time
-            src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
-        else:  # triton < 3.3 names them constants
-            src = ASTSource(fn=fn, signature=signature, constants=dict(constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = os.path.join(tmp, "k.cubin")
-            Path(cubin).write_bytes(compiled.asm["cubin"])
-            usage = subprocess.run(
-                [str(BIN / "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
-            ).stdout
-    except Exception as exc:  # reported by the test of this job
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"ptx": compiled.asm["ptx"], "usage": usage}
-
-
-def worker(out: str) -> None:
-    """Compile every job into ``out`` (JSON), two processes at a time."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    jobs = _jobs()
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(jobs, pool.map(_compile, jobs.values()), strict=True))
-    Path(out).write_text(json.dumps(results))
+# the assignment problems of DeepSeek-V3-like deployments (GPUs per node, nodes) and the limit
+ASSIGN_SIZES = [8, 18, 32, 64, 144, launch.MAX_ASSIGN]
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[str, dict[str, str]]:
     """All jobs, compiled once in a subprocess without ``TRITON_INTERPRET`` (the tests' own
     process decorates the kernels for the interpreter)."""
-    out = tmp_path_factory.mktemp("aot") / "compiled.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = Path(__file__).parent
-    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_compile_targets as t; t.worker({str(out)!r})"
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=here)
-    return json.loads(out.read_text())
+    return aot.compile_in_subprocess(JOBS, tmp_path_factory.mktemp("aot"))
 
 
 def _result(compiled: dict, job_id: str) -> tuple[str, str]:
@@ -154,12 +95,8 @@ def _result(compiled: dict, job_id: str) -> tuple[str, str]:
     return result["ptx"], result["usage"]
 
 
-def resources(usage: str) -> dict[str, int]:
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
-
-
 def assert_fits(usage: str) -> None:
-    res = resources(usage)
+    res = aot.resources(usage)
     assert "REG" in res, usage
     assert res["REG"] <= 255, f"{res['REG']} registers"
     assert res.get("LOCAL", 0) == 0 and res.get("STACK", 0) == 0, f"spills to local memory: {usage}"
@@ -292,3 +229,9 @@ def test_search_kernel(compiled, job_id):
     assert_barrier_between(ptx, fn, "tl.store(share_row + o_e, b_w", "tl.load(share_row + b_phy", publish)
     if JOBS[job_id][1]["N"] > 1:
         assert_barrier_between(ptx, publish, "tl.store(enode_row + o_e", "tl.atomic_min(enode_row")
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("assign-")])
+def test_assign_kernel(compiled, job_id):
+    _, usage = _result(compiled, job_id)
+    assert_fits(usage)

@@ -3,41 +3,16 @@ placement from its own counts, and rearrange_expert_weights leaves every rank ho
 right expert tensors; a rank whose inputs are wrong or differ from the others' stops every rank
 before any weight moves."""
 
-import socket
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import make_loads
+from helpers import make_loads, spawn
 
 import eplb_triton as eplb
-from eplb_triton import metrics
-from eplb_triton.distributed import check_ranks_agree, rearrange_expert_weights
-from eplb_triton.online import OnlineBalancer, stable_slots
+from eplb_triton import OnlineBalancer, metrics, stable_slots
+from eplb_triton.distributed import _transfers, check_ranks_agree, rearrange_expert_weights
 
 E, G, N, L = 16, 4, 2, 3
-# A rank left waiting for a peer that never comes fails the test after this long instead of hanging it.
-TIMEOUT = timedelta(seconds=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(world: int, fn, *args) -> None:
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _rank_loads(rank: int, step: int) -> torch.Tensor:
@@ -128,7 +103,7 @@ def _random_placement(layers: int, experts: int, slots: int, seed: int) -> torch
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_agree_on_the_plan_and_weights_follow(world):
-    _run(world, _agree_worker)
+    spawn(world, _agree_worker)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -148,7 +123,7 @@ def test_rearrange_expert_weights(world, kind):
         assert (new != old).all()
     else:
         new = old.clone()
-    _run(world, _rearrange_worker, old, new, 2)
+    spawn(world, _rearrange_worker, old, new, 2)
 
 
 def test_rearrange_argument_errors():
@@ -235,7 +210,7 @@ def _fault_worker(rank: int, world: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("faults")
-    _run(2, _fault_worker, str(out))
+    spawn(2, _fault_worker, str(out))
     return [torch.load(out / f"{rank}.pt") for rank in range(2)]
 
 
@@ -277,7 +252,7 @@ def _local_fault_worker(rank: int, world: int, out: str) -> None:
 
 
 def test_a_bad_input_on_one_rank_stops_every_rank_without_hanging(tmp_path):
-    _run(2, _local_fault_worker, str(tmp_path))
+    spawn(2, _local_fault_worker, str(tmp_path))
     for rank in range(2):
         results = torch.load(tmp_path / f"{rank}.pt")
         assert results == {
@@ -301,7 +276,7 @@ def _balancer_fault_worker(rank: int, world: int, out: str) -> None:
 
 
 def test_balancer_plans_that_differ_between_ranks_are_not_installed(tmp_path):
-    _run(2, _balancer_fault_worker, str(tmp_path))
+    spawn(2, _balancer_fault_worker, str(tmp_path))
     for rank in range(2):
         results = torch.load(tmp_path / f"{rank}.pt")
         assert results["unchanged"], f"rank {rank}"
@@ -322,3 +297,42 @@ def test_rearrange_in_one_process_without_a_process_group():
         rearrange_expert_weights(weights[:2], new, old)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         rearrange_expert_weights(weights, new, old, group=object())
+
+
+def test_transfers_round_robin_over_distinct_holders():
+    # S = 2, 4 ranks. Expert 0 is held by rank 0 (twice) and rank 1; ranks 2 and 3 need it.
+    # Distinct holders [0, 1]: requester 0 (rank 2) <- rank 0, requester 1 (rank 3) <- rank 1.
+    old = [0, 0, 0, 2, 3, 4, 3, 5]
+    new = [0, 0, 0, 2, 0, 4, 0, 5]
+    assert _transfers(old, new, 4, 2) == [(0, 0, 2), (0, 1, 3)]
+
+
+def _stats_worker(rank: int, world: int) -> None:
+    # rank 0 swaps its two experts (2 local copies) and sends expert 0 to rank 1 (1 received there)
+    old, new = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[1, 0, 0, 3]])
+    w = torch.tensor([[float(e)] for e in old[0, 2 * rank : 2 * rank + 2].tolist()])
+    stats = rearrange_expert_weights([w], old, new)
+    assert w.view(-1).tolist() == [float(e) for e in new[0, 2 * rank : 2 * rank + 2].tolist()]
+    want = {0: (2, 0, 1), 1: (0, 1, 0)}[rank]
+    assert (stats.local_copies, stats.received, stats.sent) == want, (rank, stats)
+
+
+def _subgroup_worker(rank: int, world: int) -> None:
+    # the expert-parallel group is global ranks 1 and 2 (group ranks 0 and 1); rank 0 is outside it
+    group = dist.new_group([1, 2])
+    if rank == 0:
+        return
+    me = rank - 1
+    old, new = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[2, 1, 2, 3]])
+    w = torch.tensor([[float(e)] for e in old[0, 2 * me : 2 * me + 2].tolist()])
+    stats = rearrange_expert_weights([w], old, new, group)
+    assert w.view(-1).tolist() == [float(e) for e in new[0, 2 * me : 2 * me + 2].tolist()]
+    assert (stats.received, stats.sent) == ((1, 0) if me == 0 else (0, 1))
+
+
+def test_rearrange_stats_per_rank():
+    spawn(2, _stats_worker)
+
+
+def test_rearrange_in_a_subgroup_uses_global_peer_ranks():
+    spawn(3, _subgroup_worker)

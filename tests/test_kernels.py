@@ -208,12 +208,12 @@ def test_auto_falls_back_to_cpu_beyond_the_kernel_limits():
 
     cuda = torch.device("cuda")
     E, R, n = launch.MAX_EXPERTS, launch.MAX_REPLICAS, launch.MAX_ITEMS
-    assert backends.resolve("auto", cuda, experts=E, replicas=R) == "triton"
-    assert backends.resolve("auto", cuda, items=n) == "triton"
-    assert backends.resolve("auto", cuda, experts=E + 1, replicas=R) == "cpu"
-    assert backends.resolve("auto", cuda, experts=E, replicas=R + 1) == "cpu"
-    assert backends.resolve("auto", cuda, items=n + 1) == "cpu"
-    assert backends.resolve("auto", torch.device("cpu"), experts=1) == "cpu"
+    assert backends.resolve("auto", cuda, experts=E, replicas=R).name == "triton"
+    assert backends.resolve("auto", cuda, items=n).name == "triton"
+    assert backends.resolve("auto", cuda, experts=E + 1, replicas=R).name == "cpu"
+    assert backends.resolve("auto", cuda, experts=E, replicas=R + 1).name == "cpu"
+    assert backends.resolve("auto", cuda, items=n + 1).name == "cpu"
+    assert backends.resolve("auto", torch.device("cpu"), experts=1).name == "cpu"
     with pytest.raises(ValueError, match="supports up to 1024 logical experts per layer, got 1025; use backend='cpu'"):
         eplb.rebalance_experts(torch.ones(1, E + 1), E + 1, 1, 1, 1, backend="triton")
 
@@ -293,3 +293,22 @@ def test_wide_blocks_match_reference(case: Case):
     assert_same(got, reference.replicate_experts(w, case.R))
     got = eplb.balanced_packing(w[:, :128].to(DEVICE), 64, backend="triton")
     assert_same(got, reference.balanced_packing(w[:, :128], 64))
+
+
+def test_replicate_kernel_ranks_past_255():
+    # one expert, 300 slots: slot i is replica i of expert 0 (8-bit payloads would wrap at 256)
+    phy2log, rank, cnt = eplb.replicate_experts(torch.ones(1, 1, device=DEVICE), 300, backend="triton")
+    assert phy2log.tolist() == [[0] * 300]
+    assert rank.tolist() == [list(range(300))]
+    assert cnt.tolist() == [[300]]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_packing_kernel_full_pack_ranks_after_an_overflowed_pack():
+    # capacity 3. big -> p0, big -> p1, big -> p0 (tie; 6e38 overflows to inf), big -> p1 (inf),
+    # 1 -> p0 (inf tie, lower index; p0 now full), 1 -> p1: the only open pack, though its load is inf.
+    big = 3.0e38
+    w = torch.tensor([[big, big, big, big, 1.0, 1.0]], device=DEVICE)
+    pack, rank = eplb.balanced_packing(w, 2, backend="triton")
+    assert pack.tolist() == [[0, 1, 0, 1, 0, 1]]
+    assert rank.tolist() == [[0, 0, 1, 1, 2, 2]]

@@ -75,7 +75,8 @@ def test_identity_gpu_loads():
 
 def test_a_wrong_call_names_the_function_and_its_signature():
     w = torch.ones(2, 4)
-    with pytest.raises(TypeError, match=r"^gpu_loads\(weight, phy2log, logcnt, num_gpus\): too many positional arguments"):
+    wrong = r"^gpu_loads\(weight, phy2log, logcnt, num_gpus\): too many positional arguments"
+    with pytest.raises(TypeError, match=wrong):
         metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4), 2, 3)
     with pytest.raises(TypeError, match=r"^lower_bound\(.*\): missing a required argument: 'num_gpus'"):
         metrics.lower_bound(w, 4)

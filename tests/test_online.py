@@ -5,9 +5,11 @@ import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton import metrics
-from eplb_triton.online import OnlineBalancer, record_dispatch, record_dispatch_reference, stable_slots
+from eplb_triton import OnlineBalancer, metrics, record_dispatch, stable_slots
 from eplb_triton.placement import log2phy_from_rank
+from eplb_triton.reference import record_dispatch as record_dispatch_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -352,3 +354,109 @@ def test_balancer_method_argument_errors():
         OnlineBalancer(2, 8, 12, 4, 2, 4, device="cpu", max_moves=-2)
     with pytest.raises(TypeError, match="max_moves"):
         OnlineBalancer(2, 8, 12, 4, 2, 4, device="cpu", max_moves=1.5)
+
+
+def _threshold_balancer(threshold: float) -> tuple[OnlineBalancer, torch.Tensor]:
+    # As in test_online.test_threshold_...: the equal-load placement is 4,0,0 | 5,1,1 | 6,2,2 | 7,3,3;
+    # layer 0's loads keep every GPU at 20 (balancedness 1.0), layer 1's give 40 | 20 | 10 | 10 (0.5).
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1000, balancedness_threshold=threshold,
+                       device="cpu")  # fmt: skip
+    initial = b.phy2log.clone()
+    _feed(b, torch.tensor([[10] * 8, [0, 20, 0, 0, 40, 0, 10, 10]]))
+    return b, initial
+
+
+def test_threshold_is_strictly_below():
+    # balancedness 0.5 is not below a threshold of 0.5: nothing is re-planned (nor planned at all).
+    b, initial = _threshold_balancer(0.5)
+    assert b.step() is False
+    assert torch.equal(b.phy2log, initial)
+    assert not b.last_replanned.any() and len(b.history) == 0
+
+
+def test_history_worst_after_is_the_minimum():
+    # threshold 0.9: layer 0 (GPU loads 20 | 20 | 20 | 16, balancedness 0.95) stays, layer 1 (0.5)
+    # is re-planned to 1.0: after = [0.95, 1.0], mean 0.975, worst 0.95
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, rebalance_interval=1000, balancedness_threshold=0.9,
+                       device="cpu")  # fmt: skip
+    initial = b.phy2log.clone()
+    _feed(b, torch.tensor([[10, 10, 10, 10, 10, 10, 10, 6], [0, 20, 0, 0, 40, 0, 10, 10]]))
+    assert b.step() is True
+    assert b.last_replanned.tolist() == [False, True]
+    assert torch.equal(b.phy2log[0], initial[0])
+    (entry,) = b.history_records()
+    assert entry["after"] == pytest.approx(0.975)
+    assert entry["worst_after"] == pytest.approx(0.95)
+    assert entry["replanned_layers"] == 1
+    assert entry["migrated_slots"] == int((b.phy2log[1] != initial[1]).sum()) > 0
+
+
+def test_default_window_is_the_rebalance_interval():
+    b = OnlineBalancer(1, 4, 4, 1, 1, 1, rebalance_interval=3, device="cpu")
+    assert b.window == 3
+    for loads in ([[1, 0, 0, 0]], [[0, 2, 0, 0]], [[0, 0, 3, 0]]):
+        _feed(b, torch.tensor(loads))
+        b.step()
+    assert b.window_loads().tolist() == [[1, 2, 3, 0]]
+
+
+def test_threshold_one_and_decay_limits():
+    b = OnlineBalancer(1, 4, 4, 1, 1, 1, balancedness_threshold=1.0, device="cpu")  # (0, 1] includes 1
+    assert b.balancedness_threshold == 1.0
+    with pytest.raises(ValueError, match=r"ema_decay \(1.0\) must be a number with 0 < ema_decay < 1"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, ema_decay=1.0)
+
+
+def test_old_checkpoint_without_phyrank_numbers_replicas_in_slot_order():
+    b = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, device="cpu")
+    assert b.phy2log[0].tolist() == [4, 0, 0, 5, 1, 1, 6, 2, 2, 7, 3, 3]
+    state = b.state_dict()
+    del state["phyrank"]  # a 0.1 checkpoint
+    c = OnlineBalancer(2, 8, 12, 2, 1, 4, window=1, device="cpu")
+    c.phyrank.fill_(5)
+    c.load_state_dict(state)
+    assert c.phyrank[0].tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    # width R - E + 1 = 5: expert 0 in slots 1 then 2, expert 4 in slot 0
+    assert c.log2phy[0, 0].tolist() == [1, 2, -1, -1, -1]
+    assert c.log2phy[0, 4].tolist() == [0, -1, -1, -1, -1]
+
+
+def test_stable_slots_rejects_replicas_not_multiple_of_gpus():
+    x = torch.zeros(1, 6, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"must have one shape \[L, R\] with R a multiple of num_gpus \(4\)"):
+        stable_slots(x, x, 4)
+
+
+def _semantics_placement():
+    return torch.tensor([[0, 3, -1], [1, -1, -1], [2, 4, 5]]), torch.tensor([2, 1, 3])
+
+
+def test_dispatch_rejects_counts_of_the_wrong_shape():
+    log2phy, logcnt = _semantics_placement()
+    ids = torch.tensor([[0, 2]])
+    with pytest.raises(ValueError, match="log2phy must be"):
+        record_dispatch(ids, log2phy, logcnt, torch.zeros(4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_dispatch_check_counts_only_this_call(backend):
+    # 5 invalid ids from earlier calls must not make a clean call raise
+    log2phy, logcnt = _semantics_placement()
+    counts = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    invalid = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+    ids = torch.tensor([[0, 2], [1, 2]], device=DEVICE)
+    phy = record_dispatch(ids, log2phy.to(DEVICE), logcnt.to(DEVICE), counts, invalid=invalid, check=True,
+                          backend=backend)  # fmt: skip
+    assert phy.tolist() == [[0, 2], [1, 4]]
+    assert counts.tolist() == [1, 1, 2] and invalid.tolist() == [5]
+
+
+def test_dispatch_kernel_writes_no_count_past_the_last_expert():
+    # counts is a view of a larger buffer: the entry after it (invalid ids' bin) must stay 0
+    log2phy, logcnt = _semantics_placement()
+    buf = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    counts = buf[:3]
+    ids = torch.tensor([[0, 3], [-1, 2], [3, 1]], device=DEVICE)
+    phy = record_dispatch(ids, log2phy.to(DEVICE), logcnt.to(DEVICE), counts, backend="triton")
+    assert phy.tolist() == [[0, -1], [-1, 4], [-1, 1]]
+    assert buf.tolist() == [1, 1, 1, 0]

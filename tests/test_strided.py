@@ -12,7 +12,7 @@ import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton.placement import assign_max_overlap
+from eplb_triton.backends import CPU, TRITON
 
 BACKENDS = ["cpu", "triton"]
 
@@ -109,12 +109,14 @@ def test_planner_takes_views():
         assert torch.equal(a, b)
 
 
-def test_assignment_takes_views():
+@pytest.mark.parametrize("backend", [CPU, TRITON], ids=lambda b: b.name)
+def test_assignment_takes_views(backend):
     gen = torch.Generator().manual_seed(1)
     overlap = torch.randint(0, 9, (3, 5, 5), generator=gen)
-    want = assign_max_overlap(overlap)
-    got = assign_max_overlap(overlap.transpose(1, 2).contiguous().transpose(1, 2))
-    assert torch.equal(got, want)
+    want = CPU.assign(overlap)
+    skip, _ = strided(torch.tensor([False, True, False]))
+    got = backend.assign(overlap.transpose(1, 2).contiguous().transpose(1, 2), skip)
+    assert torch.equal(got[[0, 2]], want[[0, 2]]) and torch.equal(got[1], torch.arange(5))
 
 
 def test_balancer_record_takes_views():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import eplb_triton as eplb
+from eplb_triton._validation import Config, select_policy
 
 W = torch.ones(2, 12)
 
@@ -96,3 +97,19 @@ def test_unknown_backend():
 def test_numpy_integer_counts_are_accepted():
     got = eplb.rebalance_experts(W, np.int64(16), np.int32(4), 2, 8)
     assert got[0].shape == (2, 16)
+
+
+def test_one_group_one_node_is_labelled_global():
+    assert select_policy(1, 1) == ("global", 1, 1)
+    assert Config(1, 4, 4, 1, 1, 1).policy == "global"
+    assert select_policy(2, 1) == ("hierarchical", 2, 1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_value_error_names_the_first_bad_entry(backend):
+    # row-major order: [0, 7] comes before [1, 5]
+    w = torch.ones(2, 12)
+    w[0, 7] = -1.0
+    w[1, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"found -1.0 at \[0, 7\]"):
+        eplb.rebalance_experts(w, 16, 4, 2, 8, backend=backend)

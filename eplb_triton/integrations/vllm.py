@@ -33,7 +33,7 @@ import torch
 
 from .._validation import EplbArgumentError
 from ..api import rebalance_experts as _rebalance_experts
-from ..placement import stable_order
+from ..placement import reorder_log2phy, stable_order
 
 try:
     from vllm.distributed.eplb.policy import AbstractEplbPolicy as _PolicyBase
@@ -106,7 +106,7 @@ class EplbTritonPolicy(_PolicyBase):
             order = _kept_slot_order(old_global_expert_indices, phy2log, logcnt.shape[1], num_ranks)
             phy2log = phy2log.gather(1, order)
             if cls.returns_maps:
-                log2phy = _move_slots(log2phy, order)
+                log2phy = reorder_log2phy(log2phy, order)
         if not cls.returns_maps:
             return phy2log.cpu()
         width = num_replicas - logcnt.shape[1] + 1  # vLLM: num_redundant_experts + 1
@@ -134,22 +134,5 @@ def _kept_slot_order(old: torch.Tensor, phy2log: torch.Tensor, num_experts: int,
             f"old_global_expert_indices must have shape [{L}, >= {R}] (layers, slots), got {list(old.shape)}"
         )
     old = old[:, :R].to(device=phy2log.device, dtype=torch.int64)  # vLLM reads the first R slots
-    # stable_order keys a slot by gpu * R + expert, so a -1 on GPU g would read as expert R - 1 of
-    # GPU g - 1: give ids outside [0, E) an expert id that GPU g does not hold.
-    S = R // num_gpus
-    if num_experts < R:
-        filler: torch.Tensor | int = num_experts  # no slot holds expert E
-    elif num_gpus == 1:
-        filler = -1  # key -1 is below every key of the only GPU
-    else:  # R == E: every expert has one slot, so GPU g + 1's first expert is not on GPU g
-        filler = phy2log[:, ::S].roll(-1, dims=1).repeat_interleave(S, dim=1)
-    old = torch.where((old < 0) | (old >= num_experts), filler, old)
+    old = torch.where((old >= 0) & (old < num_experts), old, -1)  # -1: an empty slot, which matches nothing
     return stable_order(old, phy2log, num_gpus)
-
-
-def _move_slots(log2phy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``log2phy`` after ``phy2log.gather(1, order)``: each replica follows its expert to its new slot."""
-    L, R = order.shape
-    new_slot = torch.empty_like(order).scatter_(1, order, torch.arange(R, device=order.device).expand(L, R))
-    moved = new_slot.gather(1, log2phy.clamp_min(0).reshape(L, -1)).view_as(log2phy)
-    return torch.where(log2phy >= 0, moved, log2phy)

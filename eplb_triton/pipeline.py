@@ -1,0 +1,133 @@
+"""The one planning pipeline (docs/algorithm.md sections 5-10), for every backend and every caller.
+
+:func:`plan` composes, per layer and vectorised over layers on the input's device:
+
+1. the greedy of the policy that runs (``backend.greedy``), or the caller's greedy plan;
+2. ``method="refined"``: the local search from the greedy (``backend.search``);
+3. ``old_phy2log``: the result relabelled to keep experts where they are: the exact node and GPU
+   assignment then slot order (``relabel="gpus"``, :func:`placement.relabel`), or only slot order
+   within each GPU (``relabel="slots"``, :func:`placement.stable_order`);
+4. ``max_moves``: the local search from ``old_phy2log`` under the budget, and the relabelled full
+   plan instead wherever it fits the budget and has a smaller largest GPU load;
+5. ``keep``: rows that keep a previous placement; the search and the assignments skip them.
+
+The drop-in API, :class:`eplb_triton.EplbPlanner` and :class:`eplb_triton.OnlineBalancer` all
+call it; only the backend's own operations differ, and they return identical tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ._validation import Config
+from .backends import Backend, Plan
+from .placement import block_overlap, max_gpu_load, relabel, slot_order_ranks, stable_order
+
+Relabel = Literal["gpus", "slots"]
+
+
+def plan(
+    backend: Backend,
+    weight: torch.Tensor,
+    cfg: Config,
+    *,
+    method: str = "greedy",
+    old_phy2log: torch.Tensor | None = None,
+    max_moves: int | None = None,
+    relabel_to_old: Relabel = "gpus",
+    start: Plan | None = None,
+    keep: tuple[torch.Tensor, Plan] | None = None,
+    validate: bool = True,
+) -> Plan:
+    """The plan of the effective configuration ``cfg`` (the global policy is ``G = N = 1``) for ``weight``.
+
+    Args:
+        backend: the resolved backend (:func:`eplb_triton.backends.resolve`).
+        weight: ``[L, E]`` loads, validated in shape; values are checked by the greedy (``validate``).
+        method: ``"greedy"`` or ``"refined"``.
+        old_phy2log: ``[L, R]`` int64 placement in service on ``weight``'s device, or ``None``.
+        max_moves: with ``old_phy2log``: the incremental replan's budget per layer.
+        relabel_to_old: how a full plan is made to keep experts of ``old_phy2log`` in place.
+        start: the greedy plan when the caller already has it (the GPU planner's buffers); not modified.
+        keep: ``(rows [L] bool, previous)``: those rows return ``previous``'s placement, and the
+            search and the relabelling's assignments skip them.
+        validate: passed to ``backend.greedy``.
+
+    Returns:
+        A :class:`Plan` on ``weight``'s device.
+    """
+    E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
+    skip = None if keep is None else keep[0]
+    result = start if start is not None else backend.greedy(weight, cfg, validate=validate)
+    if method == "refined":
+        result = backend.search(weight, result, P, N, skip=skip)
+    if old_phy2log is not None:
+        if max_moves is not None:
+            result = _incremental(backend, weight, cfg, result, old_phy2log, max_moves, skip)
+        elif relabel_to_old == "gpus":
+            phy2log, phyrank = relabel(
+                old_phy2log, result.phy2log, result.phyrank, E, P, N, backend.assign, skip, backend.host_reads_are_free
+            )  # fmt: skip
+            result = Plan(phy2log, phyrank, result.logcnt)
+        else:
+            order = stable_order(old_phy2log, result.phy2log, P)
+            result = Plan(result.phy2log.gather(1, order), result.phyrank.gather(1, order), result.logcnt)
+    if keep is not None:
+        rows, previous = keep
+        result = Plan(*(torch.where(rows.view(-1, 1), p, r) for p, r in zip(previous, result, strict=True)))
+    return result
+
+
+def _incremental(
+    backend: Backend, weight: torch.Tensor, cfg: Config, full: Plan, old_phy2log: torch.Tensor, max_moves: int,
+    skip: torch.Tensor | None,
+) -> Plan:  # fmt: skip
+    """docs/algorithm.md 10.4: the budgeted search from ``old_phy2log``, and the relabelled ``full``
+    plan instead where it fits the budget and has a smaller largest GPU load."""
+    E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
+    old_rank, old_cnt = slot_order_ranks(old_phy2log, E)
+    out = backend.search(
+        weight, Plan(old_phy2log, old_rank, old_cnt), P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip
+    )
+    out = [t.clone() for t in out]
+    rows = _may_fit(backend, old_phy2log, full.phy2log, E, P, max_moves)
+    if rows is None or rows.numel():
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        old = pick(old_phy2log)
+        sub_skip = None if skip is None else pick(skip)
+        full_phy, full_rank = relabel(
+            old, pick(full.phy2log), pick(full.phyrank), E, P, N, backend.assign, sub_skip,
+            backend.host_reads_are_free,
+        )  # fmt: skip
+        full_cnt = pick(full.logcnt)
+        w32 = pick(weight.detach()).to(torch.float32)
+        fits = (full_phy != old).sum(dim=1) <= max_moves
+        better = max_gpu_load(w32, full_phy, full_cnt, P) < max_gpu_load(w32, pick(out[0]), pick(out[2]), P)
+        take = (fits & better)[:, None]
+        for o, f in zip(out, (full_phy, full_rank, full_cnt), strict=True):
+            if rows is None:
+                o.copy_(torch.where(take, f, o))
+            else:
+                o[rows] = torch.where(take, f, o[rows])
+    return Plan(*out)
+
+
+def _may_fit(
+    backend: Backend, old_phy2log: torch.Tensor, phy2log: torch.Tensor, E: int, P: int, max_moves: int
+) -> torch.Tensor | None:
+    """The layers whose relabelled plan could differ from ``old`` in at most ``max_moves`` slots, or
+    ``None`` for every layer.
+
+    Any numbering of the plan's GPUs keeps at most ``sum over its GPUs g of max over old GPUs h of
+    overlap(g, h)`` slots (docs/algorithm.md 10.3), so a layer that must move more than
+    ``max_moves`` by that bound cannot take the full plan, and skipping its assignment changes no
+    result. Only where host reads are free (the assignment is the costly part there); elsewhere
+    every layer, with no host read.
+    """
+    if not backend.host_reads_are_free:
+        return None
+    R = phy2log.shape[1]
+    kept_at_most = block_overlap(phy2log, old_phy2log, P, E, read_bound=True).amax(dim=2).sum(dim=1)
+    return torch.nonzero(R - kept_at_most <= max_moves).flatten()
