@@ -68,10 +68,12 @@ def test_overflowing_pack_loads_stay_exact():
             st.integers(1, 5).flatmap(
                 lambda cap: st.lists(
                     st.lists(
-                        st.sampled_from([0.0, -0.0, 1.0, 2.0, 2.0, 3.5, 3e38, 1e-45]), min_size=packs * cap,
+                        st.sampled_from([0.0, -0.0, 1.0, 2.0, 2.0, 3.5, 3e38, 1e-45]),
+                        min_size=packs * cap,
                         max_size=packs * cap,
                     ),
-                    min_size=1, max_size=3,
+                    min_size=1,
+                    max_size=3,
                 )
             ),
         )
