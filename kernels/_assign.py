@@ -1,4 +1,4 @@
-"""Triton code of the exact maximum-overlap assignment (:func:`eplb_triton.placement.assign_max_overlap`).
+"""Triton code of the exact maximum-overlap assignment (:func:`eplb_triton.cpu.assign_max_overlap`).
 
 One program of :func:`_assign_kernel` solves one ``[N, N]`` problem with the Hungarian algorithm in
 its shortest-augmenting-path form, step for step as the reference does: rows added in order, the
@@ -13,15 +13,17 @@ there, its gather ``u[p[j0]]`` becomes ``b_u[j0]``, and an augmentation moves ``
 ``p``. No scratch memory, no barriers; a scalar gather is one masked sum.
 
 The loops stop where the reference's do (``p[j0] == 0``, ``j0 == 0``) and never run past its
-bounds of ``N + 1`` steps. Where gains are so large that reduced costs reach ``INF`` (far beyond
-``|overlap| <= 2**30``), the reference itself leaves rows unmatched and returns uninitialised
-memory for them; nothing can match it there.
+bounds of ``N + 1`` steps. Where gains are so large that reduced costs reach ``COST_INF`` (far
+beyond ``|overlap| <= 2**30``), the reference itself leaves rows unmatched and returns
+uninitialised memory for them; nothing can match it there.
 """
 
 import triton
 import triton.language as tl
 
-INF: tl.constexpr = tl.constexpr(1 << 40)  # the reference's _INF: a visited column's key in the argmin
+from ._keys import argmin_first
+
+COST_INF: tl.constexpr = tl.constexpr(1 << 40)  # cpu.COST_INF: a visited column's key in the argmin
 
 
 @triton.jit
@@ -40,19 +42,6 @@ def _at_pair(b_vec0, b_vec1, o, j):
     """``(b_vec0[j], b_vec1[j])`` as scalars, in one reduction."""
     m_j = o == j
     return tl.reduce((tl.where(m_j, b_vec0, 0), tl.where(m_j, b_vec1, 0)), 0, _add_pairs)
-
-
-@triton.jit
-def _first_min_combine(value0, index0, value1, index1):
-    take0 = (value0 < value1) | ((value0 == value1) & (index0 < index1))
-    return tl.where(take0, value0, value1), tl.where(take0, index0, index1)
-
-
-@triton.jit
-def _first_min(b_key, o):
-    """``(min, first index of the min)`` of ``b_key``, the reference's ``argmin``. Written out rather
-    than ``tl.min(..., return_indices=True)``, whose tie rule the interpreter does not follow."""
-    return tl.reduce((b_key, o), 0, _first_min_combine)
 
 
 @triton.jit
@@ -76,9 +65,9 @@ def _assign_kernel(
     for i in range(1, N + 1):
         b_p = tl.where(o == 0, i, b_p)
         b_u = tl.where(o == 0, 0, b_u)  # row i has not been touched yet
-        b_minv = tl.full([BLOCK_N], INF, dtype=tl.int64)  # [BLOCK_N]
-        # [BLOCK_N] columns on the tree. Padding counts as visited: its key INF never beats column 0's
-        # (visited, INF, lower index), so the first minimum over 0 .. N is the first over all lanes.
+        b_minv = tl.full([BLOCK_N], COST_INF, dtype=tl.int64)  # [BLOCK_N]
+        # [BLOCK_N] columns on the tree. Padding counts as visited: its key COST_INF never beats column
+        # 0's (visited, COST_INF, lower index), so the first minimum over 0 .. N is the first over all lanes.
         b_used = o > N
         j0 = 0
         i0 = i  # p[j0]
@@ -92,7 +81,7 @@ def _assign_kernel(
             m_better = ~b_used & (b_cur < b_minv)
             b_minv = tl.where(m_better, b_cur, b_minv)
             b_way = tl.where(m_better, j0, b_way)
-            delta, j1 = _first_min(tl.where(b_used, INF, b_minv), o)
+            delta, j1 = argmin_first(tl.where(b_used, COST_INF, b_minv), o)
             b_u = tl.where(b_used, b_u + delta, b_u)
             b_v = tl.where(b_used, b_v - delta, b_v)
             b_minv = b_minv - delta  # the reference keeps visited columns' minv, but never reads it again

@@ -1,4 +1,5 @@
-"""Selection keys: one int64 per candidate, so that one ``tl.max``/``tl.min`` makes an exact choice.
+"""Selection keys and selections: one int64 per candidate, so that one ``tl.max``/``tl.min`` makes
+an exact choice, and the two first-minimum selections of the search and the assignment.
 
 Every greedy step of docs/algorithm.md picks the candidate with the largest (or smallest) float32 value,
 ties to the lower index. Non-negative float32 values order like their bit patterns, so a key is
@@ -70,3 +71,59 @@ def min_key_index(key):
 def key_payload(key):
     """The payload of a :func:`max_key` or :func:`min_key`."""
     return (key & FIELD_MASK).to(tl.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# A packed item's place: (pack, rank in pack) in one int32, for the per-program scratch
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def place_key(pack, rank, NUM_PACKS: tl.constexpr, CAPACITY: tl.constexpr):
+    """``(pack << 16) | rank`` as an int32: ``pack < NUM_PACKS <= 2**15`` (the sign bit stays clear)
+    and ``rank < CAPACITY <= 2**16``."""
+    tl.static_assert(NUM_PACKS <= FIELD_LIMIT // 2, "pack field is 15 bits of an int32")
+    tl.static_assert(CAPACITY <= FIELD_LIMIT, "rank field is 16 bits")
+    return (pack << FIELD_BITS) | rank
+
+
+@triton.jit
+def place_pack(key):
+    """The pack of a :func:`place_key`."""
+    return key >> FIELD_BITS
+
+
+@triton.jit
+def place_rank(key):
+    """The rank in its pack of a :func:`place_key`."""
+    return key & FIELD_MASK
+
+
+# ----------------------------------------------------------------------------------------------
+# First minima over a block. Two meanings, two names:
+# ----------------------------------------------------------------------------------------------
+
+NO_INDEX: tl.constexpr = tl.constexpr(1 << 30)  # above any slot, GPU or expert index: "none"
+INF: tl.constexpr = tl.constexpr(float("inf"))  # float infinity: a candidate that is not one
+
+
+@triton.jit
+def first_min_or_none(b_v, b_idx):
+    """``(min, lowest index among equal minima)`` of float values of any rank; ``(inf, NO_INDEX)``
+    when every value is ``inf`` (no candidate): the search's choice of a move."""
+    v = tl.min(b_v)
+    return v, tl.where(v < INF, tl.min(tl.where(b_v == v, b_idx, NO_INDEX)), NO_INDEX)
+
+
+@triton.jit
+def _argmin_combine(value0, index0, value1, index1):
+    take0 = (value0 < value1) | ((value0 == value1) & (index0 < index1))
+    return tl.where(take0, value0, value1), tl.where(take0, index0, index1)
+
+
+@triton.jit
+def argmin_first(b_key, o):
+    """``(min, first index of the min)`` of a 1-D block, whatever the values (NumPy's ``argmin``):
+    the assignment's column choice. Written out rather than ``tl.min(..., return_indices=True)``,
+    whose tie rule the interpreter does not follow."""
+    return tl.reduce((b_key, o), 0, _argmin_combine)

@@ -32,6 +32,9 @@ from ._keys import (
     max_key_index,
     min_key,
     min_key_index,
+    place_key,
+    place_pack,
+    place_rank,
 )
 
 
@@ -79,7 +82,7 @@ def _pack_greedy(
     A step takes the heaviest item left (a ``tl.max``) and the least-loaded open pack (a ``tl.min``
     over keys rebuilt from the packs' loads and counts). For many items :func:`_pack_sorted` takes
     fewer cycles per step; for the group packing (4-16 items) its sort and scratch round trips cost
-    more than they save (est. 18.6k vs 17.5k cycles per program for DeepSeek-V3 prefill EP32).
+    more than they save (measured in the static report, benchmarks/results/static-sm90).
     """
     CAPACITY: tl.constexpr = NUM_ITEMS // NUM_PACKS
     o_i = tl.arange(0, BLOCK_I)
@@ -121,7 +124,7 @@ def _take_pack(b_key, o_p, weight, item, scr_placed, CAPACITY: tl.constexpr, BLO
     rank = key_payload(choice)
     load = key_to_fpval(choice) + weight  # float32, as the reference adds
     new_key = tl.where(rank + 1 < CAPACITY, min_key(load, pack, rank + 1, BLOCK_P, CAPACITY), NO_KEY_MIN)
-    tl.store(scr_placed + item, (pack << 16) | rank)
+    tl.store(scr_placed + item, place_key(pack, rank, BLOCK_P, CAPACITY))
     return tl.where(o_p == pack, new_key, b_key)
 
 
@@ -129,7 +132,7 @@ def _take_pack(b_key, o_p, weight, item, scr_placed, CAPACITY: tl.constexpr, BLO
 def _pack_sorted(
     b_w,  # [BLOCK_I] float32 item weights
     scr_w,  # float32 scratch, NUM_ITEMS: the weights in taking order
-    scr_i,  # int32 scratch, 2 * NUM_ITEMS: the items in taking order, then each item's (pack << 16) | rank
+    scr_i,  # int32 scratch, 2 * NUM_ITEMS: the items in taking order, then each item's place_key(pack, rank)
     NUM_ITEMS: tl.constexpr,
     NUM_PACKS: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -168,7 +171,7 @@ def _pack_sorted(
         b_item = max_key_index(b_order)
         tl.store(scr_w + o_i, key_to_fpval(b_order), mask=m_i)
         tl.store(scr_i + o_i, b_item, mask=m_i)
-        tl.store(scr_placed + b_item, o_i << 16, mask=m_i & (o_i < first))
+        tl.store(scr_placed + b_item, place_key(o_i, 0, BLOCK_I, CAPACITY), mask=m_i & (o_i < first))
         tl.debug_barrier()
         m_first = o_p < first
         b_key = min_key(tl.load(scr_w + o_p, mask=m_first, other=0.0), o_p, m_first.to(tl.int32), LANES, CAPACITY)
@@ -202,8 +205,8 @@ def _pack_sorted(
             b_key = _take_pack(b_key, o_p, tl.load(scr_w + k), tl.load(scr_i + k), scr_placed, CAPACITY, LANES)
         tl.debug_barrier()
         b_placed = tl.load(scr_placed + o_i, mask=m_i, other=0)
-        b_pack = b_placed >> 16
-        b_rank = b_placed & 0xFFFF
+        b_pack = place_pack(b_placed)
+        b_rank = place_rank(b_placed)
     return b_pack, b_rank
 
 
@@ -231,8 +234,8 @@ def _replicate_greedy(
     b_key = tl.where(m_e, max_key(b_w, o_e, b_one, BLOCK_E, COUNT_LIMIT), NO_KEY_MAX)
     if BLOCK_E >= 128:
         # Many experts per thread: the key also carries the share, so a step divides once (only the
-        # chosen expert's share changes) and rewrites one key (benchmarks/results/static-sm90:
-        # 632 -> 303 est. cycles per step for 256 experts).
+        # chosen expert's share changes) and rewrites one key (about half the cycles per step for
+        # 256 experts in the static report, benchmarks/results/static-sm90).
         b_bits = b_w.to(tl.int32, bitcast=True)  # non-negative float32 values order like their bits
         for slot in range(NUM_LOG, NUM_PHY):
             expert, count, b_phy, b_rank = _take_replica(b_key, b_phy, b_rank, o_r, slot)

@@ -21,15 +21,7 @@ value without a budget and minus the drop of the largest load per slot of budget
 import triton
 import triton.language as tl
 
-INF: tl.constexpr = tl.constexpr(float("inf"))
-NO_INDEX: tl.constexpr = tl.constexpr(1 << 30)  # larger than any slot, GPU or expert index
-
-
-@triton.jit
-def _first_min(b_v, b_idx):
-    """``(min, lowest index among equal minima)`` of a block of any rank; (inf, NO_INDEX) when all are inf."""
-    v = tl.min(b_v)
-    return v, tl.where(v < INF, tl.min(tl.where(b_v == v, b_idx, NO_INDEX)), NO_INDEX)
+from ._keys import INF, NO_INDEX, first_min_or_none
 
 
 @triton.jit
@@ -122,6 +114,9 @@ def _search_kernel(
     BLOCK_S: tl.constexpr,  # >= R / P
     BLOCK_R: tl.constexpr,  # >= R
 ):
+    tl.static_assert(E <= BLOCK_E and P <= BLOCK_P and R // P <= BLOCK_S and R <= BLOCK_R, "blocks hold a row")
+    tl.static_assert(R < NO_INDEX and E <= R, "NO_INDEX lies above every slot, GPU and expert index")
+    tl.static_assert(R % P == 0 and P % N == 0, "whole slots per GPU and GPUs per node")
     S: tl.constexpr = R // P
     PN: tl.constexpr = P // N
     layer = tl.program_id(0).to(tl.int64)
@@ -199,13 +194,13 @@ def _search_kernel(
                     after += (b_phy != old_i).to(tl.int32) + (b_old != y).to(tl.int32)
                     ok = ok & (after <= budget)
                     b_v = _budget_key(peak, b_v, after - moved)
-                swap_v, swap_j = _first_min(tl.where(ok, b_v, INF), o_q)
+                swap_v, swap_j = first_min_or_none(tl.where(ok, b_v, INF), o_q)
                 # shift: x (least share, >= 2 copies, y's node, lowest id) gives one replica to y
                 m_x = m_e & (tl.load(cnt_row + o_e, mask=m_e, other=0) >= 2) & (o_e != y)
                 if N > 1:
                     b_enode = tl.load(enode_row + o_e, mask=m_e, other=0) // (R // N)
                     m_x = m_x & (b_enode == tl.load(enode_row + y) // (R // N))
-                _, x = _first_min(tl.where(m_x, tl.load(share_row + o_e, mask=m_e, other=INF), INF), o_e)
+                _, x = first_min_or_none(tl.where(m_x, tl.load(share_row + o_e, mask=m_e, other=INF), INF), o_e)
                 shift_v = peak + INF
                 shift_q = 0
                 if x < NO_INDEX:
@@ -213,7 +208,7 @@ def _search_kernel(
                     s2y = tl.load(w_row + y).to(tl.float64) / (tl.load(cnt_row + y) + 1).to(tl.float64)
                     b_base = _gpu_loads(slot_share_row, phy_row, x, s2x, y, s2y, o_p, m_p, S, True)
                     b_base = tl.where(m_p, b_base, -INF)
-                    top, g1 = _first_min(-b_base, o_p)
+                    top, g1 = first_min_or_none(-b_base, o_p)
                     second = tl.max(tl.where(o_p == g1, -INF, b_base))
                     b_rest = tl.where(o_p == g1, second, -top)  # max over the other GPUs
                     b_gv = tl.maximum((b_base - s2x) + s2y, b_rest)  # [BLOCK_P] value of a shift on GPU g
@@ -223,7 +218,7 @@ def _search_kernel(
                         after = moved + (b_old != y).to(tl.int32) - (b_old != x).to(tl.int32)
                         ok = ok & (after <= budget)
                         b_sv = _budget_key(peak, b_sv, after - moved)
-                    shift_v, shift_q = _first_min(tl.where(ok, b_sv, INF), o_q)
+                    shift_v, shift_q = first_min_or_none(tl.where(ok, b_sv, INF), o_q)
                 # (key, kind, i, j): a shift wins a tie with a swap; an earlier i wins a full tie
                 take_shift = shift_v <= swap_v
                 v = tl.where(take_shift, shift_v, swap_v)
