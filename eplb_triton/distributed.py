@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ._validation import EplbArgumentError
+
 # A rank's local error message travels inside the agreement all-gather, so that every rank can raise
 # the same error; longer messages are cut to this many bytes.
 _MESSAGE_WORDS = 32
@@ -121,7 +123,7 @@ def _agree(
         rows = [r.tolist() for r in gathered]
     message = _verdict(rows, names)
     if message is not None:
-        raise ValueError(message) from problem
+        raise EplbArgumentError(message) from problem
 
 
 def check_ranks_agree(
@@ -148,13 +150,13 @@ def check_ranks_agree(
         >>> check_ranks_agree([plan.phy2log], names=["phy2log"])  # doctest: +SKIP
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("check_ranks_agree needs an initialised torch.distributed process group")
+        raise EplbArgumentError("check_ranks_agree needs an initialised torch.distributed process group")
     labels = [f"tensor {i}" for i in range(len(tensors))]
     problem = None
     try:
         if names is not None:
             if len(names) != len(tensors):
-                raise ValueError(f"names has {len(names)} entries for {len(tensors)} tensors")
+                raise EplbArgumentError(f"names has {len(names)} entries for {len(tensors)} tensors")
             labels = [str(name) for name in names]
         digests = [_digest(t) for t in tensors]
     except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
@@ -169,18 +171,18 @@ def _single_process(group: dist.ProcessGroup | None) -> bool:
     if dist.is_available() and dist.is_initialized():
         return False
     if group is not None:
-        raise ValueError("group was given, but torch.distributed is not initialised")
+        raise EplbArgumentError("group was given, but torch.distributed is not initialised")
     return True
 
 
 def _check_placements(old: list[list[int]], new: list[list[int]]) -> None:
     for name, rows in (("old_phy2log", old), ("new_phy2log", new)):
         if any(e < 0 for row in rows for e in row):
-            raise ValueError(f"{name} has an expert id < 0 ({min(min(row) for row in rows)})")
+            raise EplbArgumentError(f"{name} has an expert id < 0 ({min(min(row) for row in rows)})")
     for layer, (old_row, new_row) in enumerate(zip(old, new, strict=True)):
         missing = sorted(set(new_row) - set(old_row))
         if missing:
-            raise ValueError(
+            raise EplbArgumentError(
                 f"new_phy2log[layer {layer}] needs expert {missing[0]}, which no rank holds in old_phy2log"
             )
 
@@ -278,9 +280,10 @@ def rearrange_expert_weights(
     try:
         for name, p in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
             if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-                raise ValueError(f"{name} must be an integer tensor, got {getattr(p, 'dtype', type(p).__name__)}")
+                got = getattr(p, "dtype", type(p).__name__)
+                raise EplbArgumentError(f"{name} must be an integer tensor, got {got}")
         if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
-            raise ValueError(
+            raise EplbArgumentError(
                 f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
                 f"and {tuple(new_phy2log.shape)}"
             )
@@ -289,17 +292,17 @@ def rearrange_expert_weights(
         layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
         digests = [_digest(old_all), _digest(new_all), _digest(layout)]
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
-            raise ValueError(f"max_inflight ({max_inflight!r}) must be a positive int")
+            raise EplbArgumentError(f"max_inflight ({max_inflight!r}) must be a positive int")
         L, R = old_phy2log.shape
         if R % world:
-            raise ValueError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
+            raise EplbArgumentError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
         S = R // world
         if len(layers) != L:
-            raise ValueError(f"expert_weights has {len(layers)} layers, the placements have {L}")
+            raise EplbArgumentError(f"expert_weights has {len(layers)} layers, the placements have {L}")
         for i, tensors in enumerate(layers):
             for t in tensors:
                 if t.dim() < 1 or t.shape[0] != S:
-                    raise ValueError(
+                    raise EplbArgumentError(
                         f"expert_weights[{i}] tensors must be [slots_per_rank={S}, ...], got {tuple(t.shape)}"
                     )
         _check_placements(old_all, new_all)

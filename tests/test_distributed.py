@@ -225,7 +225,7 @@ def faults(tmp_path_factory) -> list[dict]:
 )
 def test_a_fault_stops_every_rank_before_any_weight_moves(faults, scenario, error):
     for rank, results in enumerate(faults):
-        assert results[scenario] == {"error": f"ValueError: {error}", "unchanged": True}, f"rank {rank}"
+        assert results[scenario] == {"error": f"EplbArgumentError: {error}", "unchanged": True}, f"rank {rank}"
 
 
 def test_check_ranks_agree_names_what_differs_on_every_rank(faults):
@@ -256,8 +256,14 @@ def test_a_bad_input_on_one_rank_stops_every_rank_without_hanging(tmp_path):
     for rank in range(2):
         results = torch.load(tmp_path / f"{rank}.pt")
         assert results == {
-            "negative-id": {"error": "ValueError: rank 1: new_phy2log has an expert id < 0 (-1)", "unchanged": True},
-            "max-inflight": {"error": "ValueError: rank 1: max_inflight (0) must be a positive int", "unchanged": True},
+            "negative-id": {
+                "error": "EplbArgumentError: rank 1: new_phy2log has an expert id < 0 (-1)",
+                "unchanged": True,
+            },
+            "max-inflight": {
+                "error": "EplbArgumentError: rank 1: max_inflight (0) must be a positive int",
+                "unchanged": True,
+            },
         }, f"rank {rank}"
 
 
