@@ -358,8 +358,9 @@ def test_skipping_assignments_that_cannot_fit_changes_nothing(c, frac):
 @pytest.mark.parametrize("P", [3, 4, 6])
 def test_search_kernel_on_nan_rows_stays_in_bounds(P):
     # all-NaN loads with P not a power of two: tl.max skips NaN, so the peak was a padding lane's
-    # -inf and the kernel read at GPU 2**30; no fullest GPU must end the row's search. Restored
-    # from commit 853aee5 (which dropped it); the bounds-checking interpreter confirms the reads.
+    # -inf, the fullest GPU came out as NO_INDEX = 2**30, and slot a * S overflowed int32: the kernel
+    # read 16 GiB before phy2log's row (the bounds checker's finding; the interpreter segfaulted).
+    # No fullest GPU must end the row's search. Restored from commit 853aee5, which dropped it.
     from eplb_triton import EplbPlanner
 
     E, R = P, 2 * P
