@@ -7,8 +7,8 @@ and outputs (docs/algorithm.md), with a vectorised CPU path and Triton kernels f
 from ._validation import EplbArgumentError
 from .api import balanced_packing, rebalance_experts, rebalance_experts_hierarchical, replicate_experts
 from .balancer import OnlineBalancer
-from .distributed import RearrangeStats, rearrange_expert_weights
-from .placement import stable_slots
+from .distributed import RearrangeStats, ReplicaSyncStats, rearrange_expert_weights, sync_replica_grads
+from .placement import initial_placement, stable_slots
 from .planner import EplbPlanner
 from .recording import record_dispatch
 
@@ -17,7 +17,10 @@ __all__ = [
     "EplbPlanner",
     "OnlineBalancer",
     "RearrangeStats",
+    "ReplicaSyncStats",
+    "initial_placement",
     "rearrange_expert_weights",
+    "sync_replica_grads",
     "record_dispatch",
     "stable_slots",
     "balanced_packing",

@@ -212,41 +212,48 @@ def check_max_moves(max_moves: object) -> int | None:
     return min(value, MAX_SLOTS_PER_LAYER)  # more than every slot means no limit
 
 
+def check_placement(
+    value: object, name: str, cfg: Config, device: torch.device, *, check_data: bool = True
+) -> torch.Tensor:
+    """``value`` as an int64 ``[L, R]`` tensor on ``device``: integers in ``[0, E)`` holding every
+    expert in every layer. ``check_data=False`` skips the rules that read the values (no host
+    synchronisation)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (or numpy array / nested list), got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
+    if tuple(value.shape) != (L, R):
+        raise EplbArgumentError(
+            f"{name} must have shape [num_layers, num_replicas] = {[L, R]}, got {list(value.shape)}"
+        )
+    out = value.to(device=device, dtype=torch.int64)
+    if check_data and out.numel():
+        low, high = (int(v) for v in torch.stack([out.min(), out.max()]).tolist())
+        if low < 0 or high >= E:
+            raise EplbArgumentError(f"{name} must hold expert ids in [0, {E}), found {low if low < 0 else high}")
+        present = torch.zeros((L, E), dtype=torch.bool, device=device).scatter_(1, out, True)
+        if not bool(present.all()):
+            layer, expert = (int(i) for i in (~present).nonzero()[0])
+            raise EplbArgumentError(
+                f"{name} must hold every expert in every layer: expert {expert} is missing from layer {layer}"
+            )
+    return out
+
+
 def check_old_placement(
     old_phy2log: object, max_moves: object, cfg: Config, device: torch.device, *, check_data: bool = True
 ) -> tuple[torch.Tensor | None, int | None]:
     """``old_phy2log`` as an int64 tensor on ``device`` (or ``None``) and ``max_moves`` as an int (or ``None``).
 
     ``old_phy2log`` must be ``[L, R]`` of integers in ``[0, E)`` holding every expert in every
-    layer; ``max_moves`` a non-negative int and only with ``old_phy2log``. ``check_data=False``
-    skips the rules that read the values (no host synchronisation; the planner's hot path).
+    layer (:func:`check_placement`); ``max_moves`` a non-negative int and only with ``old_phy2log``.
+    ``check_data=False`` skips the rules that read the values (no host synchronisation; the
+    planner's hot path).
     """
     max_moves = check_max_moves(max_moves)
-    if max_moves is not None:
-        if old_phy2log is None:
-            raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
+    if max_moves is not None and old_phy2log is None:
+        raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
     if old_phy2log is None:
         return None, None
-    if not isinstance(old_phy2log, torch.Tensor):
-        raise TypeError(
-            f"old_phy2log must be a torch.Tensor (or numpy array / nested list), got {type(old_phy2log).__name__}"
-        )
-    if old_phy2log.dtype.is_floating_point or old_phy2log.is_complex() or old_phy2log.dtype == torch.bool:
-        raise TypeError(f"old_phy2log must have an integer dtype, got {old_phy2log.dtype}")
-    L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
-    if tuple(old_phy2log.shape) != (L, R):
-        raise EplbArgumentError(
-            f"old_phy2log must have shape [num_layers, num_replicas] = {[L, R]}, got {list(old_phy2log.shape)}"
-        )
-    old = old_phy2log.to(device=device, dtype=torch.int64)
-    if check_data and old.numel():
-        low, high = (int(v) for v in torch.stack([old.min(), old.max()]).tolist())
-        if low < 0 or high >= E:
-            raise EplbArgumentError(f"old_phy2log must hold expert ids in [0, {E}), found {low if low < 0 else high}")
-        present = torch.zeros((L, E), dtype=torch.bool, device=device).scatter_(1, old, True)
-        if not bool(present.all()):
-            layer, expert = (int(i) for i in (~present).nonzero()[0])
-            raise EplbArgumentError(
-                f"old_phy2log must hold every expert in every layer: expert {expert} is missing from layer {layer}"
-            )
-    return old, max_moves
+    return check_placement(old_phy2log, "old_phy2log", cfg, device, check_data=check_data), max_moves

@@ -28,13 +28,14 @@ from ._validation import (
     check_count,
     check_max_moves,
     check_method,
+    check_placement,
     check_shape_config,
     resolve_device,
 )
 from .backends import Plan
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
-from .placement import occurrence
+from .placement import occurrence, slot_order_ranks
 from .recording import record_dispatch
 
 
@@ -56,6 +57,10 @@ class OnlineBalancer:
             read of the per-layer verdict per step; a planning launch only when a layer is below.
         min_window: steps the window (or the EMA) must hold before an early re-plan (default: the
             full ``window``; with ``ema_decay``, ``rebalance_interval``).
+        initial_phy2log: ``[L, R]`` the placement the model's expert weights were built in, e.g.
+            :func:`eplb_triton.initial_placement` (slot ``q`` holds expert ``q % E``); replicas are
+            numbered in slot order. Default: the greedy placement for equal loads, which the
+            weights must then be laid out in.
         min_gain: a layer takes a new plan (early or periodic) only when it lowers the layer's
             largest GPU load on the window by at least this fraction (default 0.01: a re-plan costs
             weight transfers); otherwise it keeps its placement and nothing moves. ``0`` takes
@@ -117,6 +122,7 @@ class OnlineBalancer:
         max_moves: int | None = None,
         min_window: int | None = None,
         min_gain: float = 0.01,
+        initial_phy2log: torch.Tensor | None = None,
     ):
         self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -169,9 +175,13 @@ class OnlineBalancer:
         self.last_replanned = torch.zeros(L, dtype=torch.bool, device=dev)
         self.steps = 0
         self.history: deque[dict] = deque(maxlen=history_size)
-        # the greedy placement for equal loads until the first plan
-        equal = torch.ones((L, E), dtype=torch.float32, device=dev)
-        self._install(pipeline.plan(self._backend, equal, self.config.effective(), validate=False))
+        if initial_phy2log is not None:  # the layout the model's weights were built in
+            phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, dev)
+            phyrank, logcnt = slot_order_ranks(phy2log, E)
+            self._install(Plan(phy2log, phyrank, logcnt))
+        else:  # the greedy placement for equal loads
+            equal = torch.ones((L, E), dtype=torch.float32, device=dev)
+            self._install(pipeline.plan(self._backend, equal, self.config.effective(), validate=False))
 
     # -- recording --------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -221,12 +221,49 @@ def _post(ops: list[dist.P2POp], group: dist.ProcessGroup | None) -> None:
         req.wait()
 
 
+def _layers(expert_weights: object, name: str) -> list[list[torch.Tensor]]:
+    """Per layer, the list of this rank's slot-major tensors (one tensor, or a sequence of them)."""
+    if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
+        got = type(expert_weights).__name__
+        raise EplbArgumentError(f"{name} must be a sequence with one entry per layer, got {got}")
+    layers = []
+    for i, entry in enumerate(expert_weights):
+        tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry) if isinstance(entry, Sequence) else None
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise EplbArgumentError(f"{name}[{i}] must be a tensor or a non-empty sequence of tensors")
+        layers.append(tensors)
+    return layers
+
+
+def _with_optimizer_state(layers: list[list[torch.Tensor]], optimizer) -> list[list[torch.Tensor]]:
+    """Each parameter followed by what moves with its slots: every optimizer state tensor shaped like
+    it (Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's ``momentum_buffer``, ...; in
+    key order) and its pending ``.grad``. Scalar state (``step``) is the parameter's, not a slot's:
+    it stays."""
+    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for i, tensors in enumerate(layers):
+        moved = []
+        for j, t in enumerate(tensors):
+            if id(t) not in owned:
+                raise EplbArgumentError(
+                    f"expert_weights[{i}][{j}] is not among the optimizer's parameters: the optimizer must hold "
+                    "every expert parameter, or none is passed"
+                )
+            state = optimizer.state.get(t, {})
+            extra = [state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].shape == t.shape]
+            moved += [t, *extra, *([t.grad] if t.grad is not None else [])]
+        out.append(moved)
+    return out
+
+
 def rearrange_expert_weights(
     expert_weights: Sequence[torch.Tensor | Sequence[torch.Tensor]],
     old_phy2log: torch.Tensor,
     new_phy2log: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     *,
+    optimizer: torch.optim.Optimizer | None = None,
     max_inflight: int = 32,
 ) -> RearrangeStats:
     """Move expert weights in place so that this rank holds its slots of ``new_phy2log``.
@@ -239,13 +276,21 @@ def rearrange_expert_weights(
         group: the expert-parallel process group (default: the world); its size must be ``R / S``.
             Without ``torch.distributed`` initialised (and ``group=None``) the call runs in this
             process alone, as a group of one: every slot is rewritten by a local copy.
+        optimizer: the optimizer that holds the expert parameters (all of them). Every state tensor
+            shaped like a parameter (Adam's moments, SGD's momentum, any such state) and the
+            parameter's pending ``.grad`` move with their slots, so training continues on each
+            expert with its own state; scalar state (Adam's ``step``) belongs to the whole parameter
+            and stays. Without it only the weights move (an optimizer with such state would then
+            continue with another expert's).
         max_inflight: experts per batch of point-to-point operations (bounds in-flight requests).
 
     Before any weight is touched, every rank checks its own inputs (shapes, ids >= 0, every expert
-    that ``new_phy2log`` needs is held by some rank in ``old_phy2log``), then one all-gather of a few
-    digests checks that all ranks hold the same placements and the same weight layout (layers,
-    tensors per layer, shape and dtype of each). If any rank's inputs are wrong or the ranks differ,
-    every rank raises the same ``ValueError`` and no weight changes anywhere.
+    that ``new_phy2log`` needs is held by some rank in ``old_phy2log``, the optimizer holds every
+    expert parameter), then one all-gather of a few digests checks that all ranks hold the same
+    placements and the same layout of what moves (layers, tensors per layer with the optimizer's
+    state and pending gradients, shape and dtype of each). If any rank's inputs are wrong or the
+    ranks differ, every rank raises the same ``EplbArgumentError`` (a ``ValueError``) and no weight
+    changes anywhere.
 
     Peak extra memory is one layer's changed slots on this rank (received experts, and copies of
     local sources that are themselves overwritten). Nothing is read after it is overwritten: a
@@ -288,7 +333,9 @@ def rearrange_expert_weights(
                 f"and {tuple(new_phy2log.shape)}"
             )
         old_all, new_all = old_phy2log.cpu().tolist(), new_phy2log.cpu().tolist()
-        layers = [[w] if isinstance(w, torch.Tensor) else list(w) for w in expert_weights]
+        layers = _layers(expert_weights, "expert_weights")
+        if optimizer is not None:
+            layers = _with_optimizer_state(layers, optimizer)
         layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
         digests = [_digest(old_all), _digest(new_all), _digest(layout)]
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
@@ -308,7 +355,8 @@ def rearrange_expert_weights(
         _check_placements(old_all, new_all)
     except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
         problem = exc
-    _agree(digests, ("old_phy2log", "new_phy2log", "expert_weights layout"), group, problem)
+    names = ("old_phy2log", "new_phy2log", "expert_weights layout" + (" (with optimizer state)" if optimizer else ""))
+    _agree(digests, names, group, problem)
 
     peer = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
     with torch.no_grad():  # nn.Parameter weights: autograd must not record the in-place copies
@@ -363,4 +411,229 @@ def _move(
                 stats.received += 1
             else:
                 stats.local_copies += 1
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Replica gradients: every copy of an expert gets the sum of all copies' gradients
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaSyncStats:
+    """What this rank exchanged: replicated experts it holds, bytes sent and received."""
+
+    experts: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class _LayerPlan:
+    """One layer's exchange: this rank's replicated experts (rows), their local slots by copy, and for
+    each holder position the rows taking a contribution from that holder."""
+
+    rows: int = 0
+    copies: list[tuple[list[int], list[int]]] = field(default_factory=list)  # per copy k: (rows, local slots)
+    slots: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # (rows, local slots) written
+    send: dict[int, list[int]] = field(default_factory=dict)  # peer -> my rows, in (expert) order
+    # holder position j -> (rows, source, indices): source -1 is my partial, else a peer's receive buffer
+    terms: list[list[tuple[list[int], int, list[int]]]] = field(default_factory=list)
+
+
+def _replica_plan(phy2log: list[list[int]], me: int, world: int, S: int) -> list[_LayerPlan]:
+    """The exchange of every layer, as every rank derives it from the same placement."""
+    plans = []
+    for row in phy2log:
+        slots_of: dict[int, list[int]] = {}
+        for q, e in enumerate(row):
+            slots_of.setdefault(e, []).append(q)
+        plan = _LayerPlan()
+        mine = sorted(e for e, qs in slots_of.items() if len(qs) > 1 and any(q // S == me for q in qs))
+        index = {e: i for i, e in enumerate(mine)}
+        plan.rows = len(mine)
+        received: dict[int, list[int]] = {}  # peer -> experts in the order they arrive
+        by_position: dict[int, list[tuple[int, int, int]]] = {}  # j -> (row, source, index in source)
+        for e in mine:
+            local = [q - me * S for q in slots_of[e] if q // S == me]
+            for k, q in enumerate(local):
+                while len(plan.copies) <= k:
+                    plan.copies.append(([], []))
+                plan.copies[k][0].append(index[e])
+                plan.copies[k][1].append(q)
+            holders = sorted({q // S for q in slots_of[e]})
+            for j, h in enumerate(holders):
+                if h == me:
+                    by_position.setdefault(j, []).append((index[e], -1, index[e]))
+                else:
+                    plan.send.setdefault(h, []).append(index[e])
+                    received.setdefault(h, []).append(e)
+                    by_position.setdefault(j, []).append((index[e], h, len(received[h]) - 1))
+            plan.slots[0].extend([index[e]] * len(local))
+            plan.slots[1].extend(local)
+        for j in sorted(by_position):
+            terms: dict[int, tuple[list[int], list[int]]] = {}
+            for r, src, i in by_position[j]:
+                rows, idx = terms.setdefault(src, ([], []))
+                rows.append(r)
+                idx.append(i)
+            plan.terms.append([(rows, src, idx) for src, (rows, idx) in sorted(terms.items())])
+        plans.append(plan)
+    return plans
+
+
+def sync_replica_grads(
+    expert_params: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+    phy2log: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    check: bool = True,
+) -> ReplicaSyncStats:
+    """Make every replica of an expert hold the same gradient: the sum over all its copies.
+
+    After the backward pass each slot's ``.grad`` holds only the tokens that slot served. This
+    sets the ``.grad`` of every slot of a replicated expert to the sum of the ``.grad`` of all
+    slots, on all ranks, that hold the same expert, so that the replicas stay identical after the
+    optimizer step; slots of experts with a single copy are not touched. Call it between
+    ``loss.backward()`` and ``optimizer.step()``.
+
+    Only replicated experts communicate: each holder of expert ``e`` computes its local partial
+    (its own copies of ``e`` added in slot order) and sends it to the ``h_e - 1`` other ranks that
+    hold ``e``, in one batched point-to-point exchange per peer for all layers. Per rank and step
+    that is ``sum over the replicated experts e it holds of (h_e - 1) x (bytes of one expert's
+    gradients)`` sent, and as much received (``h_e``: ranks holding ``e``); ranks that share no
+    replicated expert exchange nothing. Every holder then adds the partials in rank order, the
+    same additions on every rank: the replicas' gradients are bitwise identical.
+
+    Args:
+        expert_params: per layer, this rank's expert parameter ``[S, ...]`` or a sequence of them
+            (e.g. ``(w13, w2)``), slot-major (slot ``rank * S + i`` is row ``i``), as for
+            :func:`rearrange_expert_weights`. Every one must have a ``.grad``.
+        phy2log: ``[L, R]`` the placement in service, identical on every rank; read on the host
+            once per call (a CUDA tensor costs one synchronisation: keep a CPU copy, refreshed when
+            the placement changes, to avoid it).
+        group: the expert-parallel group (default: the world); ``R = S x`` its size. Without
+            ``torch.distributed`` (and ``group=None``) only copies on this process are summed.
+        check: first check with one small all-gather that every rank passes the same placement
+            and layout and that every input is valid; every rank raises the same
+            ``EplbArgumentError`` otherwise and no gradient changes. ``False`` skips it (a bad input
+            on one rank then raises there alone, and the others wait in the exchange until the
+            group's timeout).
+
+    Returns:
+        :class:`ReplicaSyncStats` of this rank.
+
+    Example:
+        >>> loss.backward()  # doctest: +SKIP
+        >>> sync_replica_grads([(layer.w13, layer.w2) for layer in moe_layers], phy2log_cpu, ep_group)
+        >>> optimizer.step()
+    """
+    local = _single_process(group)
+    world = 1 if local else dist.get_world_size(group)
+    me = 0 if local else dist.get_rank(group)
+    problem = None
+    digests = [0, 0]
+    try:
+        if not isinstance(phy2log, torch.Tensor) or phy2log.is_floating_point() or phy2log.dtype == torch.bool:
+            raise EplbArgumentError(f"phy2log must be an integer tensor, got {getattr(phy2log, 'dtype', phy2log)}")
+        if phy2log.dim() != 2:
+            raise EplbArgumentError(f"phy2log must be 2-D [num_layers, num_replicas], got {tuple(phy2log.shape)}")
+        table = phy2log.cpu().tolist()
+        layers = _layers(expert_params, "expert_params")
+        layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
+        digests = [_digest(table), _digest(layout)]
+        L, R = phy2log.shape
+        if R % world:
+            raise EplbArgumentError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
+        S = R // world
+        if len(layers) != L:
+            raise EplbArgumentError(f"expert_params has {len(layers)} layers, phy2log has {L}")
+        for i, tensors in enumerate(layers):
+            for j, t in enumerate(tensors):
+                if t.dim() < 1 or t.shape[0] != S:
+                    raise EplbArgumentError(
+                        f"expert_params[{i}][{j}] must be [slots_per_rank={S}, ...] for phy2log [{L}, {R}] on "
+                        f"{world} rank(s), got {tuple(t.shape)}"
+                    )
+                if t.grad is None:
+                    raise EplbArgumentError(f"expert_params[{i}][{j}] has no .grad: call it after backward()")
+        if any(e < 0 for row in table for e in row):
+            raise EplbArgumentError("phy2log has an expert id < 0")
+    except Exception as exc:
+        if not check:
+            raise
+        problem = exc
+    if check:
+        _agree(digests, ("phy2log", "expert_params layout"), group, problem)
+    plans = _replica_plan(table, me, world, S)
+    peer = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
+    with torch.no_grad():
+        return _sync(layers, plans, peer, group)
+
+
+def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[int], group) -> ReplicaSyncStats:
+    stats = ReplicaSyncStats()
+    # local partials: each replicated expert's copies on this rank, added in slot order
+    partials = []
+    for tensors, plan in zip(layers, plans, strict=True):
+        stats.experts += plan.rows
+        per_tensor = []
+        for t in tensors:
+            g = t.grad
+            part = g.new_empty((plan.rows, *g.shape[1:]))
+            for k, (rows, slots) in enumerate(plan.copies):
+                r, q = (torch.tensor(v, device=g.device) for v in (rows, slots))
+                if k == 0:
+                    part[r] = g[q]
+                else:
+                    part.index_put_((r,), part[r] + g[q])
+            per_tensor.append(part)
+        partials.append(per_tensor)
+    # one buffer per peer (and dtype), every layer's partials in order; the same order on both sides
+    peers = sorted({h for plan in plans for h in plan.send})
+    ops, inbox = [], {}
+    for h in peers:
+        out_parts: dict[torch.dtype, list[torch.Tensor]] = {}
+        shapes: dict[torch.dtype, list[tuple[int, int, torch.Size]]] = {}
+        for li, plan in enumerate(plans):
+            rows = plan.send.get(h, [])
+            if not rows:
+                continue
+            for ti, part in enumerate(partials[li]):
+                sel = part[torch.tensor(rows, device=part.device)]
+                out_parts.setdefault(part.dtype, []).append(sel.reshape(-1))
+                shapes.setdefault(part.dtype, []).append((li, ti, sel.shape))
+        for dtype, chunks in out_parts.items():
+            send = torch.cat(chunks)
+            recv = torch.empty_like(send)
+            stats.bytes_sent += send.numel() * send.element_size()
+            stats.bytes_received += recv.numel() * recv.element_size()
+            ops += [dist.P2POp(dist.isend, send, peer[h], group), dist.P2POp(dist.irecv, recv, peer[h], group)]
+            inbox[(h, dtype)] = (recv, shapes[dtype])
+    _post(ops, group)
+    received: dict[tuple[int, int, int], torch.Tensor] = {}  # (peer, layer, tensor) -> rows that peer sent
+    for (h, _), (recv, shapes) in inbox.items():
+        offset = 0
+        for li, ti, shape in shapes:
+            n = shape.numel()
+            received[(h, li, ti)] = recv[offset : offset + n].view(shape)
+            offset += n
+    # totals: the holders' partials added in rank order, then written to every local copy
+    for li, (tensors, plan) in enumerate(zip(layers, plans, strict=True)):
+        for ti, t in enumerate(tensors):
+            mine = partials[li][ti]
+            total = None
+            for j, terms in enumerate(plan.terms):
+                for rows, src, idx in terms:
+                    source = mine if src < 0 else received[(src, li, ti)]
+                    r, i = (torch.tensor(v, device=mine.device) for v in (rows, idx))
+                    if j == 0:
+                        if total is None:
+                            total = torch.empty_like(mine)
+                        total[r] = source[i]
+                    else:
+                        total.index_put_((r,), total[r] + source[i])
+            if total is not None:
+                rows, slots = (torch.tensor(v, device=mine.device) for v in plan.slots)
+                t.grad[slots] = total[rows]
     return stats

@@ -1,5 +1,6 @@
 """Placement algebra on ``[L, R]`` tensors, on any device, without host synchronisation.
 
+* :func:`initial_placement`: the layout of a freshly built model (slot ``q`` holds expert ``q % E``);
 * :func:`log2phy_from_rank`: the ``log2phy`` of a placement from ``phy2log`` and each slot's
   replica rank (the one construction of the torch family; the reference and the kernel have
   their own);
@@ -17,6 +18,25 @@ from collections.abc import Callable
 import torch
 
 from ._validation import EplbArgumentError, check_count
+
+
+def initial_placement(num_layers: int, num_experts: int, num_replicas: int) -> torch.Tensor:
+    """The layout of a freshly built expert-parallel model: slot ``q`` holds expert ``q % E``.
+
+    Expert ``e`` sits in slot ``e``; the ``R - E`` redundant slots hold experts ``0, 1, ...`` again
+    (vLLM's initial map). GPU ``p`` holds slots ``p * R/P .. (p+1) * R/P - 1``. Pass it as
+    ``initial_phy2log`` to :class:`~eplb_triton.OnlineBalancer` / :class:`~eplb_triton.EplbPlanner`
+    when the model's expert weights were built this way.
+
+    Returns:
+        ``[num_layers, num_replicas]`` int64 on the CPU.
+    """
+    L = check_count("num_layers", num_layers)
+    E = check_count("num_experts", num_experts)
+    R = check_count("num_replicas", num_replicas)
+    if R < E:
+        raise EplbArgumentError(f"num_replicas ({R}) must be >= num_experts ({E})")
+    return (torch.arange(R) % E).expand(L, R).clone()
 
 
 def log2phy_from_rank(

@@ -18,12 +18,13 @@ from ._validation import (
     check_max_moves,
     check_method,
     check_old_placement,
+    check_placement,
     check_shape_config,
     check_weight,
     resolve_device,
 )
 from .backends import TRITON, Plan
-from .placement import log2phy_from_rank
+from .placement import log2phy_from_rank, slot_order_ranks
 
 _MUTATED = ("phy2log", "phyrank", "logcnt", "log2phy", "invalid", "scratch_i", "scratch_f")
 
@@ -69,6 +70,8 @@ class EplbPlanner:
             local search kernel: docs/algorithm.md section 10).
         max_moves: if given, :meth:`plan` needs ``old_phy2log`` and replans incrementally: at most
             this many slots per layer differ from it (docs/algorithm.md 10.4).
+        initial_phy2log: ``[L, R]`` the placement the buffers start with (the layout the model was
+            built in, e.g. :func:`eplb_triton.initial_placement`); default: the plan for equal loads.
 
     Attributes (static tensors, rewritten in place by :meth:`plan`):
         phy2log: ``[L, R]`` int64, logical expert of each slot.
@@ -78,7 +81,8 @@ class EplbPlanner:
         invalid: ``[L]`` int32, 1 where the last plan's loads were not all finite and ``>= 0``:
             such a layer keeps its previous placement (checking on the host would synchronise).
 
-    Before the first :meth:`plan`, the buffers hold the plan for equal loads.
+    Before the first :meth:`plan`, the buffers hold ``initial_phy2log`` (replicas numbered in slot
+    order) or the plan for equal loads.
 
     Example:
         >>> planner = EplbPlanner(58, 256, 288, 8, 4, 32, device="cuda")
@@ -97,6 +101,7 @@ class EplbPlanner:
         device: torch.device | str = "cuda",
         method: str = "greedy",
         max_moves: int | None = None,
+        initial_phy2log: torch.Tensor | None = None,
     ):
         self.config: Config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -113,6 +118,14 @@ class EplbPlanner:
         self.max_moves = check_max_moves(max_moves)
         self._buffers = launch.RebalanceBuffers.allocate(self._policy, self.device)
         launch.rebalance(torch.ones((L, E), dtype=torch.float32, device=self.device), self._policy, out=self._buffers)
+        if initial_phy2log is not None:  # the layout the model's expert weights were built in
+            b = self._buffers
+            phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, self.device)
+            phyrank, logcnt = slot_order_ranks(phy2log, E)
+            b.phy2log.copy_(phy2log)
+            b.phyrank.copy_(phyrank)
+            b.logcnt.copy_(logcnt)
+            log2phy_from_rank(b.phy2log, b.phyrank, E, b.log2phy.shape[2], out=b.log2phy)
 
     phy2log = property(lambda self: self._buffers.phy2log)
     phyrank = property(lambda self: self._buffers.phyrank)
