@@ -102,8 +102,10 @@ def _sync_fault_worker(rank: int, world: int) -> None:
     before = [[p.grad.clone() for p in ps] for ps in params]
     cases = {
         "placements differ": (params, PLACEMENT if rank == 0 else PLACEMENT.flip(1)),
-        "no grad on one rank": ([(ps[0], torch.nn.Parameter(ps[1].detach().clone())) if rank == 1 else ps
-                                 for ps in params], PLACEMENT),  # fmt: skip
+        "no grad on one rank": (
+            [(ps[0], torch.nn.Parameter(ps[1].detach().clone())) if rank == 1 else ps for ps in params],
+            PLACEMENT,
+        ),  # fmt: skip
         "wrong slot count": ([(p[0][:-1], p[1]) for p in params] if rank == 0 else params, PLACEMENT),
     }
     messages = {
