@@ -31,6 +31,7 @@ POINTERS = {  # the type of each non-constexpr kernel argument, by name
     "n_entries": "i32", "stride_l2p_e": "i32", "stride_l2p_x": "i32", "stride_cnt": "i32", "stride_counts": "i32",
     "phy_in_ptr": "*i64", "rank_in_ptr": "*i64", "cnt_in_ptr": "*i64", "old_ptr": "*i64", "budget": "i32",
     "skip_ptr": "*i32", "share_ptr": "*fp64", "enode_ptr": "*i32", "overlap_ptr": "*i64", "col_ptr": "*i64",
+    "max_rounds": "i32", "quota_ptr": "*i64", "rounds_ptr": "*i64", "scr_ptr": "*i32",
 }  # fmt: skip
 
 # kernel name -> "module.function" under eplb_triton.kernels
@@ -41,6 +42,7 @@ KERNELS = {
     "dispatch": "_dispatch._record_dispatch_kernel",
     "search": "_search._search_kernel",
     "assign": "_assign._assign_kernel",
+    "split": "_split._balanced_split_kernel",
 }
 
 
@@ -72,7 +74,8 @@ def aligned_pointers(sig: dict[str, str]) -> dict:
 def compile_kernel(
     fn, constexprs: dict, num_warps: int, arch: int, maxnreg: int | None = None, sass: bool = False
 ) -> dict:
-    """Compile ``fn`` for ``sm_{arch}``: ``{"ptx", "usage", "shared"}`` and, with ``sass``, the SASS
+    """Compile ``fn`` for ``sm_{arch}``: ``{"ptx", "usage", "shared", "local_ops"}`` (``local_ops``:
+    the local-memory loads and stores in the SASS, i.e. spill traffic) and, with ``sass``, the SASS
     (``"sass"``) and the SASS with source lines (``"lined"``)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -94,8 +97,10 @@ def compile_kernel(
             return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
         out["usage"] = tool("cuobjdump", "--dump-resource-usage")
+        machine = tool("cuobjdump", "-sass")
+        out["local_ops"] = len(re.findall(r"\b(?:STL|LDL)\b", machine))  # spill stores and reloads
         if sass:
-            out["sass"] = tool("cuobjdump", "-sass")
+            out["sass"] = machine
             out["lined"] = tool("nvdisasm", "-c", "-gi")
     return out
 

@@ -10,7 +10,7 @@ from .balancer import OnlineBalancer
 from .distributed import RearrangeStats, ReplicaSyncStats, rearrange_expert_weights, sync_replica_grads
 from .placement import initial_placement, stable_slots
 from .planner import EplbPlanner
-from .recording import record_dispatch
+from .recording import dispatch, record_dispatch
 
 __all__ = [
     "EplbArgumentError",
@@ -21,6 +21,7 @@ __all__ = [
     "initial_placement",
     "rearrange_expert_weights",
     "sync_replica_grads",
+    "dispatch",
     "record_dispatch",
     "stable_slots",
     "balanced_packing",

@@ -191,6 +191,16 @@ def check_shape_config(
     return _check_counts(L, E, num_replicas, num_groups, num_nodes, num_gpus)
 
 
+SPLITS = ("even", "balanced")  # per-step dispatch: docs/algorithm.md section 11
+
+
+def check_split(split: object) -> str:
+    """``split`` if it is one of :data:`SPLITS`."""
+    if not isinstance(split, str) or split not in SPLITS:
+        raise EplbArgumentError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
 METHODS = ("greedy", "refined")  # docs/algorithm.md section 10
 
 

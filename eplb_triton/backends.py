@@ -23,9 +23,9 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from . import cpu, launch, reference
+from . import cpu, launch, reference, split
 from ._validation import BACKENDS, Config, EplbArgumentError
-from .placement import log2phy_from_rank
+from .placement import assign_slots, log2phy_from_rank
 
 
 class Plan(NamedTuple):
@@ -91,6 +91,20 @@ class Backend(Protocol):
         accumulate in place. Returns the slot of every routed entry, ``-1`` for invalid ids."""
         ...
 
+    def split(self, counts: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, max_replicas: int) -> torch.Tensor:
+        """The balanced split of each layer's ``counts [L, E]`` over the placement ``phy2log [L, R]``
+        (docs/algorithm.md section 11): ``quota [L, R]`` int64. ``max_replicas`` bounds the replicas
+        of any expert (``log2phy``'s width)."""
+        ...
+
+    def fill(
+        self, topk_ids: torch.Tensor, quota: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
+        offsets: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One layer's routed entries to slots so that every slot gets its ``quota [R]``, the entries of
+        an expert numbered from ``offsets[e]`` (:func:`eplb_triton.split.assign_slots`): ``[T, k]`` int64."""
+        ...
+
 
 # ----------------------------------------------------------------------------------------------
 # The two CPU families: the reference and the NumPy path share how data comes in and goes out
@@ -120,7 +134,8 @@ def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 class _HostBackend:
-    """What the reference and the NumPy backends share: host data, the torch recording."""
+    """What the reference and the NumPy backends share: host data, the torch recording, the NumPy
+    assignment of entries to slots (literal enough to be the reference)."""
 
     host_reads_are_free = True
 
@@ -132,6 +147,10 @@ class _HostBackend:
         phy, bad = reference.record_dispatch(topk_ids, log2phy, logcnt, counts)
         invalid += bad.to(invalid.dtype)
         return phy
+
+    def fill(self, topk_ids, quota, log2phy, logcnt, offsets):
+        slots = split.assign_slots(*(_numpy(t) for t in (topk_ids, quota, log2phy, logcnt, offsets)))
+        return torch.from_numpy(slots).to(topk_ids.device)
 
 
 class ReferenceBackend(_HostBackend):
@@ -170,6 +189,10 @@ class ReferenceBackend(_HostBackend):
     def log2phy(self, plan, width):
         return reference.log2phy(*(t.cpu() for t in plan), width=width).to(plan.phy2log.device)
 
+    def split(self, counts, phy2log, num_gpus, max_replicas):
+        quota = split.balanced_split_reference(_numpy(counts), _numpy(phy2log), num_gpus)
+        return torch.from_numpy(quota).to(phy2log.device)
+
 
 class CpuBackend(_HostBackend):
     """NumPy, every greedy step over all rows at once (:mod:`eplb_triton.cpu`), on one thread."""
@@ -205,6 +228,10 @@ class CpuBackend(_HostBackend):
     def log2phy(self, plan, width):
         phy2log, phyrank, logcnt = (_numpy(t) for t in plan)
         return _tensors([cpu.log2phy(phy2log, phyrank, logcnt.shape[1], width)], plan.phy2log.device)[0]
+
+    def split(self, counts, phy2log, num_gpus, max_replicas):
+        quota = split.balanced_split(_numpy(counts), _numpy(phy2log), num_gpus)
+        return torch.from_numpy(quota).to(phy2log.device)
 
 
 class TritonBackend:
@@ -259,6 +286,12 @@ class TritonBackend:
 
     def record(self, topk_ids, log2phy, logcnt, counts, invalid):
         return launch.record_dispatch(topk_ids, log2phy, logcnt, counts, invalid)
+
+    def split(self, counts, phy2log, num_gpus, max_replicas):
+        return launch.balanced_split(counts, phy2log, num_gpus, max_replicas)[0]
+
+    def fill(self, topk_ids, quota, log2phy, logcnt, offsets):
+        return assign_slots(topk_ids, quota, log2phy, logcnt, offsets)
 
 
 REFERENCE = ReferenceBackend()

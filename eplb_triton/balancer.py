@@ -30,6 +30,7 @@ from ._validation import (
     check_method,
     check_placement,
     check_shape_config,
+    check_split,
     resolve_device,
 )
 from .backends import Plan
@@ -57,6 +58,13 @@ class OnlineBalancer:
             read of the per-layer verdict per step; a planning launch only when a layer is below.
         min_window: steps the window (or the EMA) must hold before an early re-plan (default: the
             full ``window``; with ``ema_decay``, ``rebalance_interval``).
+        split: how :meth:`record` splits each expert's tokens of a step among its replicas:
+            ``"even"`` (token ``t``'s choice ``e`` to replica ``t % logcnt[e]``) or ``"balanced"``
+            (the split that makes the step's largest GPU load as small as it can be,
+            :func:`eplb_triton.dispatch`). With a process group, ``"balanced"`` costs one all-gather
+            of ``[world, E]`` int64 counts per layer per step (``8 * world * E`` bytes received per
+            rank, e.g. 16 KiB for 8 ranks and 256 experts), so that every rank splits by the group's
+            counts and its entries take their place after the lower ranks'.
         initial_phy2log: ``[L, R]`` the placement the model's expert weights were built in, e.g.
             :func:`eplb_triton.initial_placement` (slot ``q`` holds expert ``q % E``); replicas are
             numbered in slot order. Default: the greedy placement for equal loads, which the
@@ -123,6 +131,7 @@ class OnlineBalancer:
         min_window: int | None = None,
         min_gain: float = 0.01,
         initial_phy2log: torch.Tensor | None = None,
+        split: str = "even",
     ):
         self.config = check_shape_config(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_gpus)
         L, E = self.config.num_layers, self.config.num_experts
@@ -146,6 +155,7 @@ class OnlineBalancer:
         if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0.0 <= min_gain < 1.0:
             raise EplbArgumentError(f"min_gain ({min_gain!r}) must be a number with 0 <= min_gain < 1")
         self.min_gain = float(min_gain)
+        self.split = check_split(split)
         self.keep_slots = bool(keep_slots)
         self.process_group = process_group
         self.check_agreement = bool(check_agreement)
@@ -194,9 +204,23 @@ class OnlineBalancer:
         L = self.config.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
             raise EplbArgumentError(f"layer ({layer!r}) must be an int in [0, {L})")
+        args = (topk_ids, self.log2phy[layer], self.logcnt[layer], self.counts[layer])
+        if self.split == "even":
+            return record_dispatch(*args, invalid=self.invalid_ids, check=check, backend=self.backend)
+        totals = offsets = None
+        group = self._group()
+        if group is not None:  # the step's counts over the group, and the entries of the ranks before this one
+            E = self.config.num_experts
+            flat = topk_ids.reshape(-1).long()
+            local = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
+            gathered = torch.empty(dist.get_world_size(group) * E, dtype=torch.int64, device=local.device)
+            dist.all_gather_into_tensor(gathered, local, group=group)
+            gathered = gathered.view(-1, E)
+            totals = gathered.sum(dim=0)
+            offsets = gathered[: dist.get_rank(group)].sum(dim=0)
         return record_dispatch(
-            topk_ids, self.log2phy[layer], self.logcnt[layer], self.counts[layer], invalid=self.invalid_ids,
-            check=check, backend=self.backend,
+            *args, invalid=self.invalid_ids, check=check, backend=self.backend, split="balanced",
+            phy2log=self.phy2log[layer], num_gpus=self.config.num_gpus, group_counts=totals, offsets=offsets,
         )  # fmt: skip
 
     # -- stepping ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from ._validation import Config, EplbArgumentError
+from .split import MAX_ROUNDS
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
 MAX_REPLICAS = 2048  # slots per layer
@@ -165,7 +166,7 @@ def _kernels() -> ModuleType:
     """The Triton kernels package with its launchers, imported at the first launch (the only place
     that imports it: Triton's import is slow and optional until a kernel runs)."""
     from . import kernels
-    from .kernels import assign, dispatch, rebalance, search  # noqa: F401  (submodules become attributes)
+    from .kernels import assign, dispatch, rebalance, search, split  # noqa: F401  (submodules become attributes)
 
     return kernels
 
@@ -336,3 +337,56 @@ def assign_max_overlap(overlap: torch.Tensor, skip: torch.Tensor | None = None) 
     )
     _kernels().assign.assign(overlap.to(torch.int64).contiguous(), skip_rows, out, assign_launch(B, n))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-step balanced split (eplb_triton/split.py; docs/algorithm.md section 11)
+# ----------------------------------------------------------------------------------------------
+
+
+def split_launch(L: int, E: int, R: int, P: int, max_replicas: int | None = None) -> SearchLaunch:
+    """The split kernel: one program per layer. ``max_replicas`` bounds the GPUs of any expert (e.g.
+    the placement's ``log2phy.shape[-1]``); without it the unit tile takes the bound every placement
+    meets, ``min(P, R - E + 1)``. The scratch row length is ``launch.constexprs``-derived:
+    :func:`split_scratch`."""
+    gpus = min(P, R - E + 1) if max_replicas is None else max(1, min(P, max_replicas))
+    constexprs = dict(
+        E=E, R=R, P=P, BLOCK_E=_pow2(E), BLOCK_R=_pow2(R), BLOCK_P=_pow2(P), BLOCK_S=_pow2(R // P),
+        BLOCK_K=_pow2(min(E, max(R - E, 1))), BLOCK_X=_pow2(gpus),
+    )  # fmt: skip
+    widest = max(constexprs["BLOCK_R"], constexprs["BLOCK_K"] * constexprs["BLOCK_X"])
+    # One warp spills at DeepSeek-V3 shapes (a 512-lane sort and tiles) and its warp-local gathers
+    # become long shuffle chains; 4 warps (8 past 1024 lanes) estimate fastest in the static report.
+    # Left alone, ptxas trims 4 warps to an occupancy tier (80 registers) and spills: one program
+    # per layer gains nothing from occupancy, so the cap is 255.
+    num_warps = 4 if widest <= 1024 else 8
+    return SearchLaunch((L,), constexprs, num_warps, 255 if num_warps <= 4 else None)
+
+
+def split_scratch(ln: Launch) -> int:
+    """int32 entries of the split kernel's scratch row per layer."""
+    c = ln.constexprs
+    return 6 * c["BLOCK_R"] + c["BLOCK_K"] * c["BLOCK_X"]
+
+
+def balanced_split(
+    counts: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, max_replicas: int | None = None,
+    max_rounds: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(quota [L, R], rounds [L])`` int64 of :func:`eplb_triton.split.balanced_split`, one launch,
+    no host synchronisation. ``counts [L, E]`` and ``phy2log [L, R]`` integers on one device (every
+    expert with a slot: not checked here, that would synchronise). A layer with an expert on more
+    than ``max_replicas`` GPUs gets quotas ``-1`` and rounds ``-1``."""
+    L, E = counts.shape
+    R = phy2log.shape[1]
+    ln = split_launch(L, E, R, num_gpus, max_replicas)
+    dev = phy2log.device
+    quota = torch.empty((L, R), dtype=torch.int64, device=dev)
+    rounds = torch.empty((L,), dtype=torch.int64, device=dev)
+    if L == 0:
+        return quota, rounds
+    scratch = torch.empty((L, split_scratch(ln)), dtype=torch.int32, device=dev)
+    counts, phy2log = (t.to(device=dev, dtype=torch.int64).contiguous() for t in (counts, phy2log))
+    rounds_cap = MAX_ROUNDS if max_rounds is None else max_rounds
+    _kernels().split.balanced_split(counts, phy2log, rounds_cap, quota, rounds, scratch, ln)
+    return quota, rounds

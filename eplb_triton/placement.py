@@ -243,3 +243,41 @@ def max_gpu_load(weight32: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Te
     for s in range(S):
         total += per_slot[:, :, s]
     return total.amax(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step dispatch: routed entries to slots by quotas (eplb_triton.split.assign_slots, in torch)
+# ----------------------------------------------------------------------------------------------
+
+
+def assign_slots(
+    topk_ids: torch.Tensor, quota: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`eplb_triton.split.assign_slots` on any device, without host synchronisation.
+
+    The entries of expert ``e`` are numbered in row-major order of ``topk_ids`` from ``offsets[e]``
+    on; entry number ``n`` goes to the first replica ``r`` with ``n < sum(quota[log2phy[e, :r + 1]])``;
+    past the quotas, and for ids outside ``[0, E)``, the slot is ``-1``. Returns ``[T, k]`` int64.
+    """
+    E, X = log2phy.shape
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    expert = torch.where(valid, flat, E)  # invalid entries sort last, in a bin of their own
+    order = torch.sort(expert, stable=True).indices  # by expert, row-major within an expert
+    sorted_expert = expert[order]
+    per_expert = torch.bincount(expert, minlength=E + 1)
+    first = torch.cumsum(per_expert, 0) - per_expert
+    number = torch.arange(flat.numel(), device=dev) - first[sorted_expert]
+    e = sorted_expert.clamp_max(E - 1)
+    if offsets is not None:
+        number = number + offsets.to(dev, torch.int64)[e]
+    live = torch.arange(X, device=dev) < logcnt.to(dev)[:, None]
+    cum = torch.cumsum(torch.where(live, quota.to(dev, torch.int64)[log2phy.clamp_min(0)], 0), dim=1)  # [E, X]
+    replica = (cum[e] <= number[:, None]).sum(dim=1)  # the first replica whose range holds the entry
+    within = (replica < logcnt.to(dev)[e]) & (sorted_expert < E)
+    slot = torch.where(within, log2phy[e, replica.clamp_max(X - 1)], -1)
+    out = torch.empty_like(flat)
+    out[order] = slot
+    return out.view(topk_ids.shape)

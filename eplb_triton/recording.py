@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validation import EplbArgumentError
+from ._validation import EplbArgumentError, check_count, check_split
+from .placement import log2phy_from_rank, slot_order_ranks
 
 
 def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
@@ -34,6 +35,134 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
         )
 
 
+def _int_vector(name: str, t: object, E: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != (E,):
+        raise EplbArgumentError(f"{name} must have shape [num_experts={E}], got {list(t.shape)}")
+    if t.device != device:
+        raise EplbArgumentError(f"{name} must be on topk_ids' device {device}, got {t.device}")
+    return t.long()
+
+
+def _split_dispatch(
+    served: backends.Backend, topk_ids: torch.Tensor, phy2log: torch.Tensor, log2phy: torch.Tensor,
+    logcnt: torch.Tensor, num_gpus: int, local: torch.Tensor, group_counts: torch.Tensor | None,
+    offsets: torch.Tensor | None, check: bool, counts_name: str = "counts",
+) -> torch.Tensor:  # fmt: skip
+    """The balanced split of the step's counts (``group_counts``, or this batch's ``local``) and the
+    assignment of this batch's entries (numbered from ``offsets``) to slots by its quotas."""
+    totals = local if group_counts is None else group_counts
+    if group_counts is not None and (check or topk_ids.device.type == "cpu"):  # free on the host
+        need = local + (0 if offsets is None else offsets)
+        short = torch.nonzero(totals < need).flatten()
+        if short.numel():
+            e = int(short[0])
+            raise EplbArgumentError(
+                f"{counts_name}[{e}] ({int(totals[e])}) must be >= this batch's entries of expert {e} "
+                f"({int(local[e])}) plus offsets[{e}] ({int(need[e] - local[e])}): {counts_name} are the "
+                "step's totals"
+            )
+    quota = served.split(totals[None], phy2log.view(1, -1), num_gpus, log2phy.shape[1])[0]
+    return served.fill(topk_ids, quota, log2phy, logcnt, offsets).to(topk_ids.dtype)
+
+
+def dispatch(
+    topk_ids: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    *,
+    split: str = "balanced",
+    counts: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    num_experts: int | None = None,
+    check: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Map one layer's routed entries to physical slots, splitting each expert's tokens of this
+    step among its replicas so that the largest GPU load is as small as it can be.
+
+    ``split="balanced"`` (docs/algorithm.md section 11): the quotas of the slots are the balanced
+    split of the step's counts over the placement: integer, exactly optimal (the largest GPU load
+    is the smallest any integer split reaches, ``ceil`` of the linear program's), deterministic;
+    then the entries of expert ``e``, in row-major order, fill its replicas in slot order by those
+    quotas. ``split="even"``: token ``t``'s choice ``e`` goes to replica ``t % logcnt[e]``, the rule
+    of :func:`record_dispatch`. Replicas are numbered in slot order.
+
+    Across ranks, each rank dispatches its own tokens: pass the group's counts of the step
+    (``counts``, e.g. an all-reduce of every rank's ``bincount``) and the entries of each expert on
+    the ranks before this one (``offsets``), so that the group's totals per slot match the split
+    (:class:`eplb_triton.OnlineBalancer` does this with one all-gather of ``[E]`` counts per layer).
+
+    Args:
+        topk_ids: ``[T, k]`` int32/int64 logical expert ids; ids outside ``[0, E)`` get slot ``-1``.
+        phy2log: ``[R]`` integer placement of the layer (every expert in ``[0, E)`` with a slot).
+        num_gpus: ``P``; slot ``q`` lives on GPU ``q // (R / P)``.
+        split: ``"balanced"`` or ``"even"``.
+        counts: ``[E]`` the step's counts per expert over the whole group (default: ``topk_ids``' own).
+            Must be at least this batch's entries plus ``offsets`` (checked on the CPU, and with
+            ``check`` on a GPU).
+        offsets: ``[E]`` entries of each expert that come before this batch's (default: none).
+        num_experts: ``E`` (default: ``counts``' length, else ``max(phy2log) + 1``, a host read).
+        check: raise on ids outside ``[0, E)`` and on ``counts`` too small (synchronises on a GPU).
+        backend: ``"auto"`` (Triton for CUDA tensors: the split kernel and torch, no host
+            synchronisation), ``"triton"``, ``"cpu"`` (NumPy) or ``"reference"`` (literal).
+
+    Returns:
+        ``[T, k]`` slots in ``topk_ids``' dtype. Identical on every backend.
+
+    Example:
+        >>> dispatch(torch.tensor([[0], [0], [0], [1]]), torch.tensor([0, 1, 0, 2]), 2, num_experts=3).tolist()
+        [[0], [2], [2], [1]]
+    """
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise EplbArgumentError(
+            f"topk_ids must be a 2-D tensor [num_tokens, top_k], got {getattr(topk_ids, 'shape', topk_ids)}"
+        )
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not isinstance(phy2log, torch.Tensor) or phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
+        raise TypeError(f"phy2log must be an integer tensor, got {getattr(phy2log, 'dtype', type(phy2log).__name__)}")
+    if phy2log.dim() != 1 or phy2log.numel() == 0:
+        raise EplbArgumentError(f"phy2log must be 1-D [num_replicas] (one layer), got {list(phy2log.shape)}")
+    if phy2log.device != topk_ids.device:
+        raise EplbArgumentError(f"phy2log must be on topk_ids' device {topk_ids.device}, got {phy2log.device}")
+    R = phy2log.numel()
+    P = check_count("num_gpus", num_gpus)
+    if R % P:
+        raise EplbArgumentError(f"num_replicas ({R}, phy2log.shape[0]) must be a multiple of num_gpus ({P})")
+    split = check_split(split)
+    if num_experts is not None:
+        E = check_count("num_experts", num_experts)
+    elif counts is not None and isinstance(counts, torch.Tensor) and counts.dim() == 1:
+        E = counts.shape[0]
+    else:
+        E = int(phy2log.max()) + 1
+    dev = topk_ids.device
+    group_counts = None if counts is None else _int_vector("counts", counts, E, dev)
+    offsets = None if offsets is None else _int_vector("offsets", offsets, E, dev)
+    served = backends.resolve(backend, dev)
+    phy2log = phy2log.long()
+    if check or dev.type == "cpu":  # a host read: free on the CPU
+        low, high = (int(v) for v in torch.stack([phy2log.min(), phy2log.max()]).tolist())
+        present = torch.zeros(E, dtype=torch.bool, device=dev).scatter_(0, phy2log.clamp(0, E - 1), True)
+        if low < 0 or high >= E or not bool(present.all()):
+            raise EplbArgumentError(f"phy2log must hold expert ids in [0, {E}) and every expert at least once")
+    rank, cnt = slot_order_ranks(phy2log.view(1, -1), E)
+    logcnt = cnt[0]
+    log2phy = log2phy_from_rank(phy2log.view(1, -1), rank, E, R - E + 1)[0]
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    if check and not bool(valid.all()):
+        raise EplbArgumentError(f"topk_ids has {int((~valid).sum())} ids outside [0, {E})")
+    if split == "even":
+        scratch = torch.zeros(E, dtype=torch.int64, device=dev)
+        invalid = torch.zeros(1, dtype=torch.int64, device=dev)
+        return served.record(topk_ids, log2phy, logcnt, scratch, invalid)
+    local = torch.bincount(flat[valid], minlength=E)
+    return _split_dispatch(served, topk_ids, phy2log, log2phy, logcnt, P, local, group_counts, offsets, check)
+
+
 def record_dispatch(
     topk_ids: torch.Tensor,
     log2phy: torch.Tensor,
@@ -43,12 +172,20 @@ def record_dispatch(
     invalid: torch.Tensor | None = None,
     check: bool = False,
     backend: str = "auto",
+    split: str = "even",
+    phy2log: torch.Tensor | None = None,
+    num_gpus: int | None = None,
+    group_counts: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Count one layer's routed tokens per expert and map each to a physical replica.
 
-    Token ``t``'s choice ``e`` goes to replica ``t % logcnt[e]`` of ``e``, i.e. slot
-    ``log2phy[e, t % logcnt[e]]``: even and deterministic. Ids outside ``[0, E)`` are not counted
-    and get slot ``-1``.
+    ``split="even"``: token ``t``'s choice ``e`` goes to replica ``t % logcnt[e]`` of ``e``, i.e.
+    slot ``log2phy[e, t % logcnt[e]]``: even and deterministic. ``split="balanced"``: the step's
+    counts are split among the replicas so that the largest GPU load is as small as it can be, and
+    the entries fill the replicas (in ``log2phy`` order) by those quotas (:func:`dispatch`; needs
+    the layer's ``phy2log`` and ``num_gpus``, and across ranks ``group_counts`` and ``offsets``).
+    Ids outside ``[0, E)`` are not counted and get slot ``-1``.
 
     Args:
         topk_ids: ``[num_tokens, top_k]`` int32/int64 logical expert ids.
@@ -60,16 +197,41 @@ def record_dispatch(
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"triton"``, or
             ``"cpu"`` / ``"reference"`` (both: :func:`eplb_triton.reference.record_dispatch`, torch on
             any device).
+        split: ``"even"`` (the default) or ``"balanced"``.
+        phy2log: ``[R]`` the layer's placement (``split="balanced"``).
+        num_gpus: ``P`` (``split="balanced"``).
+        group_counts, offsets: ``[E]`` as ``counts`` and ``offsets`` of :func:`dispatch`.
 
     Returns:
         ``[num_tokens, top_k]`` physical slot ids, ``topk_ids``' dtype.
     """
     _check_dispatch_args(topk_ids, log2phy, logcnt, counts)
+    split = check_split(split)
     served = backends.resolve(backend, topk_ids.device)
     if invalid is None:
         invalid = torch.zeros(1, dtype=torch.int64, device=topk_ids.device)
     before = invalid.clone() if check else None
-    phy = served.record(topk_ids, log2phy, logcnt, counts, invalid)
+    if split == "even":
+        phy = served.record(topk_ids, log2phy, logcnt, counts, invalid)
+    else:
+        E, dev = logcnt.shape[0], topk_ids.device
+        if phy2log is None or num_gpus is None:
+            raise EplbArgumentError("split='balanced' needs the layer's phy2log and num_gpus")
+        if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 1 or phy2log.device != dev:
+            raise EplbArgumentError(f"phy2log must be the layer's [num_replicas] placement on {dev}")
+        P = check_count("num_gpus", num_gpus)
+        if phy2log.numel() % P:
+            raise EplbArgumentError(f"num_replicas ({phy2log.numel()}) must be a multiple of num_gpus ({P})")
+        totals = None if group_counts is None else _int_vector("group_counts", group_counts, E, dev)
+        offsets = None if offsets is None else _int_vector("offsets", offsets, E, dev)
+        flat = topk_ids.reshape(-1).long()
+        valid = (flat >= 0) & (flat < E)
+        local = torch.bincount(flat[valid], minlength=E)
+        counts += local.to(counts.dtype)
+        invalid += (~valid).sum().to(invalid.dtype)
+        phy = _split_dispatch(
+            served, topk_ids, phy2log.long(), log2phy, logcnt, P, local, totals, offsets, check, "group_counts"
+        )  # fmt: skip
     if check:
         n_bad = int((invalid - before).item())
         if n_bad:

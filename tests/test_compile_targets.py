@@ -29,7 +29,7 @@ import aot  # noqa: E402  (the one ahead-of-time harness: benchmarks/aot.py)
 from eplb_triton import launch  # noqa: E402
 from eplb_triton._validation import Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
-from eplb_triton.kernels import _rebalance, _search  # noqa: E402
+from eplb_triton.kernels import _rebalance, _search, _split  # noqa: E402
 
 ARCHS = [80, 90]
 
@@ -67,6 +67,9 @@ def _jobs() -> dict[str, tuple]:
         for n in ASSIGN_SIZES:
             ln = launch.assign_launch(58, n)
             jobs[f"assign-n{n}-sm{arch}"] = ("assign", ln.constexprs, ln.num_warps, arch)
+        for E, R, P in SPLIT_SHAPES:  # the tile for log2phy's fixed width R - E + 1 (the balancer's)
+            ln = launch.split_launch(58, E, R, P, R - E + 1)
+            jobs[f"split-E{E}-R{R}-P{P}-sm{arch}"] = ("split", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
     return jobs
 
 
@@ -80,6 +83,8 @@ SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, 64, 1))
 
 # the assignment problems of DeepSeek-V3-like deployments (GPUs per node, nodes) and the limit
 ASSIGN_SIZES = [8, 18, 32, 64, 144, launch.MAX_ASSIGN]
+# (E, R, P) of the per-step split: the DeepSeek-V3 deployments
+SPLIT_SHAPES = [(256, 288, 32), (256, 320, 64), (256, 288, 144)]
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +100,22 @@ def _result(compiled: dict, job_id: str) -> tuple[str, str]:
     return result["ptx"], result["usage"]
 
 
-def assert_fits(usage: str) -> None:
+def _local_ops(compiled: dict, job_id: str) -> int:
+    return compiled[job_id]["local_ops"]
+
+
+def assert_fits(usage: str, local_ops: int | None = None) -> None:
+    """At most 255 registers and nothing in local memory. ``local_ops`` (the SASS's STL/LDL count),
+    when given, decides about a stack frame: ptxas reserves an 8-byte frame for some kernels that
+    no instruction ever touches, which is not a spill."""
     res = aot.resources(usage)
     assert "REG" in res, usage
     assert res["REG"] <= 255, f"{res['REG']} registers"
-    assert res.get("LOCAL", 0) == 0 and res.get("STACK", 0) == 0, f"spills to local memory: {usage}"
+    assert res.get("LOCAL", 0) == 0, f"local memory: {usage}"
+    if local_ops is None:
+        assert res.get("STACK", 0) == 0, f"spills to local memory: {usage}"
+    else:
+        assert local_ops == 0, f"{local_ops} local-memory loads/stores (spills): {usage}"
 
 
 def assert_ieee_division(ptx: str, divides: bool = True) -> None:
@@ -121,7 +137,7 @@ def _instructions_by_line(ptx: str, file_index: int) -> list[tuple[int, str]]:
     out, line = [], -1
     for text in ptx.splitlines():
         text = text.strip()
-        if text.startswith(".loc"):
+        if text.startswith((".loc ", ".loc\t")):  # not .local
             f, ln = text.split()[1:3]
             line = int(ln) if int(f) == file_index else -1
         elif text and not text.startswith(("//", ".", "{", "}", "$")):
@@ -235,3 +251,14 @@ def test_search_kernel(compiled, job_id):
 def test_assign_kernel(compiled, job_id):
     _, usage = _result(compiled, job_id)
     assert_fits(usage)
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("split-")])
+def test_split_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    assert_fits(usage, _local_ops(compiled, job_id))  # an unused 8-byte stack frame on sm_90
+    # set-up's per-slot data goes through scratch, read back by other threads
+    fn = _split._balanced_split_kernel
+    assert_barrier_between(ptx, fn, "tl.store(scr_qe + s_q", "tl.load(scr_qe + o_ps")
+    assert_barrier_between(ptx, fn, "tl.store(scr_ux + s_unit, s_g", "tl.load(scr_ux + t_flat)")
+    assert_barrier_between(ptx, fn, "tl.store(scr_ux + s_unit, x_unit", "t_x = tl.where(t_ok, tl.load(scr_ux")
