@@ -25,7 +25,7 @@ import torch
 
 from . import cpu, launch, reference, split
 from ._validation import BACKENDS, Config, EplbArgumentError
-from .placement import assign_slots, log2phy_from_rank
+from .placement import assign_slots, log2phy_from_rank, slot_order_ranks
 
 
 class Plan(NamedTuple):
@@ -91,6 +91,14 @@ class Backend(Protocol):
         accumulate in place. Returns the slot of every routed entry, ``-1`` for invalid ids."""
         ...
 
+    def slot_order(self, phy2log: torch.Tensor, num_experts: int) -> Plan:
+        """The placement ``phy2log [L, R]`` with its replicas numbered in slot order."""
+        ...
+
+    def count(self, topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's entries per expert: ``(counts [E] int64, ids outside [0, E) [1] int64)``."""
+        ...
+
     def split(self, counts: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, max_replicas: int) -> torch.Tensor:
         """The balanced split of each layer's ``counts [L, E]`` over the placement ``phy2log [L, R]``
         (docs/algorithm.md section 11): ``quota [L, R]`` int64. ``max_replicas`` bounds the replicas
@@ -147,6 +155,17 @@ class _HostBackend:
         phy, bad = reference.record_dispatch(topk_ids, log2phy, logcnt, counts)
         invalid += bad.to(invalid.dtype)
         return phy
+
+    def slot_order(self, phy2log, num_experts):
+        rank, cnt = cpu.slot_order_ranks(_numpy(phy2log), num_experts)
+        return Plan(phy2log, *_tensors((rank, cnt), phy2log.device))
+
+    def count(self, topk_ids, num_experts):
+        flat = _numpy(topk_ids).reshape(-1)
+        valid = (flat >= 0) & (flat < num_experts)
+        counts = np.bincount(flat[valid], minlength=num_experts).astype(np.int64)
+        bad = np.array([flat.size - int(valid.sum())], np.int64)
+        return _tensors((counts, bad), topk_ids.device)
 
     def fill(self, topk_ids, quota, log2phy, logcnt, offsets):
         slots = split.assign_slots(*(_numpy(t) for t in (topk_ids, quota, log2phy, logcnt, offsets)))
@@ -286,6 +305,16 @@ class TritonBackend:
 
     def record(self, topk_ids, log2phy, logcnt, counts, invalid):
         return launch.record_dispatch(topk_ids, log2phy, logcnt, counts, invalid)
+
+    def slot_order(self, phy2log, num_experts):
+        return Plan(phy2log, *slot_order_ranks(phy2log, num_experts))
+
+    def count(self, topk_ids, num_experts):
+        flat = topk_ids.reshape(-1).long()
+        valid = (flat >= 0) & (flat < num_experts)
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, torch.where(valid, flat, num_experts), torch.ones_like(flat))  # bin E: invalid
+        return counts[:num_experts], counts[num_experts:]
 
     def split(self, counts, phy2log, num_gpus, max_replicas):
         return launch.balanced_split(counts, phy2log, num_gpus, max_replicas)[0]

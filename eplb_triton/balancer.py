@@ -211,8 +211,7 @@ class OnlineBalancer:
         group = self._group()
         if group is not None:  # the step's counts over the group, and the entries of the ranks before this one
             E = self.config.num_experts
-            flat = topk_ids.reshape(-1).long()
-            local = torch.bincount(flat[(flat >= 0) & (flat < E)], minlength=E)
+            local, _ = self._backend.count(topk_ids, E)
             gathered = torch.empty(dist.get_world_size(group) * E, dtype=torch.int64, device=local.device)
             dist.all_gather_into_tensor(gathered, local, group=group)
             gathered = gathered.view(-1, E)

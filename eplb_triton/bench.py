@@ -8,6 +8,8 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
   worst layer), the lower bound (docs/algorithm.md)'s ceiling on it, and the balancedness with no rebalancing;
+* dispatch (``--dispatch`` with ``--loads``): per-step balancedness of the even and the balanced
+  split against the LP optimum, on steps sampled from the loads (:mod:`eplb_triton.bench_dispatch`);
 * methods (``--methods`` with ``--loads``): ``method="refined"`` against the greedy per file, the
   incremental replan (``max_moves`` = 15% of R) between consecutive files, and the budget curve
   (balancedness against slots moved, ``max_moves`` from 0 to R) for one deployment;
@@ -51,6 +53,8 @@ import torch
 from . import metrics
 from ._validation import check_shape_config
 from .api import rebalance_experts
+from .bench_dispatch import BATCHES as DISPATCH_BATCHES
+from .bench_dispatch import dispatch_report, format_dispatch, plot_dispatch
 from .configs import DEEPSEEK_V3, MODELS, Deployment
 from .io import Loads, OneLineParser, one_line, read_loads
 
@@ -572,6 +576,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--methods", action="store_true",
                    help="with --loads: also method='refined' per file, incremental replans (max_moves = 15%% "
                         "of R) between consecutive files, and the budget curve (default: off)")  # fmt: skip
+    p.add_argument("--dispatch", action="store_true",
+                   help="with --loads: per-step balancedness of the even and the balanced split and the LP optimum, "
+                        f"batches of {', '.join(map(str, DISPATCH_BATCHES))} tokens (default: off)")  # fmt: skip
     p.add_argument("--budget-deployment", default="decode-EP64", choices=[*DEEPSEEK_V3, "custom"], metavar="NAME",
                    help=f"deployment of the budget curve: {', '.join(DEEPSEEK_V3)} or custom "
                         "(default: decode-EP64)")  # fmt: skip
@@ -609,6 +616,8 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         parser.error("--no-latency needs --loads FILE: without the latency sweep only the quality report is left")
     if args.methods and not args.loads:
         parser.error("--methods needs --loads FILE: the methods are measured on real loads")
+    if args.dispatch and not args.loads:
+        parser.error("--dispatch needs --loads FILE: steps are sampled from real loads")
     if args.busy < 0:
         parser.error(f"--busy ({args.busy}) must be >= 0")
     for m in models:  # the same rules as the API, before any time is spent
@@ -714,6 +723,27 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
                          f"{info['cpu']}, torch {info['torch']}, {info['date'][:10]}")  # fmt: skip
                 if plot_budget_curve(curve, args.out / "budget_curve.png", title):
                     log(f"wrote {args.out / 'budget_curve.png'}")
+    if files and args.dispatch:
+        names = ("prefill-EP32", "prefill-EP32-global", "decode-EP64", "decode-EP144")
+        log("per-step dispatch: even and balanced split against the LP optimum (CPU path)")
+        rows = dispatch_report(files, [DEEPSEEK_V3[n] for n in names], repeats=repeats, log=log)
+        result["dispatch"] = rows
+        tables.append(
+            "Per-step balancedness (mean / max GPU token load, mean over layers and steps) of a static greedy "
+            "placement: even split, balanced split, LP optimum (fractional tokens), integral optimum ceil(T*); "
+            "at opt: (layer, step) pairs where the balanced split reaches ceil(T*); rounds: the split's largest "
+            "round count; CPU: NumPy split per layer (all layers of a step) and one layer's whole dispatch call "
+            "(8 x 8,192 entries), at 8,192 tokens\n" + format_dispatch(rows)
+        )
+        print()
+        print(tables[-1])
+        with open(args.out / "dispatch.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+        title = f"per-step dispatch, {info['cpu']}, torch {info['torch']}, {info['date'][:10]}"
+        if plot_dispatch(rows, args.out / "dispatch.png", title):
+            log(f"wrote {args.out / 'dispatch.png'}")
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     header = "\n".join(f"{k}: {v}" for k, v in info.items())
     (args.out / "summary.txt").write_text("\n\n".join([header, *tables]) + "\n")

@@ -57,6 +57,20 @@ def log2phy(phy2log: np.ndarray, rank: np.ndarray, num_experts: int, width: int)
     return out.reshape(L, num_experts, width)
 
 
+def slot_order_ranks(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rank [L, R], logcnt [L, E])`` int64 of a placement given as ``phy2log``: replicas numbered
+    in slot order (:func:`eplb_triton.placement.slot_order_ranks`)."""
+    L, R = phy2log.shape
+    order = np.argsort(phy2log, axis=1, kind="stable")
+    keys = np.take_along_axis(phy2log, order, axis=1)
+    start = np.maximum.accumulate(np.where(np.diff(keys, axis=1, prepend=-1) != 0, np.arange(R), 0), axis=1)
+    rank = np.empty((L, R), np.int64)
+    _put(rank, order, np.arange(R) - start)
+    cnt = np.zeros((L, num_experts), np.int64)
+    np.add.at(cnt, (np.repeat(np.arange(L), R), phy2log.ravel()), 1)
+    return rank, cnt
+
+
 _INF_BITS = np.int64(0x7F800000)  # float32 +inf: the largest bit pattern of a valid (non-negative) load
 
 

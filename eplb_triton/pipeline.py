@@ -23,7 +23,7 @@ import torch
 
 from ._validation import Config
 from .backends import Backend, Plan
-from .placement import block_overlap, max_gpu_load, relabel, slot_order_ranks, stable_order
+from .placement import block_overlap, max_gpu_load, relabel, stable_order
 
 Relabel = Literal["gpus", "slots"]
 
@@ -87,9 +87,8 @@ def _incremental(
     """docs/algorithm.md 10.4: the budgeted search from ``old_phy2log``, and the relabelled ``full``
     plan instead where it fits the budget and has a smaller largest GPU load."""
     E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
-    old_rank, old_cnt = slot_order_ranks(old_phy2log, E)
     out = backend.search(
-        weight, Plan(old_phy2log, old_rank, old_cnt), P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip
+        weight, backend.slot_order(old_phy2log, E), P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip
     )
     out = [t.clone() for t in out]
     rows = _may_fit(backend, old_phy2log, full.phy2log, E, P, max_moves)

@@ -257,8 +257,9 @@ def assign_slots(
     """:func:`eplb_triton.split.assign_slots` on any device, without host synchronisation.
 
     The entries of expert ``e`` are numbered in row-major order of ``topk_ids`` from ``offsets[e]``
-    on; entry number ``n`` goes to the first replica ``r`` with ``n < sum(quota[log2phy[e, :r + 1]])``;
-    past the quotas, and for ids outside ``[0, E)``, the slot is ``-1``. Returns ``[T, k]`` int64.
+    on; entry number ``n`` goes to the first replica ``r`` with ``n < sum(quota[log2phy[e, :r + 1]])``
+    (a search in the cumulative quotas of all replicas); past the quotas, and for ids outside
+    ``[0, E)``, the slot is ``-1``. Returns ``[T, k]`` int64.
     """
     E, X = log2phy.shape
     dev = topk_ids.device
@@ -274,10 +275,13 @@ def assign_slots(
     if offsets is not None:
         number = number + offsets.to(dev, torch.int64)[e]
     live = torch.arange(X, device=dev) < logcnt.to(dev)[:, None]
-    cum = torch.cumsum(torch.where(live, quota.to(dev, torch.int64)[log2phy.clamp_min(0)], 0), dim=1)  # [E, X]
-    replica = (cum[e] <= number[:, None]).sum(dim=1)  # the first replica whose range holds the entry
-    within = (replica < logcnt.to(dev)[e]) & (sorted_expert < E)
-    slot = torch.where(within, log2phy[e, replica.clamp_max(X - 1)], -1)
+    rep = torch.where(live, quota.to(dev, torch.int64)[log2phy.clamp_min(0)], 0)  # [E, X] quota of each replica
+    total = rep.sum(dim=1)
+    bounds = torch.cumsum(rep.reshape(-1), 0)  # replica (e, r) takes the step's positions below bounds[e * X + r]
+    position = torch.cumsum(total, 0)[e] - total[e] + number
+    cell = torch.searchsorted(bounds, position, right=True).clamp_max(E * X - 1)
+    within = (number < total[e]) & (sorted_expert < E)  # past its expert's quotas: inconsistent inputs
+    slot = torch.where(within, log2phy.reshape(-1)[cell], -1)
     out = torch.empty_like(flat)
     out[order] = slot
     return out.view(topk_ids.shape)

@@ -11,7 +11,6 @@ import torch
 
 from . import backends
 from ._validation import EplbArgumentError, check_count, check_split
-from .placement import log2phy_from_rank, slot_order_ranks
 
 
 def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
@@ -148,18 +147,17 @@ def dispatch(
         present = torch.zeros(E, dtype=torch.bool, device=dev).scatter_(0, phy2log.clamp(0, E - 1), True)
         if low < 0 or high >= E or not bool(present.all()):
             raise EplbArgumentError(f"phy2log must hold expert ids in [0, {E}) and every expert at least once")
-    rank, cnt = slot_order_ranks(phy2log.view(1, -1), E)
-    logcnt = cnt[0]
-    log2phy = log2phy_from_rank(phy2log.view(1, -1), rank, E, R - E + 1)[0]
-    flat = topk_ids.reshape(-1).long()
-    valid = (flat >= 0) & (flat < E)
-    if check and not bool(valid.all()):
-        raise EplbArgumentError(f"topk_ids has {int((~valid).sum())} ids outside [0, {E})")
+    plan = served.slot_order(phy2log.view(1, -1), E)
+    width = int(plan.logcnt.max()) if served.host_reads_are_free else R - E + 1  # the most replicas of one expert
+    log2phy = served.log2phy(plan, width)[0]
+    logcnt = plan.logcnt[0]
+    local, bad = served.count(topk_ids, E)
+    if check and int(bad):
+        raise EplbArgumentError(f"topk_ids has {int(bad)} ids outside [0, {E})")
     if split == "even":
         scratch = torch.zeros(E, dtype=torch.int64, device=dev)
         invalid = torch.zeros(1, dtype=torch.int64, device=dev)
         return served.record(topk_ids, log2phy, logcnt, scratch, invalid)
-    local = torch.bincount(flat[valid], minlength=E)
     return _split_dispatch(served, topk_ids, phy2log, log2phy, logcnt, P, local, group_counts, offsets, check)
 
 
@@ -224,11 +222,9 @@ def record_dispatch(
             raise EplbArgumentError(f"num_replicas ({phy2log.numel()}) must be a multiple of num_gpus ({P})")
         totals = None if group_counts is None else _int_vector("group_counts", group_counts, E, dev)
         offsets = None if offsets is None else _int_vector("offsets", offsets, E, dev)
-        flat = topk_ids.reshape(-1).long()
-        valid = (flat >= 0) & (flat < E)
-        local = torch.bincount(flat[valid], minlength=E)
+        local, bad = served.count(topk_ids, E)
         counts += local.to(counts.dtype)
-        invalid += (~valid).sum().to(invalid.dtype)
+        invalid += bad.to(invalid.dtype)
         phy = _split_dispatch(
             served, topk_ids, phy2log.long(), log2phy, logcnt, P, local, totals, offsets, check, "group_counts"
         )  # fmt: skip

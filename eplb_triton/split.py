@@ -1,91 +1,22 @@
 """Per-step token split: each expert's tokens of one step divided among its replicas so that the
 largest GPU token load is as small as it can be, without moving any weights.
 
-Today's dispatch (:func:`eplb_triton.recording.record_dispatch`) sends token ``t``'s choice of
+The even dispatch (:func:`eplb_triton.record_dispatch`) sends token ``t``'s choice of
 expert ``e`` to replica ``t % logcnt[e]``, an even split of every expert's tokens. One step's
 loads are not the average the placement was planned for, so per step the GPUs are less balanced
 than the plan promised. :func:`balanced_split` splits each expert's tokens of the step by that
 step's counts instead, exactly optimally; :func:`assign_slots` then maps every routed entry to a
 slot so that each slot receives exactly its quota.
 
-This module imports only numpy. It holds the specification (below), the literal per-layer
-reference :func:`balanced_split_reference` and the NumPy path :func:`balanced_split`, vectorised
-over layers, which returns exactly the reference's quotas (the tests compare them with
+This module imports only numpy. It holds the literal per-layer reference
+:func:`balanced_split_reference` and the NumPy path :func:`balanced_split`, vectorised over
+layers, which returns exactly the reference's quotas (the tests compare them with
 ``np.array_equal``). The Triton kernel ``eplb_triton.kernels._split`` returns exactly the same.
 
-Balanced split, exactly
-=======================
-
-One layer is ``counts[e] >= 0`` (tokens routed to expert ``e`` this step, ``0 <= e < E``), a
-placement ``phy2log[q]`` (the expert of slot ``q``, ``0 <= q < R``; every expert has at least one
-slot) and ``P`` GPUs with ``P`` dividing ``R``: slot ``q`` lives on GPU ``g(q) = q // (R / P)``.
-The output is ``quota[q] >= 0`` with ``sum(quota[q] for q with phy2log[q] == e) == counts[e]``,
-minimising the largest GPU load ``max_g sum(quota[q] for q with g(q) == g)``. All arithmetic is on
-integers (``ceil(a / b)`` is the integer ``(a + b - 1) // b``); the sum of a layer's counts must be
-below ``2**31``. Layers are independent.
-
-The result has the smallest possible largest GPU load, i.e. ``ceil(T*)`` for the optimum ``T*``
-of the linear program (a transportation problem with integral data), whenever the layer needs at
-most ``max_rounds`` rounds of step 4 (default :data:`MAX_ROUNDS`; see "Bounds").
-
-1. **Units.** ``G(e)`` is the set of GPUs holding a slot of ``e``. A *unit* ``(e, g)``,
-   ``g in G(e)``, holds the ``m(e, g) >= 1`` slots of ``e`` on ``g``; slots of one expert on one
-   GPU are interchangeable, so the algorithm decides ``x(e, g)``, the tokens of ``e`` on ``g``, and
-   step 5 divides them among the slots. The load of GPU ``g`` is ``load[g] = sum_e x(e, g)``.
-
-2. **Start: the even split.** The slots of ``e`` in increasing slot order are its ranks
-   ``r = 0 .. c - 1`` (``c`` = number of slots of ``e``); rank ``r`` gets
-   ``counts[e] // c + (1 if r < counts[e] % c else 0)``, and ``x(e, g)`` is the sum over ``e``'s
-   slots on ``g``.
-
-3. **Lower bound.** ``F[g]`` is the sum of ``counts[e]`` over the experts with ``G(e) == {g}``
-   (their tokens cannot leave ``g``). The level ``T`` starts at the largest of
-   ``ceil(sum_e counts[e] / P)``, ``max_g F[g]``, and, for every expert with ``|G(e)| >= 2``,
-   ``ceil((counts[e] + sum_{g in G(e)} F[g]) / |G(e)|)``. Each is a lower bound on the largest
-   load of any split (the tokens counted must stay on the GPUs counted), so ``T <= ceil(T*)``.
-
-4. **Rounds.** While some GPU has ``load[g] > T`` and fewer than ``max_rounds`` rounds were
-   made, make one round: a breadth-first search of the residual graph, then either one
-   augmentation or one raise of ``T``.
-
-   * Search. Level 0 is ``V_0 = {g : load[g] > T}`` (the *excess* GPUs), all *visited*; no expert
-     is *reached*. For ``k = 1, 2, ...``:
-
-     - every expert not yet reached with ``x(e, g) > 0`` for some ``g in V_{k-1}`` is reached; its
-       parent is the lowest such ``g``, written ``pg(e)``;
-     - ``V_k`` is the set of GPUs not yet visited that hold a slot of an expert reached in this
-       step; they become visited, and the parent ``pe(g)`` of ``g in V_k`` is the lowest such
-       expert;
-     - if ``V_k`` holds a GPU with ``load[g] < T``, the *target* ``t`` is the one with the smallest
-       ``load``, equal loads to the lower GPU index: augment, and the round ends;
-     - if ``V_k`` is empty: raise, and the round ends.
-
-   * Augment. The path is ``t = g_k, e_k = pe(g_k), g_{k-1} = pg(e_k), e_{k-1} = pe(g_{k-1}),
-     ..., g_0`` (in ``V_0``). Move ``d = min(load[g_0] - T, T - load[t], min_i x(e_i, g_{i-1}))``
-     tokens along it: ``x(e_i, g_{i-1}) -= d`` and ``x(e_i, g_i) += d`` for ``i = 1 .. k``; so
-     ``load[g_0] -= d``, ``load[t] += d``, and no other load changes. ``d >= 1``.
-
-   * Raise. ``A`` is the set of visited GPUs: every expert with tokens on ``A`` has all its GPUs
-     in ``A``, so no split puts less than ``sum_{g in A} load[g]`` on ``A``, and
-     ``T = ceil(sum_{g in A} load[g] / |A|)`` is again a lower bound; it is larger than before
-     (``A`` holds an excess GPU and no GPU below ``T``).
-
-   When no GPU is above ``T``, the largest load is ``T``, a lower bound: the split is optimal.
-
-5. **Slots.** The ``m`` slots of a unit, in increasing slot order ``j = 0 .. m - 1``, get
-   ``x(e, g) // m + (1 if j < x(e, g) % m else 0)``.
-
-With ``max_rounds=0`` the result is the even split of step 2 (:func:`even_split` with replica
-ranks in slot order).
-
-Bounds. Every round lowers ``sum_g max(0, load[g] - T)`` by at least one (an augmentation by
-``d``, a raise by at least the number of excess GPUs), so a layer never needs more rounds than its
-excess over the starting ``T`` (at most its token count). On the real DeepSeek-V3 loads (sampled
-steps of 256 to 65,536 tokens, four deployments) a layer needed at most 73 rounds, decode EP64 the
-most (mean 5-9 there); :data:`MAX_ROUNDS` keeps the kernel's loops bounded. A layer cut off by
-``max_rounds`` still gets a valid split (every expert's counts, only on its own slots), the same in
-every implementation, just not a proven optimum: ``return_rounds=True`` returns each layer's
-rounds, and a layer with ``rounds == max_rounds`` may have been cut off.
+The specification (steps 1-5, every tie rule, the bounds) is docs/algorithm.md section 11.1: in
+short, start from the even split, raise a lower bound ``T`` of the largest GPU load, and move
+tokens along shortest augmenting paths from GPUs above ``T`` to GPUs below it until none is above
+``T``; every choice goes to the lowest index, so every implementation returns the same quotas.
 """
 
 from __future__ import annotations
@@ -618,14 +549,17 @@ def assign_slots(
     flat = ids.ravel()
     valid = (flat >= 0) & (flat < E)
     entry = np.flatnonzero(valid)
-    entry = entry[np.argsort(flat[entry], kind="stable")]  # by expert, row-major within an expert
+    key = flat[entry].astype(np.int16 if E <= np.iinfo(np.int16).max else np.int64)  # 16 bits: a radix sort
+    entry = entry[np.argsort(key, kind="stable")]  # by expert, row-major within an expert
     expert = flat[entry]
     per_expert = np.bincount(expert, minlength=E)
     first = np.cumsum(per_expert) - per_expert  # position of each expert's first entry in `entry`
     number = np.arange(entry.size) - first[expert] + offsets[expert]  # entry number within its expert
-    cum = np.cumsum(np.where(live, quota[np.where(live, log2phy, 0)], 0), axis=1)  # [E, X]
-    replica = (cum[expert] <= number[:, None]).sum(axis=1)  # the first replica whose range holds it
+    rep = np.where(live, quota[np.where(live, log2phy, 0)], 0)  # [E, X] quota of each replica
+    total = rep.sum(axis=1)
+    bounds = np.cumsum(rep.ravel())  # replica (e, r) takes the step's positions below bounds[e * X + r]
+    cell = np.searchsorted(bounds, total.cumsum()[expert] - total[expert] + number, side="right")
+    within = number < total[expert]  # past its expert's quotas: inconsistent inputs, slot -1
     out = np.full(flat.shape, -1, dtype=np.int64)
-    within = replica < logcnt[expert]
-    out[entry[within]] = log2phy[expert[within], replica[within]]
+    out[entry[within]] = log2phy.ravel()[cell[within]]
     return out.reshape(ids.shape)

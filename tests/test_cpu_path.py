@@ -1,5 +1,6 @@
 """The vectorised CPU path returns exactly what the literal reference returns."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import FIXED_CASES, Case, assert_same, assert_valid_placement, cases
@@ -85,3 +86,16 @@ def test_packing_zero_signed_zero_overflow_and_ties(args):
     packs, rows = args
     w = torch.tensor(rows, dtype=torch.float32)
     assert_same(eplb.balanced_packing(w, packs, backend="cpu"), reference.balanced_packing(w, packs))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 8), st.integers(1, 3), st.integers(0, 2**16))
+def test_slot_order_ranks_numpy_equals_torch(E, extra, L, seed):
+    from eplb_triton import cpu
+    from eplb_triton.placement import slot_order_ranks
+
+    rng = np.random.default_rng(seed)
+    phy = np.stack([rng.permutation(np.concatenate([np.arange(E), rng.integers(0, E, extra)])) for _ in range(L)])
+    rank, cnt = cpu.slot_order_ranks(phy, E)
+    want_rank, want_cnt = slot_order_ranks(torch.from_numpy(phy), E)
+    assert np.array_equal(rank, want_rank.numpy()) and np.array_equal(cnt, want_cnt.numpy())
