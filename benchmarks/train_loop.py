@@ -8,11 +8,13 @@ contrast. The input distribution drifts, so the hot experts change during traini
 
     python benchmarks/train_loop.py --steps 300 --out bench-out/train_loop
 
-Two balancers see the same routed tokens: the default one (a full greedy replan each time,
-slot-stable) and an incremental one (``method="refined"``, ``max_moves`` = --budget of the slots per
-layer). Prints balancedness (mean GPU load / max) per step with each and without rebalancing, the
-slots and bytes of expert weights moved per rebalance, and the per-step cost of recording; writes
-train_loop.json and train_loop.png (with matplotlib) under --out.
+Three balancers see the same routed tokens: the default one (a full greedy replan each time,
+slot-stable, each expert's tokens split evenly among its replicas), the same with each step's tokens
+split by that step's counts (``split="balanced"``), and an incremental one (``method="refined"``,
+``max_moves`` = --budget of the slots per layer). Prints balancedness (mean GPU load / max) per
+step with each and without rebalancing, the slots and bytes of expert weights moved per rebalance,
+and the per-step cost of recording; writes train_loop.json and train_loop.png (with matplotlib)
+under --out.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     balancer = OnlineBalancer(*shape, window=args.interval, rebalance_interval=args.interval, device=dev)
     incremental = OnlineBalancer(*shape, window=args.interval, rebalance_interval=args.interval, device=dev,
                                  method="refined", max_moves=max_moves)  # fmt: skip
+    # the default balancer's placements, each step's tokens split by that step's counts
+    split = OnlineBalancer(*shape, window=args.interval, rebalance_interval=args.interval, device=dev,
+                           split="balanced")  # fmt: skip
     identity_gpu = torch.arange(E, device=dev) * P // E
     # bytes of one expert's weights in one layer (w_in and w_out)
     expert_bytes = (model.w_in[0, 0].numel() + model.w_out[0, 0].numel()) * model.w_in.element_size()
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         step_loads["with"].append(torch.bincount((phy // S).view(-1), minlength=P))
         phy_inc = incremental.record(layer, ids)
         step_loads["incremental"].append(torch.bincount((phy_inc // S).view(-1), minlength=P))
+        phy_split = split.record(layer, ids)
+        step_loads["balanced"].append(torch.bincount((phy_split // S).view(-1), minlength=P))
         step_loads["without"].append(torch.bincount(identity_gpu[ids].view(-1), minlength=P))
 
     for step in range(args.steps):
@@ -120,25 +127,28 @@ def main(argv: list[str] | None = None) -> int:
         shift = torch.zeros(args.dim, device=dev)
         shift[0], shift[1] = 2 * torch.cos(torch.tensor(angle)), 2 * torch.sin(torch.tensor(angle))
         x = torch.randn(args.tokens, args.dim, device=dev) + shift
-        step_loads["with"], step_loads["incremental"], step_loads["without"] = [], [], []
+        step_loads = {"with": [], "incremental": [], "balanced": [], "without": []}
         loss = nn.functional.mse_loss(model(x, on_route), teacher(x).detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
         rebalanced = balancer.step()
         incremental.step()
+        split.step()
         row = {
             "step": step,
             "loss": float(loss.detach()),
             "with_rebalancing": statistics.mean(balancedness(g) for g in step_loads["with"]),
             "incremental": statistics.mean(balancedness(g) for g in step_loads["incremental"]),
+            "balanced_split": statistics.mean(balancedness(g) for g in step_loads["balanced"]),
             "without": statistics.mean(balancedness(g) for g in step_loads["without"]),
             "rebalanced": rebalanced,
         }
         rows.append(row)
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"step {step:4d} loss {row['loss']:.4f} balancedness: full replans {row['with_rebalancing']:.3f}, "
-                  f"incremental {row['incremental']:.3f}, without {row['without']:.3f}", flush=True)  # fmt: skip
+                  f"with the balanced split {row['balanced_split']:.3f}, incremental {row['incremental']:.3f}, "
+                  f"without {row['without']:.3f}", flush=True)  # fmt: skip
 
     after_first = [r for r in rows if r["step"] >= args.interval]
 
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(args) | {"out": str(args.out), "device": str(dev), "max_moves": max_moves},
         "balancedness_with_rebalancing": statistics.mean(r["with_rebalancing"] for r in after_first),
         "balancedness_incremental": statistics.mean(r["incremental"] for r in after_first),
+        "balancedness_balanced_split": statistics.mean(r["balanced_split"] for r in after_first),
         "balancedness_without": statistics.mean(r["without"] for r in after_first),
         "record_us_per_layer_step_median": statistics.median(record_s) * 1e6,
         "expert_bytes": expert_bytes,
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     full, inc = summary["moved_full_replans"], summary["moved_incremental"]
     print(
         f"after the first window ({len(after_first)} steps): balancedness with full replans "
-        f"{summary['balancedness_with_rebalancing']:.3f} ({full['slots_per_rebalance']:.1f} slots, "
+        f"{summary['balancedness_with_rebalancing']:.3f} (with the balanced split "
+        f"{summary['balancedness_balanced_split']:.3f}; {full['slots_per_rebalance']:.1f} slots, "
         f"{full['bytes_per_rebalance'] / 1e3:.1f} kB moved per rebalance), incremental (max_moves={max_moves}) "
         f"{summary['balancedness_incremental']:.3f} ({inc['slots_per_rebalance']:.1f} slots, "
         f"{inc['bytes_per_rebalance'] / 1e3:.1f} kB), without {summary['balancedness_without']:.3f}; "
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot([r["with_rebalancing"] for r in rows], label=f"full replan every {args.interval} steps")
+    ax.plot([r["balanced_split"] for r in rows], label="full replan, each step's tokens split by its counts")
     ax.plot([r["incremental"] for r in rows], label=f"incremental, max_moves={max_moves} slots per layer")
     ax.plot([r["without"] for r in rows], label="no rebalancing")
     planned = [r["step"] for r in rows if r["rebalanced"]]

@@ -211,7 +211,7 @@ def test_a_file_of_only_dense_layers_is_refused(tmp_path):
 
 
 def test_train_loop_legend_covers_every_line(tmp_path, monkeypatch):
-    """Every line drawn (the three balancedness curves and the grey re-plan markers) has a legend entry."""
+    """Every line drawn (the four balancedness curves and the grey re-plan markers) has a legend entry."""
     colors = pytest.importorskip("matplotlib.colors")
     from matplotlib.figure import Figure
 
@@ -232,10 +232,10 @@ def test_train_loop_legend_covers_every_line(tmp_path, monkeypatch):
         return colors.to_rgba(line.get_color(), line.get_alpha()), line.get_linestyle()
 
     markers = [line for line in ax.lines if line.get_xdata()[0] == line.get_xdata()[1]]  # vertical lines
-    assert len(markers) >= 1 and len(ax.lines) == 3 + len(markers)
+    assert len(markers) >= 1 and len(ax.lines) == 4 + len(markers)
     entries = {style(h) for h in legend.legend_handles}
     assert {style(line) for line in ax.lines} <= entries
-    assert len(legend.get_texts()) == 4
+    assert len(legend.get_texts()) == 5
 
 
 def test_same_replicas_on_a_gpu_count_as_the_same_load_in_any_slot_order():
