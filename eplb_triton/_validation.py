@@ -222,6 +222,17 @@ def check_max_moves(max_moves: object) -> int | None:
     return min(value, MAX_SLOTS_PER_LAYER)  # more than every slot means no limit
 
 
+def check_min_gain(min_gain: object, name: str = "min_gain") -> float | None:
+    """``None`` or a number with ``0 <= min_gain < 1`` (a relative gain of the largest GPU load)."""
+    if min_gain is None:
+        return None
+    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(min_gain).__name__}")
+    if not 0.0 <= float(min_gain) < 1.0:
+        raise EplbArgumentError(f"{name} ({min_gain!r}) must satisfy 0 <= {name} < 1")
+    return float(min_gain)
+
+
 def check_placement(
     value: object, name: str, cfg: Config, device: torch.device, *, check_data: bool = True
 ) -> torch.Tensor:

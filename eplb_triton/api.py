@@ -19,6 +19,7 @@ from ._validation import (
     check_config,
     check_count,
     check_method,
+    check_min_gain,
     check_old_placement,
     check_slots,
     check_weight,
@@ -103,6 +104,7 @@ def rebalance_experts_hierarchical(
     method: str = "greedy",
     old_phy2log: torch.Tensor | None = None,
     max_moves: int | None = None,
+    min_gain: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hierarchical policy: groups to nodes, replicas within nodes, replicas to GPUs.
 
@@ -114,7 +116,7 @@ def rebalance_experts_hierarchical(
         num_nodes: server nodes ``N``.
         num_gpus: GPUs ``P``, a multiple of ``num_nodes``.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
-        method, old_phy2log, max_moves: as for :func:`rebalance_experts`.
+        method, old_phy2log, max_moves, min_gain: as for :func:`rebalance_experts`.
 
     Returns:
         ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``, int64.
@@ -126,9 +128,14 @@ def rebalance_experts_hierarchical(
     served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
+    min_gain = check_min_gain(min_gain)
+    if min_gain is not None and old is None:
+        raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
-    return tuple(pipeline.plan(served, weight, cfg, method=method, old_phy2log=old, max_moves=max_moves))
+    return tuple(
+        pipeline.plan(served, weight, cfg, method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain)
+    )
 
 
 @accepts_arrays("weight", "old_phy2log")
@@ -143,6 +150,7 @@ def rebalance_experts(
     method: str = "greedy",
     old_phy2log: torch.Tensor | None = None,
     max_moves: int | None = None,
+    min_gain: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry point of the expert-parallelism load balancer (drop-in for ``eplb.rebalance_experts``).
 
@@ -169,6 +177,9 @@ def rebalance_experts(
         max_moves: with ``old_phy2log``, an incremental replan: at most ``max_moves`` slots per
             layer differ from ``old_phy2log``; the search starts from the old placement, and the
             relabelled full plan is taken instead where it fits the budget and is better.
+        min_gain: with ``old_phy2log``, the replan gate: a layer keeps ``old_phy2log`` (nothing
+            moves; replicas numbered in slot order) unless the new plan lowers its largest GPU load
+            on ``weight`` by at least this fraction, ``0 <= min_gain < 1`` (``0``: any strict gain).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``, int64 on ``weight.device``:
@@ -186,11 +197,16 @@ def rebalance_experts(
     served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
     method = check_method(method)
     old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
+    min_gain = check_min_gain(min_gain)
+    if min_gain is not None and old is None:
+        raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
     if method == "greedy" and old is None:  # the fast path: the greedy builds log2phy as it plans
         plan, log2phy = served.greedy_with_log2phy(weight, cfg.effective())
         return plan.phy2log, log2phy, plan.logcnt
-    plan = pipeline.plan(served, weight, cfg.effective(), method=method, old_phy2log=old, max_moves=max_moves)
+    plan = pipeline.plan(
+        served, weight, cfg.effective(), method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain
+    )
     return plan.phy2log, served.log2phy(plan, int(plan.logcnt.max())), plan.logcnt

@@ -284,11 +284,9 @@ class OnlineBalancer:
                 return self.last_replanned.zero_()
             keep = (~candidates, old)  # the other layers are neither searched nor relabelled
         new = self._plan(loads, old, keep)
-        new_loads = metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)
-        old_peak, new_peak = old_loads.amax(dim=1), new_loads.amax(dim=1)
-        take = candidates & (new_peak < old_peak) & (new_peak <= (1.0 - self.min_gain) * old_peak)
+        take = candidates & pipeline.gains(loads, old, new, P, self.min_gain)
+        after = torch.where(take, metrics.balancedness(metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)), before)
         new = Plan(*(torch.where(take.view(-1, 1), n, o) for n, o in zip(new, old, strict=True)))
-        after = torch.where(take, metrics.balancedness(new_loads), before)
         if group is not None and self.check_agreement:
             check_ranks_agree(list(new), group, names=["phy2log", "phyrank", "logcnt"])
         self._install(new)

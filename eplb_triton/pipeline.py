@@ -23,6 +23,7 @@ import torch
 
 from ._validation import Config
 from .backends import Backend, Plan
+from .metrics import gpu_loads
 from .placement import block_overlap, max_gpu_load, relabel, stable_order
 
 Relabel = Literal["gpus", "slots"]
@@ -40,6 +41,7 @@ def plan(
     start: Plan | None = None,
     keep: tuple[torch.Tensor, Plan] | None = None,
     validate: bool = True,
+    min_gain: float | None = None,
 ) -> Plan:
     """The plan of the effective configuration ``cfg`` (the global policy is ``G = N = 1``) for ``weight``.
 
@@ -54,6 +56,8 @@ def plan(
         keep: ``(rows [L] bool, previous)``: those rows return ``previous``'s placement, and the
             search and the relabelling's assignments skip them.
         validate: passed to ``backend.greedy``.
+        min_gain: with ``old_phy2log``: a layer keeps ``old_phy2log`` (replicas in slot order) unless
+            the plan lowers its largest GPU load on ``weight`` by at least this fraction (:func:`gains`).
 
     Returns:
         A :class:`Plan` on ``weight``'s device.
@@ -74,10 +78,24 @@ def plan(
         else:
             order = stable_order(old_phy2log, result.phy2log, P)
             result = Plan(result.phy2log.gather(1, order), result.phyrank.gather(1, order), result.logcnt)
+    if min_gain is not None and old_phy2log is not None:
+        current = backend.slot_order(old_phy2log, E)
+        take = gains(weight, current, result, P, min_gain)
+        result = Plan(*(torch.where(take.view(-1, 1), r, c) for r, c in zip(result, current, strict=True)))
     if keep is not None:
         rows, previous = keep
         result = Plan(*(torch.where(rows.view(-1, 1), p, r) for p, r in zip(previous, result, strict=True)))
     return result
+
+
+def gains(weight: torch.Tensor, current: Plan, new: Plan, num_gpus: int, min_gain: float) -> torch.Tensor:
+    """The replan gate: ``[L]`` bool, the layers where ``new`` lowers the largest GPU load of ``current``
+    on ``weight`` by at least ``min_gain`` (relative): ``new_max <= (1 - min_gain) * current_max`` and
+    ``new_max < current_max`` (an equal load is no gain, whatever ``min_gain``). GPU loads as
+    :func:`eplb_triton.metrics.gpu_loads` sums them (float64); no host synchronisation."""
+    now = gpu_loads(weight, current.phy2log, current.logcnt, num_gpus).amax(dim=1)
+    then = gpu_loads(weight, new.phy2log, new.logcnt, num_gpus).amax(dim=1)
+    return (then < now) & (then <= (1.0 - min_gain) * now)
 
 
 def _incremental(

@@ -377,3 +377,33 @@ def test_search_kernel_on_nan_rows_stays_in_bounds(P):
 
     phy, rank, cnt = launch.search(w, phy2log, planner.phyrank, planner.logcnt, P, 1)
     assert torch.equal(phy[1], phy2log[1]) and torch.equal(cnt[1], planner.logcnt[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_min_gain_keeps_layers_whose_plan_gains_too_little(backend):
+    # layer 0: the old placement is already as good as a plan (no gain: kept); layer 1: a plan that
+    # gains a lot (taken). The gate's threshold decides layer 2 (a gain between 5% and 30%).
+    R, G, N, P = 12, 2, 1, 4
+    old = eplb.rebalance_experts(torch.ones(3, 8), R, G, N, P, backend="cpu")[0]
+    w = torch.tensor([[10.0] * 8, [0, 20, 0, 0, 40, 0, 10, 10], [0, 0, 0, 0, 12, 10, 10, 10]])
+    plan = eplb.rebalance_experts(w, R, G, N, P, backend="cpu", old_phy2log=old)
+    peak = lambda phy, cnt: eplb.metrics.gpu_loads(w, phy, cnt, P).amax(1)  # noqa: E731
+    old_cnt = torch.zeros(3, 8, dtype=torch.int64).scatter_add_(1, old, torch.ones_like(old))
+    gain = 1 - peak(plan[0], plan[2]) / peak(old, old_cnt)
+    assert gain[0] == 0 and gain[1] > 0.3 and 0.05 < gain[2] < 0.3, gain
+    for min_gain, taken in ((0.0, [False, True, True]), (0.05, [False, True, True]), (0.3, [False, True, False])):
+        got = eplb.rebalance_experts(w, R, G, N, P, backend=backend, old_phy2log=old, min_gain=min_gain)
+        for layer in range(3):
+            want = plan if taken[layer] else (old, None, old_cnt)
+            assert torch.equal(got[0][layer], want[0][layer]) and torch.equal(got[2][layer], want[2][layer])
+        assert_valid_placement(*got, 8, R, G, N, P)
+
+
+def test_min_gain_argument_rules():
+    w = torch.ones(1, 4)
+    old = torch.tensor([[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="min_gain needs old_phy2log"):
+        eplb.rebalance_experts(w, 4, 1, 1, 2, min_gain=0.1)
+    for bad, error in ((1.0, ValueError), (-0.1, ValueError), (True, TypeError), ("0.1", TypeError)):
+        with pytest.raises(error, match="min_gain"):
+            eplb.rebalance_experts(w, 4, 1, 1, 2, old_phy2log=old, min_gain=bad)
