@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import make_loads
 
+import eplb_triton as eplb
 from eplb_triton import EplbArgumentError, reference
 from eplb_triton.integrations import sglang as eplb_sglang
 from eplb_triton.integrations import vllm as eplb_vllm
@@ -154,10 +155,11 @@ def random_old(L: int, E: int, R: int, seed: int, holes: int) -> torch.Tensor:
     return old
 
 
-@pytest.mark.parametrize("holes", [0, 3, None], ids=["full", "some-minus-1", "all-minus-1"])
+@pytest.mark.parametrize("holes", [3, None], ids=["some-minus-1", "all-minus-1"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_vllm_keeps_slots_like_preserve_intragpu_slots(case, holes):
-    """With ``R == E``, a ``-1`` must not be read as expert ``R - 1`` of the previous GPU."""
+    """An old map with empty (``-1``) slots: only slots within each GPU are kept, as vLLM does. With
+    ``R == E``, a ``-1`` must not be read as expert ``R - 1`` of the previous GPU."""
     L, E, R, G, N, P, kind = case
     w = make_loads(L, E, kind, seed=E + R)
     old = random_old(L, E, R, seed=R, holes=R if holes is None else holes)
@@ -168,6 +170,52 @@ def test_vllm_keeps_slots_like_preserve_intragpu_slots(case, holes):
     phy2log, log2phy, _ = MapsPolicy.rebalance_experts(w, R, G, N, P, old)
     assert torch.equal(phy2log, kept)
     assert torch.equal(log2phy, log2phy_by_hand(kept, kept_rank, E, R - E + 1))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_vllm_relabels_to_a_full_old_map(case):
+    """An old map with every expert: the plan is the API's relabelled one (same GPU loads as without
+    the map, no more slots moved than keeping intra-GPU slots, nearly always fewer)."""
+    L, E, R, G, N, P, kind = case
+    w = make_loads(L, E, kind, seed=E + R)
+    old = random_old(L, E, R, seed=R, holes=0)
+    want_phy2log, want_log2phy, want_logcnt = eplb.rebalance_experts(w, R, G, N, P, old_phy2log=old)
+    assert torch.equal(Phy2logPolicy.rebalance_experts(w, R, G, N, P, old), want_phy2log)
+    phy2log, log2phy, logcnt = MapsPolicy.rebalance_experts(w, R, G, N, P, old)
+    assert torch.equal(phy2log, want_phy2log) and torch.equal(logcnt, want_logcnt)
+    assert torch.equal(log2phy, padded(want_log2phy, R - E + 1))
+    fresh, fresh_log2phy, _ = reference.rebalance_experts(w, R, G, N, P)
+    kept, _ = preserve_intragpu_slots(fresh, replica_ranks(fresh, fresh_log2phy), P, old)
+    assert (phy2log != old).sum() <= (kept != old).sum()
+
+
+def test_vllm_options_from_register_and_the_environment(monkeypatch):
+    from eplb_triton.integrations._options import PlanOptions
+
+    assert PlanOptions.from_env({}) == PlanOptions()
+    env = {"EPLB_TRITON_METHOD": "refined", "EPLB_TRITON_MAX_MOVES": "0.25", "EPLB_TRITON_MIN_GAIN": "0.02"}
+    opts = PlanOptions.from_env(env)
+    assert opts == PlanOptions("refined", 0.25, 0.02) and opts.budget(288) == 72
+    assert PlanOptions.from_env({"EPLB_TRITON_MAX_MOVES": "12"}).budget(288) == 12
+    for name, value, words in (
+        ("EPLB_TRITON_METHOD", "lp", "method must be one of"),
+        ("EPLB_TRITON_MAX_MOVES", "1.5", "fraction of the slots must be in"),
+        ("EPLB_TRITON_MAX_MOVES", "-3", "max_moves"),
+        ("EPLB_TRITON_MIN_GAIN", "much", "could not convert"),
+        ("EPLB_TRITON_MIN_GAIN", "1", "min_gain"),
+    ):
+        with pytest.raises(ValueError, match=f"environment variable {name}=.*{words}"):
+            PlanOptions.from_env({name: value})
+    # the options reach the plan: an incremental replan at 2 slots of 12 and a gate
+    L, E, R, G, N, P = 2, 8, 12, 2, 1, 4
+    w = make_loads(L, E, "skewed", seed=5)
+    old = random_old(L, E, R, seed=6, holes=0)
+    monkeypatch.setattr(Phy2logPolicy, "options", PlanOptions(max_moves=2))
+    got = Phy2logPolicy.rebalance_experts(w, R, G, N, P, old)
+    assert torch.equal(got, eplb.rebalance_experts(w, R, G, N, P, old_phy2log=old, max_moves=2)[0])
+    assert ((got != old).sum(dim=1) <= 2).all()
+    monkeypatch.setattr(Phy2logPolicy, "options", PlanOptions(min_gain=0.999))
+    assert torch.equal(Phy2logPolicy.rebalance_experts(w, R, G, N, P, old), old), "no plan gains 99.9%"
 
 
 def test_vllm_keeps_slots_where_the_old_map_is_the_new_one():
@@ -351,3 +399,32 @@ def test_sglang_install_reaches_the_dispatcher(monkeypatch):
     eplb_sglang.install()
     assert algorithms.deepseek.rebalance_experts is eplb_sglang.rebalance_experts
     assert_same_maps(algorithms.rebalance_experts(**kwargs), want)
+
+
+def test_sglang_relabels_to_the_placement_in_service(monkeypatch):
+    """SGLang holds its current map while it plans: with every expert in it, the plan is relabelled to
+    it (and the options apply); a map of another shape is not used."""
+    import sys
+    import types
+
+    from eplb_triton.integrations._options import PlanOptions
+
+    L, E, R, G, N, P = 2, 8, 12, 2, 1, 4
+    w = make_loads(L, E, "skewed", seed=11)
+    old = random_old(L, E, R, seed=12, holes=0)
+    meta = types.SimpleNamespace(physical_to_logical_map_cpu=old)
+    for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    location = types.ModuleType("sglang.srt.eplb.expert_location")
+    location.get_global_expert_location_metadata = lambda: meta
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.expert_location", location)
+    monkeypatch.setattr(eplb_sglang, "OPTIONS", PlanOptions())
+    got = eplb_sglang.rebalance_experts(w, R, G, N, P, enable_hierarchical=True)
+    want = eplb.rebalance_experts(w, R, G, N, P, old_phy2log=old)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    monkeypatch.setattr(eplb_sglang, "OPTIONS", PlanOptions(max_moves=3))
+    got = eplb_sglang.rebalance_experts(w, R, G, N, P, enable_hierarchical=True)
+    assert ((got[0] != old).sum(dim=1) <= 3).all()
+    meta.physical_to_logical_map_cpu = old[:, :8]  # another shape: planned from scratch
+    got = eplb_sglang.rebalance_experts(w, R, G, N, P, enable_hierarchical=True)
+    assert torch.equal(got[0], eplb.rebalance_experts(w, R, G, N, P)[0])

@@ -7,6 +7,14 @@ num_local_physical_experts, num_groups, num_nodes, algorithm)`` sums ``tokens_pe
 first dimension and, for ``deepseek`` and ``deepseek_hierarchical`` (what ``auto`` selects), calls
 ``eplb_algorithms.deepseek.rebalance_experts`` by module attribute, with keywords.
 :func:`install` replaces that attribute with :func:`rebalance_experts` in the calling process;
+
+The algorithm call gets no current placement, but SGLang's process holds it while it plans
+(``expert_location.get_global_expert_location_metadata().physical_to_logical_map_cpu``, replaced
+only after the plan, when the weights move). When that map holds every expert, the plan is
+relabelled to it exactly (:func:`eplb_triton.rebalance_experts` with ``old_phy2log``): the same GPU
+loads with fewer experts moved, and SGLang's updater copies only the slots whose expert changed.
+The options of :mod:`eplb_triton.integrations._options` apply (``method``, ``max_moves``,
+``min_gain``; :func:`install`'s keywords or the ``EPLB_TRITON_*`` environment variables).
 SGLang computes placements in its scheduler processes, so run ``install`` there: from a
 ``sglang.srt.plugins`` entry point (SGLang's ``load_plugins`` runs those in every scheduler
 process), or in a launcher that calls it before ``sglang.launch_server``'s ``main`` when the
@@ -19,6 +27,24 @@ import torch
 
 from .._validation import EplbArgumentError, check_count
 from ..api import rebalance_experts as _rebalance_experts
+from ._options import PlanOptions, full_placement, replan
+
+OPTIONS: PlanOptions = PlanOptions.from_env()
+"""``method``, ``max_moves``, ``min_gain``: from the environment, or :func:`install`'s keywords."""
+
+
+def current_placement(num_layers: int, num_replicas: int) -> torch.Tensor | None:
+    """SGLang's placement in service, ``[L, R]`` int64 on the CPU, or ``None`` (SGLang not running in
+    this process, no metadata yet, or a map of another shape, e.g. around an elastic scale-up)."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+    except ImportError:
+        return None
+    meta = get_global_expert_location_metadata()
+    old = getattr(meta, "physical_to_logical_map_cpu", None)
+    if not isinstance(old, torch.Tensor) or tuple(old.shape) != (num_layers, num_replicas):
+        return None
+    return old
 
 
 def rebalance_experts(
@@ -61,19 +87,31 @@ def rebalance_experts(
         raise EplbArgumentError(
             f"enable_hierarchical needs num_groups ({num_groups}) to be a multiple of num_nodes ({num_nodes})"
         )
-    out = _rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    L, E = weight.shape
+    old = full_placement(current_placement(L, num_replicas), L, E, num_replicas)
+    if old is None:
+        out = _rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, method=OPTIONS.method)
+    else:
+        out = replan(weight, num_replicas, num_groups, num_nodes, num_gpus, old, OPTIONS, "auto")
     return tuple(t.cpu() for t in out)  # type: ignore[return-value]
 
 
-def install() -> None:
+def install(*, method: str | None = None, max_moves: int | float | None = None, min_gain: float | None = None) -> None:
     """Make SGLang's ``deepseek`` and ``deepseek_hierarchical`` algorithms run :func:`rebalance_experts`.
 
     Idempotent; affects the calling process only (module docstring).
 
+    Args:
+        method, max_moves, min_gain: override the options read from the environment (a keyword left
+            ``None`` keeps it); see :mod:`eplb_triton.integrations._options`.
+
     Example:
         >>> from eplb_triton.integrations import sglang as eplb_sglang
-        >>> eplb_sglang.install()  # needs SGLang
+        >>> eplb_sglang.install(max_moves=0.15)  # needs SGLang
     """
+    global OPTIONS
+    options = OPTIONS.replace(method=method, max_moves=max_moves, min_gain=min_gain)
     from sglang.srt.eplb.eplb_algorithms import deepseek
 
+    OPTIONS = options
     deepseek.rebalance_experts = rebalance_experts
