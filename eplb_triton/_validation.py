@@ -233,6 +233,43 @@ def check_min_gain(min_gain: object, name: str = "min_gain") -> float | None:
     return float(min_gain)
 
 
+def check_active_gpus(active_gpus: object, cfg: Config) -> list[int] | None:
+    """The live GPUs of ``active_gpus`` (``[P]`` bools, or 0/1) as increasing ids, or ``None`` when all
+    are live. Every problem must keep enough slots: the global policy ``S x live >= E``, the
+    hierarchical one ``S x live(node) >= E / N`` on every node."""
+    if active_gpus is None:
+        return None
+    if isinstance(active_gpus, torch.Tensor):
+        values = active_gpus.detach().cpu().reshape(-1).tolist() if active_gpus.dim() == 1 else None
+    elif isinstance(active_gpus, (list, tuple)) or hasattr(active_gpus, "tolist"):
+        values = list(active_gpus.tolist() if hasattr(active_gpus, "tolist") else active_gpus)
+    else:
+        raise TypeError(f"active_gpus must be a 1-D tensor, array or list of bools, got {type(active_gpus).__name__}")
+    P, E, R = cfg.num_gpus, cfg.num_experts, cfg.num_replicas
+    if values is None or len(values) != P:
+        shape = list(active_gpus.shape) if isinstance(active_gpus, torch.Tensor) else [len(values)]
+        raise EplbArgumentError(f"active_gpus must have one entry per GPU (num_gpus={P}), got shape {shape}")
+    if not all(v in (0, 1) and not isinstance(v, float) for v in values):
+        raise EplbArgumentError("active_gpus entries must be booleans (or 0/1)")
+    live = [g for g, v in enumerate(values) if v]
+    if len(live) == P:
+        return None
+    if not live:
+        raise EplbArgumentError("active_gpus marks every GPU lost: nothing can hold the experts")
+    S = R // P
+    _, G, N = select_policy(cfg.num_groups, cfg.num_nodes)
+    Pn = P // N
+    for n in range(N):
+        mine = sum(1 for g in live if g // Pn == n)
+        needed, what = (E // N, f"node {n}'s {G // N} expert groups") if N > 1 else (E, "the experts")
+        if S * mine < needed:
+            raise EplbArgumentError(
+                f"active_gpus leaves {S * mine} slots ({mine} live GPUs x {S}) for {what} ({needed}); "
+                "every expert needs a slot on a live GPU" + ("" if N == 1 else " of its node")
+            )
+    return live
+
+
 def check_placement(
     value: object, name: str, cfg: Config, device: torch.device, *, check_data: bool = True
 ) -> torch.Tensor:

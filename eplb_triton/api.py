@@ -16,6 +16,7 @@ from . import backends, pipeline
 from ._arrays import accepts_arrays
 from ._validation import (
     EplbArgumentError,
+    check_active_gpus,
     check_config,
     check_count,
     check_method,
@@ -105,6 +106,7 @@ def rebalance_experts_hierarchical(
     old_phy2log: torch.Tensor | None = None,
     max_moves: int | None = None,
     min_gain: float | None = None,
+    active_gpus: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The hierarchical policy: groups to nodes, replicas within nodes, replicas to GPUs.
 
@@ -116,7 +118,7 @@ def rebalance_experts_hierarchical(
         num_nodes: server nodes ``N``.
         num_gpus: GPUs ``P``, a multiple of ``num_nodes``.
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``.
-        method, old_phy2log, max_moves, min_gain: as for :func:`rebalance_experts`.
+        method, old_phy2log, max_moves, min_gain, active_gpus: as for :func:`rebalance_experts`.
 
     Returns:
         ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``, int64.
@@ -131,8 +133,15 @@ def rebalance_experts_hierarchical(
     min_gain = check_min_gain(min_gain)
     if min_gain is not None and old is None:
         raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
+    live = check_active_gpus(active_gpus, cfg)
+    if live is not None and (max_moves is not None or min_gain is not None):
+        raise EplbArgumentError(
+            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
+        )
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
+    if live is not None:
+        return tuple(pipeline.plan_live(served, weight, cfg, live, method=method, old_phy2log=old))
     return tuple(
         pipeline.plan(served, weight, cfg, method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain)
     )
@@ -151,6 +160,7 @@ def rebalance_experts(
     old_phy2log: torch.Tensor | None = None,
     max_moves: int | None = None,
     min_gain: float | None = None,
+    active_gpus: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entry point of the expert-parallelism load balancer (drop-in for ``eplb.rebalance_experts``).
 
@@ -180,6 +190,13 @@ def rebalance_experts(
         min_gain: with ``old_phy2log``, the replan gate: a layer keeps ``old_phy2log`` (nothing
             moves; replicas numbered in slot order) unless the new plan lowers its largest GPU load
             on ``weight`` by at least this fraction, ``0 <= min_gain < 1`` (``0``: any strict gain).
+        active_gpus: ``[P]`` bools: plan with only these GPUs usable (docs/algorithm.md section 12).
+            The lost GPUs' slots get no expert (``-1`` in ``phy2log``, listed nowhere in
+            ``log2phy``; ``logcnt`` counts the live replicas); every expert keeps a replica on a live
+            GPU. The global policy plans the live slots as one problem; the hierarchical policy
+            keeps its groups-to-nodes packing and plans every node on its live GPUs. With
+            ``old_phy2log`` each problem is relabelled to what the live GPUs hold. Not with
+            ``max_moves`` or ``min_gain`` (a placement on a lost GPU cannot be kept).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``, int64 on ``weight.device``:
@@ -200,9 +217,17 @@ def rebalance_experts(
     min_gain = check_min_gain(min_gain)
     if min_gain is not None and old is None:
         raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
+    live = check_active_gpus(active_gpus, cfg)
+    if live is not None and (max_moves is not None or min_gain is not None):
+        raise EplbArgumentError(
+            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
+        )
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
+    if live is not None:
+        plan = pipeline.plan_live(served, weight, cfg, live, method=method, old_phy2log=old)
+        return plan.phy2log, served.log2phy(plan, int(plan.logcnt.max())), plan.logcnt
     if method == "greedy" and old is None:  # the fast path: the greedy builds log2phy as it plans
         plan, log2phy = served.greedy_with_log2phy(weight, cfg.effective())
         return plan.phy2log, log2phy, plan.logcnt

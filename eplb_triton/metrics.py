@@ -33,7 +33,8 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
 
     Args:
         weight: ``[L, E]`` loads.
-        phy2log: ``[L, R]`` expert of each slot; slot ``q`` lives on GPU ``q // (R / num_gpus)``.
+        phy2log: ``[L, R]`` expert of each slot; slot ``q`` lives on GPU ``q // (R / num_gpus)``;
+            ``-1``: an empty slot (a lost GPU's), no load.
         logcnt: ``[L, E]`` replicas of each expert.
         num_gpus: ``P``.
 
@@ -43,7 +44,9 @@ def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor,
     P = _check_placement(weight, phy2log, logcnt, num_gpus)
     dev = weight.device
     share = weight.detach().to(torch.float64) / logcnt.to(dev, torch.float64)
-    per_slot = share.gather(1, phy2log.to(dev, torch.int64))
+    phy = phy2log.to(dev, torch.int64)
+    per_slot = share.gather(1, phy.clamp_min(0))
+    per_slot = torch.where(phy >= 0, per_slot, 0.0)  # an empty slot (a lost GPU's) carries nothing
     return per_slot.view(per_slot.shape[0], P, -1).sum(-1)
 
 

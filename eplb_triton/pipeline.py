@@ -148,3 +148,64 @@ def _may_fit(
     R = phy2log.shape[1]
     kept_at_most = block_overlap(phy2log, old_phy2log, P, E, read_bound=True).amax(dim=2).sum(dim=1)
     return torch.nonzero(R - kept_at_most <= max_moves).flatten()
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning around lost GPUs (docs/algorithm.md section 12)
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_live(
+    backend: Backend,
+    weight: torch.Tensor,
+    cfg: Config,
+    live: list[int],
+    *,
+    method: str = "greedy",
+    old_phy2log: torch.Tensor | None = None,
+    validate: bool = True,
+) -> Plan:
+    """The plan with only the GPUs ``live`` (increasing GPU ids) usable: their slots get the experts,
+    the other GPUs' slots none (``phy2log`` and ``phyrank`` ``-1`` there; ``logcnt`` counts the live
+    replicas).
+
+    The global policy (``cfg.effective()`` with ``G = N = 1``) plans the ``S x len(live)`` live slots
+    as one problem of ``len(live)`` GPUs. The hierarchical policy keeps its groups-to-nodes packing,
+    and plans each node as a global problem of its groups' experts on its live GPUs. With
+    ``old_phy2log``, each problem is relabelled to the old placement of its live GPUs.
+    """
+    eff = cfg.effective()
+    L, E, R, P = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_gpus
+    G, N = eff.num_groups, eff.num_nodes
+    S, Pn, dev = R // P, P // N, weight.device
+    phy2log = torch.full((L, R), -1, dtype=torch.int64, device=dev)
+    phyrank = torch.full((L, R), -1, dtype=torch.int64, device=dev)
+    logcnt = torch.zeros((L, E), dtype=torch.int64, device=dev)
+    if N == 1:  # global: one problem on the live GPUs, experts as they are
+        mlog2log = torch.arange(E, device=dev).expand(L, E)
+        parts = [(0, live)]
+    else:  # hierarchical: groups to nodes as the pipeline packs them (float32 group sums, in order)
+        gs, gpn = E // G, G // N
+        w3 = weight.detach().to(torch.float32).view(L, G, gs)
+        gload = torch.zeros((L, G), dtype=torch.float32, device=dev)
+        for k in range(gs):
+            gload += w3[:, :, k]
+        gpack, grank = backend.pack(gload, N)
+        log2mlog = (((gpack * gpn + grank) * gs)[:, :, None] + torch.arange(gs, device=dev)).view(L, E)
+        mlog2log = torch.empty_like(log2mlog).scatter_(1, log2mlog, torch.arange(E, device=dev).expand(L, E))
+        parts = [(n, [g for g in live if g // Pn == n]) for n in range(N)]
+    En = E // N
+    for n, gpus in parts:
+        experts = mlog2log[:, n * En : (n + 1) * En]  # [L, En] this problem's experts, in mlog order
+        slots = torch.tensor([g * S + i for g in gpus for i in range(S)], dtype=torch.int64, device=dev)
+        old = None
+        if old_phy2log is not None:  # the old placement of these GPUs, in this problem's expert ids
+            local = torch.full((L, E), En, dtype=torch.int64, device=dev)  # En: foreign, matches nothing
+            local.scatter_(1, experts, torch.arange(En, device=dev).expand(L, En))
+            old = local.gather(1, old_phy2log[:, slots])
+        sub = Config(L, En, len(slots), 1, 1, len(gpus))
+        part = plan(backend, weight.gather(1, experts), sub, method=method, old_phy2log=old, validate=validate)
+        phy2log[:, slots] = experts.gather(1, part.phy2log)
+        phyrank[:, slots] = part.phyrank
+        logcnt.scatter_(1, experts, part.logcnt)
+    return Plan(phy2log, phyrank, logcnt)

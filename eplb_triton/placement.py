@@ -45,7 +45,7 @@ def log2phy_from_rank(
     """``log2phy[l, e, r]``: the slot holding replica ``r`` of expert ``e``, ``-1`` past its count.
 
     Args:
-        phy2log: ``[L, R]`` int64 expert of each slot.
+        phy2log: ``[L, R]`` int64 expert of each slot (``-1``: an empty slot, listed nowhere).
         phyrank: ``[L, R]`` int64 replica number of each slot (``0 .. logcnt - 1`` per expert).
         num_experts: ``E``.
         width: columns ``X`` of the result, at least ``max(logcnt)``.
@@ -59,7 +59,12 @@ def log2phy_from_rank(
         out = torch.empty((L, num_experts, width), dtype=torch.int64, device=phy2log.device)
     out.fill_(-1)
     slots = torch.arange(R, device=phy2log.device).expand(L, R)
-    out.view(L, -1).scatter_(1, phy2log * width + phyrank, slots)
+    empty = phy2log < 0  # slots of lost GPUs hold no expert: they write into a column past the end
+    flat = torch.where(empty, num_experts * width, phy2log * width + phyrank)
+    spill = torch.empty((L, num_experts * width + 1), dtype=torch.int64, device=phy2log.device)
+    spill[:, :-1] = out.view(L, -1)
+    spill.scatter_(1, flat, slots)
+    out.view(L, -1).copy_(spill[:, :-1])
     return out
 
 
@@ -158,7 +163,8 @@ Assign = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def block_overlap(
     new: torch.Tensor, old: torch.Tensor, blocks: int, num_experts: int, read_bound: bool = False
 ) -> torch.Tensor:
-    """``[L, blocks, blocks]``: experts (with multiplicity) that new block ``i`` and old block ``j`` share.
+    """``[L, blocks, blocks]``: experts (with multiplicity) that new block ``i`` and old block ``j`` share;
+    ids outside ``[0, num_experts)`` match nothing.
 
     ``read_bound``: read the largest number of copies of one expert in one block from the data (a
     host read; worth it where that is free) instead of taking the block width as the bound.
@@ -168,8 +174,10 @@ def block_overlap(
     block = (torch.arange(R, device=new.device) // width).expand(L, R)
 
     def counts(phy: torch.Tensor) -> torch.Tensor:
+        # ids outside [0, E) (an empty slot, an expert foreign to this subproblem) count nowhere
+        real = (phy >= 0) & (phy < num_experts)
         c = torch.zeros((L, blocks * num_experts), dtype=torch.float64, device=new.device)
-        c.scatter_add_(1, block * num_experts + phy, torch.ones_like(phy, dtype=torch.float64))
+        c.scatter_add_(1, block * num_experts + phy.clamp(0, num_experts - 1), real.double())
         return c.view(L, blocks, num_experts)
 
     cn, co = counts(new), counts(old)

@@ -140,7 +140,8 @@ def log2phy(
     out = torch.full((L, E, X), -1, dtype=torch.int64)
     for layer in range(L):
         for q in range(R):
-            out[layer, phy2log[layer, q], phyrank[layer, q]] = q
+            if phy2log[layer, q] >= 0:  # an empty slot (a lost GPU's) is listed nowhere
+                out[layer, phy2log[layer, q], phyrank[layer, q]] = q
     return out
 
 

@@ -1,0 +1,125 @@
+"""Planning around lost GPUs: rebalance_experts(..., active_gpus=mask) (docs/algorithm.md section 12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_loads
+
+import eplb_triton as eplb
+from eplb_triton import pipeline
+from eplb_triton._validation import Config
+from eplb_triton.backends import CPU
+
+BACKENDS = ["reference", "cpu", "triton"]
+# (L, E, R, G, N, P, lost GPUs): global and hierarchical, a lost GPU in one node or in two
+CASES = [
+    (2, 12, 16, 4, 2, 8, [2]),
+    (2, 12, 16, 4, 2, 8, [0, 7]),
+    (2, 12, 18, 5, 2, 6, [4]),  # global (5 % 2 != 0)
+    (3, 8, 16, 1, 1, 4, [1, 3]),
+    (2, 16, 32, 4, 4, 8, [5]),
+]
+
+
+def _mask(P: int, lost: list[int]) -> list[bool]:
+    return [g not in lost for g in range(P)]
+
+
+def _check_invariants(phy2log, log2phy, logcnt, E, R, G, N, P, lost):
+    L, S = phy2log.shape[0], R // P
+    dead = torch.tensor([q // S in lost for q in range(R)])
+    assert (phy2log[:, dead] == -1).all(), "a lost GPU's slots hold no expert"
+    live = phy2log[:, ~dead]
+    assert ((live >= 0) & (live < E)).all()
+    counted = torch.zeros(L, E, dtype=torch.int64).scatter_add_(1, live, torch.ones_like(live))
+    assert torch.equal(counted, logcnt) and (logcnt >= 1).all(), "every expert on a live GPU"
+    assert (logcnt.sum(1) == S * (P - len(lost))).all()
+    X = log2phy.shape[2]
+    valid = torch.arange(X) < logcnt.unsqueeze(-1)
+    assert (log2phy[~valid] == -1).all()
+    for layer in range(L):
+        slots = log2phy[layer][valid[layer]]
+        assert not dead[slots].any(), "log2phy never lists a lost GPU's slot"
+        assert sorted(slots.tolist()) == (~dead).nonzero().flatten().tolist()
+    if G % N == 0 and N > 1:  # hierarchical: a group's replicas on one node
+        node = torch.arange(R) // (R // N)
+        for layer in range(L):
+            for g in range(G):
+                nodes = {
+                    int(node[q]) for q in range(R) if 0 <= phy2log[layer, q] < E and phy2log[layer, q] // (E // G) == g
+                }
+                assert len(nodes) == 1, (layer, g, nodes)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("method", ["greedy", "refined"])
+def test_every_backend_plans_the_same_around_lost_gpus(case, method):
+    L, E, R, G, N, P, lost = case
+    w = make_loads(L, E, "skewed", seed=R + P)
+    got = {b: eplb.rebalance_experts(w, R, G, N, P, backend=b, method=method, active_gpus=_mask(P, lost))
+           for b in BACKENDS}  # fmt: skip
+    _check_invariants(*got["reference"], E, R, G, N, P, lost)
+    for b in BACKENDS[1:]:
+        for a, want in zip(got[b], got["reference"], strict=True):
+            assert torch.equal(a, want), b
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_with_every_gpu_live_the_plan_is_the_usual_one(case):
+    # the per-problem route itself, given every GPU: the same plan as the fused greedy
+    L, E, R, G, N, P, _ = case
+    w = make_loads(L, E, "skewed", seed=3)
+    cfg = Config(L, E, R, G, N, P)
+    got = pipeline.plan_live(CPU, w, cfg, list(range(P)))
+    want = pipeline.plan(CPU, w, cfg.effective())
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_global_policy_plans_the_live_slots_as_one_problem():
+    # an independent route: the plan of R' = S x live slots on the live GPUs, placed on them
+    L, E, R, P, lost = 2, 8, 12, 4, [1]
+    w = make_loads(L, E, "skewed", seed=9)
+    got = eplb.rebalance_experts(w, R, 1, 1, P, active_gpus=_mask(P, lost))[0]
+    compact = eplb.rebalance_experts(w, 9, 1, 1, 3)[0]
+    assert torch.equal(got[:, [0, 1, 2, 6, 7, 8, 9, 10, 11]], compact) and (got[:, 3:6] == -1).all()
+
+
+def test_the_live_gpus_keep_what_they_hold_where_possible():
+    L, E, R, G, N, P = 3, 16, 32, 4, 4, 8
+    old = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=1), R, G, N, P)[0]
+    w = make_loads(L, E, "skewed", seed=2)
+    mask = _mask(P, [3])
+    fresh = eplb.rebalance_experts(w, R, G, N, P, active_gpus=mask)
+    kept = eplb.rebalance_experts(w, R, G, N, P, active_gpus=mask, old_phy2log=old)
+    _check_invariants(*kept, E, R, G, N, P, [3])
+    assert torch.equal(kept[2], fresh[2]), "the same replica counts"
+    def gpu_shares(phy, cnt):  # each GPU's replica shares, sorted: the same multiset in any slot order
+        share = torch.where(phy >= 0, (w.double() / cnt.double()).gather(1, phy.clamp_min(0)), 0.0)
+        return share.view(L, P, -1).sort(dim=2).values.sort(dim=1).values
+
+    assert torch.equal(gpu_shares(fresh[0], fresh[2]), gpu_shares(kept[0], kept[2])), "the GPUs, relabelled"
+    moved = [int(((p != old) & (p >= 0)).sum()) for p, _, _ in (fresh, kept)]
+    assert moved[1] < moved[0], moved
+
+
+def test_argument_rules():
+    w = make_loads(1, 8, "skewed", seed=0)
+    old = torch.arange(12).remainder(8).view(1, 12)
+    rules = [
+        (dict(active_gpus=[1, 1, 1]), ValueError, r"one entry per GPU \(num_gpus=4\)"),
+        (dict(active_gpus=[0, 0, 0, 0]), ValueError, "every GPU lost"),
+        (dict(active_gpus=[1, 0, 0, 0]), ValueError, r"leaves 3 slots \(1 live GPUs x 3\) for the experts \(8\)"),
+        (dict(active_gpus=[1, 2, 1, 1]), ValueError, "booleans"),
+        (dict(active_gpus="1111"), TypeError, "active_gpus must be"),
+        (dict(active_gpus=[1, 1, 0, 1], old_phy2log=old, max_moves=2), ValueError, "neither max_moves nor min_gain"),
+        (dict(active_gpus=[1, 1, 0, 1], old_phy2log=old, min_gain=0.1), ValueError, "neither max_moves nor min_gain"),
+    ]
+    for kwargs, error, words in rules:
+        with pytest.raises(error, match=words):
+            eplb.rebalance_experts(w, 12, 1, 1, 4, **kwargs)
+    with pytest.raises(ValueError, match=r"leaves 3 slots .* for node 1's 1 expert groups \(4\)"):
+        eplb.rebalance_experts(w, 12, 2, 2, 4, active_gpus=[1, 1, 1, 0])
+    all_live = eplb.rebalance_experts(w, 12, 1, 1, 4, active_gpus=torch.ones(4, dtype=torch.bool))
+    assert all(torch.equal(a, b) for a, b in zip(all_live, eplb.rebalance_experts(w, 12, 1, 1, 4), strict=True))
