@@ -22,7 +22,7 @@ def as_tensor(value: object, name: str) -> tuple[object, bool]:
     The tensor shares the array's memory where it can; nothing writes to it. Anything else is
     returned as it is, for the function's own checks to name.
     """
-    if isinstance(value, torch.Tensor):
+    if value is None or isinstance(value, torch.Tensor):  # None: an optional argument left out
         return value, False
     numpy_in = isinstance(value, np.ndarray)
     if not (numpy_in or isinstance(value, (list, tuple))):

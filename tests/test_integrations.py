@@ -428,3 +428,26 @@ def test_sglang_relabels_to_the_placement_in_service(monkeypatch):
     meta.physical_to_logical_map_cpu = old[:, :8]  # another shape: planned from scratch
     got = eplb_sglang.rebalance_experts(w, R, G, N, P, enable_hierarchical=True)
     assert torch.equal(got[0], eplb.rebalance_experts(w, R, G, N, P)[0])
+
+
+def test_sglang_elastic_plans_around_lost_ranks(monkeypatch):
+    """elasticity_aware's replacement: lost ranks' slots hold the filler 0 and are never listed;
+    every expert stays on a live rank; the hierarchical policy stays hierarchical where it can."""
+    from eplb_triton.integrations._options import PlanOptions
+
+    monkeypatch.setattr(eplb_sglang, "OPTIONS", PlanOptions())
+    L, E, R, G, N, P = 2, 16, 32, 4, 2, 8
+    w = make_loads(L, E, "skewed", seed=21)
+    active = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1, 0], dtype=torch.int32)  # capacity 10 > P: first P count
+    phy2log, log2phy, logcnt = eplb_sglang.rebalance_experts_elastic(w, R, G, N, P, True, active)
+    want = eplb.rebalance_experts(w, R, G, N, P, active_gpus=active[:P].bool())
+    assert torch.equal(phy2log, want[0].clamp_min(0)) and torch.equal(logcnt, want[2])
+    assert torch.equal(log2phy, want[1]) and (phy2log[:, 12:16] == 0).all()
+    assert not ((log2phy >= 12) & (log2phy < 16)).any(), "a lost rank's slots are never listed"
+    # a node too short of slots for its groups: the global policy, as SGLang's own falls back
+    short = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1])
+    got = eplb_sglang.rebalance_experts_elastic(w, 24, G, N, P, True, short)
+    assert torch.equal(got[2], eplb.rebalance_experts(w, 24, 1, 1, P, active_gpus=short.bool())[2])
+    every = eplb_sglang.rebalance_experts_elastic(w, R, G, N, P, True, torch.ones(P, dtype=torch.int32))
+    plain = eplb_sglang.rebalance_experts(w, R, G, N, P, True)
+    assert all(torch.equal(a, b) for a, b in zip(every, plain, strict=True))

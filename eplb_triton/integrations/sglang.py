@@ -18,14 +18,15 @@ The options of :mod:`eplb_triton.integrations._options` apply (``method``, ``max
 SGLang computes placements in its scheduler processes, so run ``install`` there: from a
 ``sglang.srt.plugins`` entry point (SGLang's ``load_plugins`` runs those in every scheduler
 process), or in a launcher that calls it before ``sglang.launch_server``'s ``main`` when the
-processes are forked. The ``deepseek_vec`` and ``elasticity_aware`` algorithms are left as they are.
+processes are forked. The ``elasticity_aware`` algorithms (forced by elastic EP) become
+:func:`rebalance_experts_elastic`; ``deepseek_vec`` is left as it is.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._validation import EplbArgumentError, check_count
+from .._validation import EplbArgumentError, check_active_gpus, check_config, check_count
 from ..api import rebalance_experts as _rebalance_experts
 from ._options import PlanOptions, full_placement, replan
 
@@ -96,8 +97,50 @@ def rebalance_experts(
     return tuple(t.cpu() for t in out)  # type: ignore[return-value]
 
 
+def rebalance_experts_elastic(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int | None,
+    num_nodes: int,
+    num_gpus: int,
+    enable_hierarchical: bool,
+    active_ranks: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SGLang's ``eplb_algorithms.elasticity_aware.rebalance_experts``, on ``eplb_triton``.
+
+    Plans around the lost ranks (``active_ranks`` 0) with :func:`eplb_triton.rebalance_experts`'s
+    ``active_gpus`` (docs/algorithm.md section 12), relabelled to the placement in service when it
+    holds every expert, so the live ranks keep what they hold where they can. Unlike SGLang's, the
+    hierarchical policy stays hierarchical (groups on their nodes) as long as every node keeps
+    enough live slots for its groups; otherwise, as SGLang does, the global policy plans the live
+    slots. Only the first ``num_gpus`` entries of ``active_ranks`` count (its length is SGLang's rank
+    capacity, which may be larger).
+
+    Returns:
+        SGLang's layout: ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])`` int64 on the CPU;
+        a lost rank's slots hold expert 0 in ``phy2log`` (a filler), ``log2phy`` never lists them and
+        ``logcnt`` counts the live replicas.
+    """
+    active = torch.as_tensor(active_ranks).detach().cpu().reshape(-1)[:num_gpus].bool()
+    if bool(active.all()):
+        return rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, enable_hierarchical)
+    L, E = weight.shape
+    groups, nodes = (num_groups, num_nodes) if enable_hierarchical else (1, 1)
+    if enable_hierarchical:
+        try:  # every node must keep enough live slots for its groups; else plan globally, as SGLang does
+            check_active_gpus(active, check_config(weight, num_replicas, groups, nodes, num_gpus))
+        except EplbArgumentError:
+            groups, nodes = 1, 1
+    old = full_placement(current_placement(L, num_replicas), L, E, num_replicas)
+    phy2log, log2phy, logcnt = _rebalance_experts(
+        weight, num_replicas, groups, nodes, num_gpus, method=OPTIONS.method, old_phy2log=old, active_gpus=active
+    )
+    return phy2log.clamp_min(0).cpu(), log2phy.cpu(), logcnt.cpu()
+
+
 def install(*, method: str | None = None, max_moves: int | float | None = None, min_gain: float | None = None) -> None:
-    """Make SGLang's ``deepseek`` and ``deepseek_hierarchical`` algorithms run :func:`rebalance_experts`.
+    """Make SGLang's ``deepseek`` and ``deepseek_hierarchical`` algorithms run :func:`rebalance_experts`,
+    and its ``elasticity_aware`` ones (elastic EP) :func:`rebalance_experts_elastic`.
 
     Idempotent; affects the calling process only (module docstring).
 
@@ -115,3 +158,8 @@ def install(*, method: str | None = None, max_moves: int | float | None = None, 
 
     OPTIONS = options
     deepseek.rebalance_experts = rebalance_experts
+    try:  # elastic EP (SGLang >= 0.5.x): the algorithm that plans around lost ranks
+        from sglang.srt.eplb.eplb_algorithms import elasticity_aware
+    except ImportError:
+        return
+    elasticity_aware.rebalance_experts = rebalance_experts_elastic
