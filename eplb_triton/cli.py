@@ -30,7 +30,7 @@ import torch
 
 from . import __version__, metrics
 from ._atomic import replace_files
-from ._validation import check_config
+from ._validation import METHODS, check_config
 from .api import rebalance_experts
 from .backends import BACKENDS, device_for
 from .io import OneLineParser as _Parser
@@ -146,6 +146,64 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} and --plot {args.plot} are the same file")
 
 
+def _read_old(path: Path, layers: list[int], replicas: int) -> torch.Tensor:
+    """``phy2log`` of a plan written by ``plan --out`` for the same model layers and slot count."""
+    try:
+        plan = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"--old {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--old {path}: not a JSON plan ({one_line(exc)})") from None
+    if not isinstance(plan, dict) or "phy2log" not in plan:
+        raise ValueError(f"--old {path}: not a plan written by 'eplb-triton plan --out' (no phy2log)")
+    if plan.get("model_layers", layers) != layers:
+        raise ValueError(f"--old {path}: planned for model layers {plan.get('model_layers')}, the loads have {layers}")
+    try:
+        old = torch.tensor(plan["phy2log"], dtype=torch.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"--old {path}: phy2log must be a rectangular list of integers") from None
+    if tuple(old.shape) != (len(layers), replicas):
+        raise ValueError(f"--old {path}: phy2log is {list(old.shape)}, this plan needs {[len(layers), replicas]}")
+    return old
+
+
+def _active_gpus(spec: str, gpus: int) -> list[bool]:
+    """``--active-gpus``: one 0/1 per GPU, as ``11101111`` or ``1,1,1,0,1,1,1,1``."""
+    digits = spec.replace(",", "").replace(" ", "")
+    if not digits or set(digits) - {"0", "1"}:
+        raise ValueError(f"--active-gpus {spec!r}: one 0 or 1 per GPU, e.g. 11101111 or 1,1,1,0,1,1,1,1")
+    if len(digits) != gpus:
+        raise ValueError(f"--active-gpus {spec!r}: {len(digits)} entries for --gpus {gpus}")
+    return [d == "1" for d in digits]
+
+
+def _moves(text: str) -> int | float:
+    """``--max-moves``: slots per layer (an int >= 0), or a fraction of the slots in (0, 1]."""
+    if text.strip().lstrip("+-").isdigit():
+        value = int(text)
+    else:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: an int, or a fraction in (0, 1]") from None
+        if not 0.0 < fraction <= 1.0:
+            raise argparse.ArgumentTypeError(f"a fraction of the slots must be in (0, 1], got {fraction}")
+        return fraction
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _gain(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _plan(args: argparse.Namespace) -> int:
     _check_outputs(args)  # the arguments first: their errors do not depend on what is installed
     if args.plot is not None:
@@ -164,34 +222,51 @@ def _plan(args: argparse.Namespace) -> int:
     # auto and hierarchical: rebalance_experts applies the one rule (select_policy); global is G = N = 1
     groups, nodes = (1, 1) if args.policy == "global" else (args.groups, args.nodes)
     cfg = check_config(w, args.replicas, groups, nodes, args.gpus)  # its errors say it best, as they are
+    old = _read_old(args.old, loads.layers, args.replicas) if args.old is not None else None
+    if old is None and (args.max_moves is not None or args.min_gain is not None):
+        raise ValueError("--max-moves and --min-gain need --old PLAN.json: they compare with the placement in service")
+    active = _active_gpus(args.active_gpus, args.gpus) if args.active_gpus is not None else None
+    max_moves = args.max_moves
+    if isinstance(max_moves, float):
+        max_moves = max(1, round(max_moves * args.replicas))
     try:
         phy2log, log2phy, logcnt = rebalance_experts(
-            w.to(device), args.replicas, groups, nodes, args.gpus, backend=args.backend
-        )
+            w.to(device), args.replicas, groups, nodes, args.gpus, backend=args.backend, method=args.method,
+            old_phy2log=None if old is None else old.to(device), max_moves=max_moves, min_gain=args.min_gain,
+            active_gpus=active,
+        )  # fmt: skip
     except (ValueError, MemoryError, OverflowError, RuntimeError) as exc:  # e.g. --replicas 10**12: too large
         raise ValueError(
             f"cannot plan --replicas {args.replicas} --groups {args.groups} --nodes {args.nodes} --gpus {args.gpus} "
             f"for {w.shape[0]} layers x {w.shape[1]} experts ({_describe(exc)})"
         ) from None
     phy2log, log2phy, logcnt = phy2log.cpu(), log2phy.cpu(), logcnt.cpu()
+    moved = None if old is None else ((phy2log != old) & (phy2log >= 0)).sum(dim=1)
     before = metrics.identity_gpu_loads(w, args.gpus)
     after = metrics.gpu_loads(w, phy2log, logcnt, args.gpus)
-    b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
 
-    print(f"{'layer':>5s} {'before':>7s} {'after':>7s}  hottest experts (replicas)")
+    if old is not None:  # "before" is the placement in service
+        old_cnt = torch.zeros_like(logcnt).scatter_add_(1, old, torch.ones_like(old))
+        before = metrics.gpu_loads(w, old, old_cnt, args.gpus)
+    b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
+    print(f"{'layer':>5s} {'before':>7s} {'after':>7s} " + ("moved " if moved is not None else "")
+          + " hottest experts (replicas)")  # fmt: skip
     for row, layer in enumerate(loads.layers):  # labelled with the model layer index (row in the file)
         print(
-            f"{layer:5d} {float(b_before[row]):7.3f} {float(b_after[row]):7.3f}  "
-            f"{_hottest(w[row], logcnt[row], args.top)}"
+            f"{layer:5d} {float(b_before[row]):7.3f} {float(b_after[row]):7.3f} "
+            + (f"{int(moved[row]):5d} " if moved is not None else "")
+            + f" {_hottest(w[row], logcnt[row], args.top)}"
         )
     s_before, s_after = metrics.summarize(b_before), metrics.summarize(b_after)
     print(
         f"balancedness (mean GPU load / max): before mean {s_before['mean']:.3f} worst {s_before['worst']:.3f}; "
         f"after mean {s_after['mean']:.3f} worst {s_after['worst']:.3f}"
+        + ("" if moved is None else f"; slots moved {int(moved.sum())} of {moved.numel() * args.replicas}")
     )
     config = {"replicas": args.replicas, "groups": args.groups, "nodes": args.nodes, "gpus": args.gpus,
-              "layers": w.shape[0], "experts": w.shape[1],
-              "policy": cfg.policy}  # fmt: skip
+              "layers": w.shape[0], "experts": w.shape[1], "policy": cfg.policy, "method": args.method,
+              "old": None if args.old is None else str(args.old), "max_moves": max_moves,
+              "min_gain": args.min_gain, "active_gpus": None if active is None else active}  # fmt: skip
     files: dict[Path, bytes] = {}  # everything is computed before any file is replaced
     if args.out is not None:
         plan = {
@@ -203,6 +278,7 @@ def _plan(args: argparse.Namespace) -> int:
             "log2phy": log2phy.tolist(),
             "logcnt": logcnt.tolist(),
             "balancedness": {"before": b_before.tolist(), "after": b_after.tolist()},
+            "moved": None if moved is None else moved.tolist(),  # per layer: slots whose expert changes
         }
         files[args.out] = json.dumps(plan).encode()
     if args.plot is not None:
@@ -281,6 +357,30 @@ def build_parser() -> _Parser:
     plan.add_argument(
         "--top", type=_positive_int, default=3, metavar="K", help="hottest experts listed per layer (default: 3)"
     )
+    plan.add_argument(
+        "--method", choices=METHODS, default="greedy",
+        help="greedy: DeepSeek's algorithm; refined: a local search after it (default: greedy)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--old", type=Path, metavar="PLAN.json",
+        help="the placement in service, a plan written by --out: the new one is relabelled to it, and "
+        "'before' and 'moved' compare with it (default: none)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--max-moves", type=_moves, metavar="K",
+        help="with --old: an incremental replan, at most K slots per layer change (an int, or a fraction of "
+        "the slots such as 0.15) (default: none)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--min-gain", type=_gain, metavar="X",
+        help="with --old: a layer keeps its placement unless the plan lowers its largest GPU load by X "
+        "(0 <= X < 1) (default: none)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--active-gpus", metavar="MASK",
+        help="plan around lost GPUs: one 0/1 per GPU, e.g. 11101111; a lost GPU's slots get no expert "
+        "(-1) (default: every GPU)",
+    )  # fmt: skip
     sub.add_parser("bench", help="run the benchmark (options: eplb-triton bench --help)", add_help=False)
     return parser
 

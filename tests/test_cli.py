@@ -64,7 +64,8 @@ def test_plan_writes_the_api_result(tmp_path, loads_file):
     assert plan["log2phy"] == log2phy.tolist()
     assert plan["logcnt"] == logcnt.tolist()
     assert plan["config"] == {"replicas": 24, "groups": 4, "nodes": 2, "gpus": 8, "layers": 4, "experts": 16,
-                              "policy": "hierarchical"}  # fmt: skip
+                              "policy": "hierarchical", "method": "greedy", "old": None, "max_moves": None,
+                              "min_gain": None, "active_gpus": None}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -494,3 +495,67 @@ def test_plot_tick_labels_stay_readable_for_many_layers():
         assert sorted(line.get_xdata()[0] for line in ax.lines) == [1.5, 3.5, 5.5]
     finally:
         plt.close(fig)
+
+
+def test_plan_from_an_old_plan_reports_moves(tmp_path, capsys):
+    # a plan of one load file serves the next: relabelled to it, incremental, gated; slots moved reported
+    first, second = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(first, make_loads(3, 16, "skewed", 1).numpy())
+    np.save(second, make_loads(3, 16, "skewed", 2).numpy())
+    old_json = tmp_path / "old.json"
+    base = ["--replicas", "24", "--groups", "4", "--nodes", "2", "--gpus", "8"]
+    assert main(["plan", "--loads", str(first), *base, "--out", str(old_json)]) == 0
+    old = torch.tensor(json.loads(old_json.read_text())["phy2log"])
+    w = torch.from_numpy(np.load(second))
+    for extra, kwargs in (
+        ([], {}),
+        (["--method", "refined"], {"method": "refined"}),
+        (["--max-moves", "3"], {"max_moves": 3}),
+        (["--max-moves", "0.25"], {"max_moves": 6}),
+        (["--min-gain", "0.05"], {"min_gain": 0.05}),
+    ):
+        out = tmp_path / "new.json"
+        capsys.readouterr()
+        assert main(["plan", "--loads", str(second), *base, "--old", str(old_json), "--out", str(out), *extra]) == 0
+        printed = capsys.readouterr().out
+        plan = json.loads(out.read_text())
+        want = eplb.rebalance_experts(w, 24, 4, 2, 8, old_phy2log=old, **kwargs)[0]
+        assert plan["phy2log"] == want.tolist(), extra
+        assert plan["moved"] == (want != old).sum(dim=1).tolist()
+        assert f"slots moved {sum(plan['moved'])} of 72" in printed and " moved " in printed.splitlines()[0]
+
+
+def test_plan_around_lost_gpus(tmp_path):
+    path = tmp_path / "loads.npy"
+    np.save(path, make_loads(2, 16, "skewed", 3).numpy())
+    out = tmp_path / "plan.json"
+    base = ["plan", "--loads", str(path), "--replicas", "24", "--groups", "4", "--nodes", "2", "--gpus", "8"]
+    assert main([*base, "--active-gpus", "11101111", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    mask = [True, True, True, False, True, True, True, True]
+    want = eplb.rebalance_experts(make_loads(2, 16, "skewed", 3), 24, 4, 2, 8, active_gpus=mask)[0]
+    assert plan["phy2log"] == want.tolist() and plan["config"]["active_gpus"] == mask
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--max-moves", "3"], "--max-moves and --min-gain need --old PLAN.json"),
+        (["--min-gain", "0.1"], "--max-moves and --min-gain need --old PLAN.json"),
+        (["--active-gpus", "1110"], "--active-gpus '1110': 4 entries for --gpus 8"),
+        (["--active-gpus", "11x01111"], "one 0 or 1 per GPU"),
+        (["--old", "missing.json"], "--old missing.json"),
+        (["--max-moves", "1.5"], "a fraction of the slots must be in (0, 1]"),
+        (["--min-gain", "1"], "must be in [0, 1)"),
+    ],
+)
+def test_plan_options_errors(tmp_path, capsys, extra, words):
+    path = tmp_path / "loads.npy"
+    np.save(path, make_loads(2, 16, "skewed", 3).numpy())
+    argv = ["plan", "--loads", str(path), "--replicas", "24", "--groups", "4", "--nodes", "2", "--gpus", "8", *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1, err
