@@ -8,6 +8,8 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
   worst layer), the lower bound (docs/algorithm.md)'s ceiling on it, and the balancedness with no rebalancing;
+* serving (``--serving`` with two or more ``--loads``): rearrangements over the files in sequence,
+  slots moved and balancedness per policy (:mod:`eplb_triton.bench_serving`);
 * dispatch (``--dispatch`` with ``--loads``): per-step balancedness of the even and the balanced
   split against the LP optimum, on steps sampled from the loads (:mod:`eplb_triton.bench_dispatch`);
 * methods (``--methods`` with ``--loads``): ``method="refined"`` against the greedy per file, the
@@ -55,6 +57,7 @@ from ._validation import check_shape_config
 from .api import rebalance_experts
 from .bench_dispatch import BATCHES as DISPATCH_BATCHES
 from .bench_dispatch import dispatch_report, format_dispatch, plot_dispatch
+from .bench_serving import format_serving, load_vllm_policy, serving_report
 from .configs import DEEPSEEK_V3, MODELS, Deployment
 from .io import Loads, OneLineParser, one_line, read_loads
 
@@ -579,6 +582,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dispatch", action="store_true",
                    help="with --loads: per-step balancedness of the even and the balanced split and the LP optimum, "
                         f"batches of {', '.join(map(str, DISPATCH_BATCHES))} tokens (default: off)")  # fmt: skip
+    p.add_argument("--serving", action="store_true",
+                   help="with two or more --loads: rearrangements over the files in sequence, slots moved and "
+                        "balancedness of vLLM's default policy, the relabelled replan, max_moves budgets and "
+                        "the min_gain gate (default: off)")  # fmt: skip
+    p.add_argument("--vllm-policy", type=Path, metavar="PATH/default.py",
+                   help="with --serving: vLLM's policy file to run as vllm-default (default: the installed vLLM, "
+                        "else its rule computed here)")  # fmt: skip
     p.add_argument("--budget-deployment", default="decode-EP64", choices=[*DEEPSEEK_V3, "custom"], metavar="NAME",
                    help=f"deployment of the budget curve: {', '.join(DEEPSEEK_V3)} or custom "
                         "(default: decode-EP64)")  # fmt: skip
@@ -618,6 +628,9 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         parser.error("--methods needs --loads FILE: the methods are measured on real loads")
     if args.dispatch and not args.loads:
         parser.error("--dispatch needs --loads FILE: steps are sampled from real loads")
+    if args.serving and len(args.loads) < 2:
+        parser.error("--serving needs two or more --loads FILE: a rearrangement goes from one to the next")
+    vllm_policy = load_vllm_policy(args.vllm_policy) if args.serving else None
     if args.busy < 0:
         parser.error(f"--busy ({args.busy}) must be >= 0")
     for m in models:  # the same rules as the API, before any time is spent
@@ -723,6 +736,19 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
                          f"{info['cpu']}, torch {info['torch']}, {info['date'][:10]}")  # fmt: skip
                 if plot_budget_curve(curve, args.out / "budget_curve.png", title):
                     log(f"wrote {args.out / 'budget_curve.png'}")
+    if files and args.serving:
+        names = ("prefill-EP32", "prefill-EP32-global", "decode-EP64", "decode-EP144")
+        log("serving: rearrangements over the load files in sequence (CPU path)")
+        rows = serving_report(files, [DEEPSEEK_V3[n] for n in names], vllm_policy, log=log)
+        result["serving"] = rows
+        result["serving_vllm"] = "the installed vLLM code" if vllm_policy is not None else "its rule, computed here"
+        tables.append(
+            "Rearrangements over the files in sequence (each policy from its own placement in service): share of "
+            "slots moved, balancedness of the new placement on the new loads (means over rearrangements)\n"
+            + format_serving(rows, vllm_policy is not None)
+        )
+        print()
+        print(tables[-1])
     if files and args.dispatch:
         names = ("prefill-EP32", "prefill-EP32-global", "decode-EP64", "decode-EP144")
         log("per-step dispatch: even and balanced split against the LP optimum (CPU path)")

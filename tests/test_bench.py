@@ -320,3 +320,44 @@ def test_options_that_would_do_nothing_exit_2(tmp_path, capsys, args, message):
     code, stdout, err = run_bench(capsys, *CUSTOM, *args, "--out", tmp_path / "out")
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_serving_and_dispatch_reports(tmp_path, capsys, loads_files):
+    # the two reports on tiny real-shaped data: every policy row present, the gate and budgets honoured
+    from eplb_triton.bench_serving import BUDGETS, serving_report
+    from eplb_triton.configs import Deployment
+    from eplb_triton.io import read_loads
+
+    paths, w = loads_files
+    files = [read_loads(paths[0]), read_loads(paths[1])]
+    d = Deployment("custom", 16, 24, 4, 2, 8, 4)
+    rows = serving_report(files, [d], log=lambda *_: None)
+    policies = {r["policy"] for r in rows}
+    assert policies == {"vllm-default", "relabelled", "gated", *(f"max_moves={round(100 * b)}%" for b in BUDGETS)}
+    for r in rows:
+        if r["policy"].startswith("max_moves="):
+            share = float(r["policy"].split("=")[1].rstrip("%")) / 100
+            assert r["moved"] <= max(1, round(share * 24)) / 24 + 1e-9
+    by = {r["policy"]: r for r in rows}
+    assert by["relabelled"]["after"] == pytest.approx(by["vllm-default"]["after"])  # the same plan, relabelled
+    assert by["relabelled"]["moved"] <= by["vllm-default"]["moved"]
+    code, stdout, err = run_bench(capsys, *CUSTOM, "--no-latency", "--serving", "--loads", paths[0], "--loads",
+                                  paths[1], "--out", tmp_path / "out")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_bench(capsys, *CUSTOM, "--no-latency", "--serving", "--loads", paths[0], "--out", tmp_path)
+    assert code == 2 and "--serving needs two or more --loads" in err
+
+
+def test_dispatch_report_on_small_loads(loads_files):
+    from eplb_triton.bench_dispatch import dispatch_report
+    from eplb_triton.configs import Deployment
+    from eplb_triton.io import read_loads
+
+    paths, _ = loads_files
+    d = Deployment("prefill-custom", 16, 24, 4, 2, 8, 4)
+    rows = dispatch_report([read_loads(paths[0])], [d], batches=[64, 8192], top_k=2, repeats=1, log=lambda *_: None)
+    assert [r["tokens"] for r in rows] == [64, 8192]
+    for r in rows:
+        assert r["layers_at_optimum"] == 1.0, "the balanced split is the integral optimum on every layer"
+        assert r["even"] <= r["balanced"] + 1e-12 and r["balanced"] <= r["optimum"] + 1e-12
+    assert "split_ms_per_layer" in rows[1] and "split_ms_per_layer" not in rows[0]
