@@ -14,7 +14,11 @@ Sections, each recorded (or its error recorded) without stopping the others:
      torch reference) and a full rebalance step of OnlineBalancer, eager and in a CUDA graph;
   8. methods beyond the greedy (docs/algorithm.md section 10) on the real loads: method="refined",
      relabelled to an old placement, and incremental (max_moves = 15% of R), each equal to the CPU
-     path and timed (drop-in API, and EplbPlanner.plan with old_phy2log, which stays sync-free).
+     path and timed (drop-in API, and EplbPlanner.plan with old_phy2log, which stays sync-free);
+  9. the per-step balanced split (section 11) on steps sampled from the real loads: equal to the
+     NumPy path, timed for 58 layers in one launch and in a CUDA graph, and one layer's dispatch;
+ 10. a training loop's balancer pieces: record, a due plan, sync_replica_grads, and the weight and
+     Adam-state moves of a replan (one GPU: in-process).
 
 Writes ``results.json`` and ``summary.txt`` under ``--out``. Installs nothing.
 
@@ -338,6 +342,91 @@ def check_methods(rep: Report, data: Path) -> dict:
     return {"cases": cases, "rows": rows, "all_equal": all(cases.values())}
 
 
+def check_dispatch(rep: Report, data: Path) -> dict:
+    """The per-step balanced split on the device: equal to the NumPy path on steps sampled from the
+    real loads, timed for all layers (one launch), captured in a CUDA graph; and one layer's dispatch."""
+    from eplb_triton.bench_dispatch import sample_ids
+    from eplb_triton.split import balanced_split
+
+    files = sorted(data.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no real load files in {data}")
+    w = read_loads(files[0]).weight
+    w = w[:2] if SMOKE else w
+    tokens = 64 if SMOKE else 8192
+    gen = torch.Generator().manual_seed(0)
+    ids = sample_ids(w, tokens, 8, gen)  # [L, T, 8]
+    L, E = w.shape
+    counts = torch.stack([torch.bincount(ids[i].reshape(-1), minlength=E) for i in range(L)])
+    cases, rows = {}, []
+    for name, (R, G, N, P) in REAL_CONFIGS.items():
+        phy2log = eplb.rebalance_experts(w, R, G, N, P, backend="cpu")[0]
+        want = torch.from_numpy(balanced_split(counts.numpy(), phy2log.numpy(), P))
+        c_dev, p_dev = counts.to(DEVICE), phy2log.to(DEVICE)
+        quota, rounds = launch.balanced_split(c_dev, p_dev, P, R - E + 1)
+        ok = torch.equal(quota.cpu(), want)
+        slots = eplb.dispatch(ids[0].to(DEVICE), p_dev[0], P, num_experts=E, backend="triton")
+        ok &= torch.equal(slots.cpu(), eplb.dispatch(ids[0], phy2log[0], P, num_experts=E, backend="cpu"))
+        cases[name] = bool(ok)
+        split_ms = bench(partial(launch.balanced_split, c_dev, p_dev, P, R - E + 1))
+        row = {"config": name, "layers": L, "tokens": tokens, "equal": bool(ok),
+               "split_us_per_layer": split_ms * 1e3 / L, "rounds_max": int(rounds.max()),
+               "dispatch_one_layer_us": bench(partial(eplb.dispatch, ids[0].to(DEVICE), p_dev[0], P,
+                                                      num_experts=E, backend="triton")) * 1e3}  # fmt: skip
+        if not SMOKE:
+            row["split_graph_us_per_layer"] = (
+                bench(graph_of(partial(launch.balanced_split, c_dev, p_dev, P, R - E + 1)).replay) * 1e3 / L
+            )
+        rows.append(row)
+        rep.say(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return {"cases": cases, "rows": rows, "all_equal": all(cases.values())}
+
+
+def time_training(rep: Report) -> dict:
+    """The balancer's per-step pieces of a training loop, on one GPU: record (58 layers), a due plan
+    (step), the replica gradient sums (in-process: a rank's own copies) and the weight + Adam state
+    moves of a replan (in-process)."""
+    L, E, R, G, N, P = (2, 16, 24, 4, 2, 8) if SMOKE else (58, 256, 288, 8, 4, 32)
+    dim, hidden = (4, 8) if SMOKE else (1024, 512)
+    b = eplb.OnlineBalancer(L, E, R, G, N, P, window=2, rebalance_interval=2, min_gain=0.0, device=DEVICE,
+                            initial_phy2log=eplb.initial_placement(L, E, R))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    probs = torch.distributions.Pareto(1.0, 1.2).sample((E,)).clamp(max=50)
+    ids = [torch.multinomial(probs, 512 * 8, replacement=True, generator=g).view(512, 8).to(DEVICE)
+           for _ in range(L)]  # fmt: skip
+    w13 = [torch.nn.Parameter(torch.randn(R, dim, hidden, device=DEVICE)) for _ in range(L)]
+    opt = torch.optim.Adam(w13)
+    for p in w13:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+    def record_all() -> None:
+        for layer in range(L):
+            b.record(layer, ids[layer])
+
+    result = {"layers": L, "expert_bytes": dim * hidden * 4}
+    result["record_us_per_step"] = bench(record_all) * 1e3
+    phy_cpu = b.phy2log.cpu().clone()  # (on the CPU .cpu() is the same tensor, which the plan rewrites)
+    result["sync_replica_grads_us"] = bench(partial(eplb.sync_replica_grads, w13, phy_cpu)) * 1e3
+    record_all()
+    b.step()
+    record_all()
+    t0 = time.perf_counter()
+    changed = b.step()
+    result["plan_step_ms"] = (time.perf_counter() - t0) * 1e3
+    old = phy_cpu
+    t0 = time.perf_counter()
+    stats = eplb.rearrange_expert_weights(w13, old, b.phy2log, optimizer=opt)
+    if not SMOKE:
+        torch.cuda.synchronize()
+    result["rearrange_ms"] = (time.perf_counter() - t0) * 1e3
+    result["replanned"] = bool(changed)
+    result["slots_moved"] = stats.local_copies + stats.received
+    for k, v in result.items():
+        rep.say(f"{k}: {v}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/deepseek-v3-sglang"))
@@ -358,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.section("num_warps", sweep_warps)
     rep.section("online", time_online)
     rep.section("methods", lambda r: check_methods(r, args.data))
+    rep.section("dispatch", lambda r: check_dispatch(r, args.data))
+    rep.section("training", time_training)
     failed = [k for k, v in rep.data["sections"].items() if not v["ok"]]
     rep.say(f"sections failed: {failed or 'none'}")
     rep.save()
