@@ -1,21 +1,26 @@
 """Static cost report of the Triton kernels for a real NVIDIA target, without a GPU.
 
 Each kernel is compiled ahead of time for ``sm_<arch>`` (default 90, H100/H200) with the ``ptxas``
-that Triton ships, at every shipped configuration, with exactly the constexprs and ``num_warps`` of
-:mod:`eplb_triton.launch` (the functions the launchers call). From the cubin it reads:
+that Triton ships, at every shipped configuration, with exactly the constexprs, ``num_warps`` and
+``maxnreg`` of :mod:`eplb_triton.launch` (the functions the launchers call), and the int arguments the
+JIT would specialise to the constant 1 (the record + dispatch kernel's unit strides of contiguous rows).
+The kernels: the fused rebalance, replicate, balanced packing, record + dispatch, and the per-step
+balanced split (DeepSeek-V3 deployments). From the cubin it reads:
 
 * registers, shared memory and local memory (spills) from ``cuobjdump --dump-resource-usage``;
 * the SASS (``cuobjdump -sass``: instructions and their control bits) and its source lines
   (``nvdisasm -c -gi``). Loops are the backward branches (``BRA`` to a lower address);
-  each is mapped to its source loop through the line information (the inline chain tells the group
-  packing from the slot packing), its trip count comes from the loop counter in the SASS, and its
-  iteration count from the constexprs;
+  each is mapped to its source loop (``for`` or ``while``) through the line information (the inline
+  chain tells the group packing from the slot packing), its trip count comes from the loop counter in
+  the SASS, and its iteration count from the constexprs, or, for the split kernel's data-dependent
+  loops (rounds, search levels, path steps), from measured and stated assumptions (``SPLIT_RUNS``);
 * per loop iteration: shuffles (SHFL), barriers (BAR), warp reductions (REDUX), shared-memory ops
   (LDS/STS), global-memory ops (LDG/STG/ATOM/RED);
 * an estimated critical path in cycles: one warp issuing the SASS in order with the stall counts
   ptxas wrote into the control bits, plus published Hopper/Ampere latencies for the scoreboarded
   instructions (SHFL, REDUX, LDS, LDG, ...; see ``LATENCY`` and the report), and the time of one call
-  from it. It is an order-of-magnitude estimate, not a measurement.
+  from it (for the split kernel: set-up, one round, and a layer at the mean and the worst rounds). It is
+  an order-of-magnitude estimate, not a measurement.
 
 Writes ``kernel_report-<label>.csv`` (this run), ``kernel_report.csv`` (the rows of every label found
 in the output folder) and ``kernel_report.md`` (the detailed report of this run and a
@@ -118,7 +123,10 @@ def _sorted_loops(site: str, name: str, rest_name: str, items_packs) -> list[tup
     ]
 
 
-# Source loops: (function holding the `for`, text of the call site or of the `for`, name, iterations).
+# Source loops: (function holding the `for` or `while`, text of the call site or of the loop line, name,
+# iterations[, options]). ``iterations`` gets the constexprs and the assumed counts of data-dependent loops
+# (``Job.variants``). Options: ``exit``, the text of the source line whose conditional branch leaves the loop
+# from inside its body on the last trip (a search that stops when it finds its target).
 SOURCE_LOOPS = [
     ("_pack_greedy", "_pack_greedy(b_gload", "group packing: G groups onto N nodes", lambda c: c["G"]),
     # _pack_sorted: the first round (P/N items when every load is > 0) takes no step; the other items
@@ -155,8 +163,19 @@ SOURCE_LOOPS = [
         "log2phy -1 fill: E/G x WIDTH entries of each of the node's groups, BLOCK_F per iteration",
         lambda c: -(-(c["E"] // c["G"] * c["WIDTH"]) // c["BLOCK_F"]),
     ),
+    # The per-step balanced split: data-dependent loops, their counts are assumptions (SPLIT_RUNS).
+    ("_balanced_split_kernel", "while (rounds < limit)", "split rounds: rounds of step 4", lambda c: c["rounds"]),
+    (
+        "_balanced_split_kernel",
+        "while searching",
+        "split search: breadth-first levels of a round",
+        lambda c: c["levels"],
+        {"exit": "if code < NEW_ONLY"},  # an augmenting round leaves the level loop at its target
+    ),
+    ("_balanced_split_kernel", "while link < NO_LINK", "split path walk: steps of a round", lambda c: c["path_steps"]),
 ]
 GREEDY = ("packing", "replication")  # loop names of the greedy chains
+SPLIT_LOOPS = ("split rounds", "split search", "split path walk")  # loop names (before ':') of the split kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +344,7 @@ class Loop:
     additive: float = 0.0  # pessimistic model, all trips
     note: str = ""
     unrolled: int = 0  # > 0: no SASS loop, this many straight-line instructions (fully unrolled)
+    exit_at: int | None = None  # index of the branch that leaves the loop from its body on the last trip
 
     @property
     def size(self) -> int:
@@ -485,11 +505,12 @@ class SourceFor:
     function: str
     first: int
     last: int
-    text: str  # the `for` line
+    text: str  # the `for` or `while` line
 
 
 def source_fors(paths: list[Path]) -> tuple[list[SourceFor], dict[tuple[str, int], str]]:
-    """Every ``for`` in the kernel files, and the source text of each line (for the call sites)."""
+    """Every ``for`` and ``while`` loop in the kernel files, and the source text of each line (for the
+    call sites)."""
     fors, lines = [], {}
     for path in paths:
         src = path.read_text()
@@ -498,7 +519,7 @@ def source_fors(paths: list[Path]) -> tuple[list[SourceFor], dict[tuple[str, int
         for fn in ast.walk(ast.parse(src)):
             if isinstance(fn, ast.FunctionDef):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.For):
+                    if isinstance(node, (ast.For, ast.While)):
                         fors.append(
                             SourceFor(path.name, fn.name, node.lineno, node.end_lineno, lines[(path.name, node.lineno)])
                         )
@@ -506,7 +527,7 @@ def source_fors(paths: list[Path]) -> tuple[list[SourceFor], dict[tuple[str, int
 
 
 def loop_identity(ins: Instr, fors: list[SourceFor], lines: dict) -> tuple[SourceFor, str] | None:
-    """(innermost source ``for`` holding ``ins``, the call site line or the ``for`` line)."""
+    """(innermost source loop holding ``ins``, the call site line or the loop's line)."""
     for depth, (file, line) in enumerate(ins.chain):
         inside = [f for f in fors if f.file == file and f.first <= line <= f.last]
         if inside:
@@ -517,8 +538,10 @@ def loop_identity(ins: Instr, fors: list[SourceFor], lines: dict) -> tuple[Sourc
 
 
 def name_of(identity: tuple[SourceFor, str], constexprs: dict) -> tuple[str, int | None]:
+    """Name and iterations of a source loop from ``SOURCE_LOOPS``; ``constexprs`` may also hold the
+    runtime assumptions of the job (``Job.variants``)."""
     f, site = identity
-    for function, pattern, name, iterations in SOURCE_LOOPS:
+    for function, pattern, name, iterations, *_ in SOURCE_LOOPS:
         at, loop = pattern if isinstance(pattern, tuple) else (pattern, None)
         if f.function == function and (at in site or at in f.text) and (loop is None or loop in f.text):
             try:
@@ -526,6 +549,11 @@ def name_of(identity: tuple[SourceFor, str], constexprs: dict) -> tuple[str, int
             except KeyError:
                 return name, None
     return f"{f.function}: {f.text}", None
+
+
+def loop_options(name: str) -> dict:
+    """The options of the ``SOURCE_LOOPS`` entry named ``name`` (``{}`` if none)."""
+    return next((entry[4] for entry in SOURCE_LOOPS if entry[2] == name and len(entry) > 4), {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,8 +569,10 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
     control bits), later if a scoreboard in its wait mask is still pending; a scoreboarded result is
     pending ``LATENCY`` cycles after issue; a barrier costs ``LATENCY["bar"]``. Loops run the trips
     read from their counter (the first ``EXACT_TRIPS`` exactly, the others at the last trip's cost).
-    Forward branches fall through (a valid row takes every ``if``) except those that skip a ``CALL``
-    (the float division's slow path, taken only for subnormal or special operands). Returns the
+    Forward branches fall through (a valid row takes every ``if``) except a guard around a slow-path
+    ``CALL`` (the float division's, taken only for subnormal or special operands: a branch over the call
+    and no other conditional branch or loop) and a loop's ``exit_at`` branch, taken on its last trip
+    (the trips before it run the whole body). Returns the
     program's cost, per tag of ``tags`` (one per instruction) the cost of the tagged ones, and the
     waits outside loops by index of the instruction waited for.
     """
@@ -556,7 +586,14 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
     skips_call = {}
     for n, ins in enumerate(body):
         if ins.base == "BRA" and ins.target is not None and ins.target > ins.addr and ins.target in index:
-            skips_call[n] = any(is_slow_call(b, subs) for b in body[n + 1 : index[ins.target]])
+            # a guard around a slow-path call: the skipped code holds the call, no conditional branch (it is
+            # no if/else or loop guard around a body that happens to hold one) and no loop
+            skipped = range(n + 1, index[ins.target])
+            skips_call[n] = (
+                any(is_slow_call(body[b], subs) for b in skipped)
+                and not any(body[b].base == "BRA" and body[b].guard for b in skipped)
+                and not any(lp.start in skipped for lp in loops)
+            )
     sb_ready = [0.0] * 6
     sb_kind = ["other"] * 6
     sb_from = [-1] * 6  # index of the instruction that set the pending time
@@ -565,6 +602,8 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
     total = Cost()
     active: dict[int, Cost] = {}  # loop end -> cost so far
     trip_marks: dict[int, list[Cost]] = {}  # loop end -> cost at the end of each trip
+    done: dict[int, int] = {}  # loop end -> trips completed (extrapolated ones included)
+    exits = {lp.exit_at: lp for lp in loops if lp.exit_at is not None}
     by_tag: dict[str, Cost] = {}
     k = steps = 0
     while k < len(body):
@@ -580,6 +619,7 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
             if lp.end not in active:
                 active[lp.end] = Cost()
                 trip_marks[lp.end] = [Cost()]
+                done[lp.end] = 0
         ins, kind = body[k], kinds[k]
         t = clock
         blame, source = "other", -1
@@ -607,26 +647,43 @@ def simulate(body: list[Instr], loops: list[Loop], tags: list[str | None] | None
             by_tag.setdefault(tags[k], Cost()).add(step)
         if ins.base == "EXIT" and not ins.guard:
             break
+        if k in exits and exits[k].end in active:  # a loop's exit from its body: taken on the last trip only
+            lp = exits[k]
+            if done[lp.end] >= (lp.trips or 1) - 1:
+                lp.cost = active.pop(lp.end)
+                del trip_marks[lp.end], done[lp.end]
+                k = index[ins.target]
+            else:
+                k += 1
+            continue
         if k in by_end and k in active:  # back branch of a loop being run
             lp = by_end[k]
             marks = trip_marks[k]
             marks.append(active[k].copy())
-            done, want = len(marks) - 1, lp.trips or 1
-            if done < min(want, EXACT_TRIPS):
-                k = lp.start
-                continue
-            if want > done:  # steady state: the remaining trips at the last trip's cost
-                last = marks[-1].minus(marks[-2])
-                extra = want - done
-                for end, cost in active.items():
-                    if by_end[end].start <= lp.start and lp.end <= end:
-                        cost.add(last, extra)
-                total.add(last, extra)
-                shift = extra * last.total
-                clock += shift
-                sb_ready = [v + shift for v in sb_ready]
+            exact = len(marks) - 1
+            # trips through the back branch; a loop with an exit runs its last trip up to the exit
+            want = (lp.trips or 1) - (1 if lp.exit_at is not None else 0)
+            if done[k] < want:
+                if exact < min(want, EXACT_TRIPS):
+                    done[k] = exact
+                    k = lp.start
+                    continue
+                if want > exact:  # steady state: the remaining trips at the last trip's cost
+                    last = marks[-1].minus(marks[-2])
+                    extra = want - exact
+                    for end, cost in active.items():
+                        if by_end[end].start <= lp.start and lp.end <= end:
+                            cost.add(last, extra)
+                    total.add(last, extra)
+                    shift = extra * last.total
+                    clock += shift
+                    sb_ready = [v + shift for v in sb_ready]
+                done[k] = want
+                if lp.exit_at is not None:  # then the last trip, up to the exit
+                    k = lp.start
+                    continue
             lp.cost = active.pop(k)
-            del trip_marks[k]
+            del trip_marks[k], done[k]
             k += 1
             continue
         if ins.base == "BRA" and ins.target is not None and ins.target > ins.addr:
@@ -658,9 +715,9 @@ def additive_cycles(ins_list: list[Instr]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> dict:
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, maxnreg: int | None = None) -> dict:
     """cubin, Triton's shared-memory size, resource usage and SASS (with lines) of one compilation."""
-    return aot.compile_kernel(fn, constexprs, num_warps, arch, sass=True)
+    return aot.compile_kernel(fn, constexprs, num_warps, arch, maxnreg=maxnreg, sass=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,6 +732,54 @@ class Job:
     num_warps: int
     programs: int  # grid size of one call
     layers: int
+    maxnreg: int | None = None  # ptxas register cap of the launch (SearchLaunch.maxnreg)
+    run: SplitRun | None = None  # the data-dependent loop counts of the split kernel
+
+    def variants(self) -> list[dict]:
+        """The runtime assumptions of each simulation, as ``SOURCE_LOOPS`` reads them: none for a kernel
+        without data-dependent loops; the split kernel twice, at its worst-case rounds (at least one) of
+        ``k`` levels and ``k`` path steps, ``k`` = 2 then 1 (the difference is one more level of a round)."""
+        if self.run is None:
+            return [{}]
+        rounds = max(1, self.run.rounds_max)
+        return [dict(rounds=rounds, levels=k, path_steps=k) for k in (2, 1)]
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    """Loop counts of the split kernel on one deployment, measured on sampled steps of the real DeepSeek-V3
+    loads: rounds per layer (mean and max), and the mean breadth-first levels of a round, over all rounds
+    and over the rounds of the 5% of layers that need the most (the worst case's). A round whose target is
+    at level ``k`` runs ``k`` levels and walks a path of ``k`` steps; a round that raises ``T`` instead runs
+    its levels, a 64-bit division and no walk (modelled as an augmenting round)."""
+
+    rounds_mean: float
+    rounds_max: int
+    levels: float
+    levels_worst: float
+    source: str
+
+
+# DeepSeek-V3 deployments of the split kernel (E = 256), (config name, R, P) -> loop counts, measured on the
+# steps of eplb_triton.bench_dispatch (tokens x top-8 drawn from each real load file of the deployment's kind,
+# 256 to 65,536 tokens, two steps per size, the greedy placement of that file; 1,276 to 3,828 layers) through
+# an instrumented copy of split._reference_layer (its rounds equal split.balanced_split's). The max rounds are
+# docs/algorithm.md section 11's, from more steps (this sample's max in the source text).
+SPLIT_RUNS = {
+    ("prefill-EP32", 288, 32): SplitRun(
+        6.5, 47, 1.64, 1.79, "rounds per layer mean 6.5 (5.6-7.1 by batch size; max 35 in this sample, 47 in "
+        "docs/algorithm.md), 12% of them raise T; 1.64 levels per round, 1.79 in the layers with the most rounds"
+    ),
+    ("decode-EP64", 320, 64): SplitRun(
+        6.1, 73, 1.46, 1.93, "rounds per layer mean 6.1 (5.1-7.2 by batch size; max 71 in this sample, 73 in "
+        "docs/algorithm.md), 3% of them raise T; 1.46 levels per round, 1.93 in the layers with the most rounds"
+    ),
+    ("decode-EP144", 288, 144): SplitRun(
+        0.1, 8, 1.0, 1.0, "rounds per layer mean 0.10 (max 3 in this sample, 8 in docs/algorithm.md), none "
+        "raises T; every round 1 level"
+    ),
+}  # fmt: skip
+SPLIT_GOAL_US = 10.0  # the project's goal per layer on sm_90
 
 
 def jobs() -> list[Job]:
@@ -694,6 +799,7 @@ def jobs() -> list[Job]:
         layers.setdefault(key, 58)
     out = []
     tokens, top_k = 8192, 8
+    strided: set[int] = set()
     for key, names in shapes.items():
         E, R, G, N, P = key
         L = layers[key]
@@ -722,28 +828,42 @@ def jobs() -> list[Job]:
             )
         )
         ln = launch.dispatch_launch(tokens * top_k, top_k, E)
-        out.append(
-            Job(
-                "_record_dispatch_kernel",
-                config,
-                f"T={tokens} K={top_k} E={E}",
-                ln.constexprs,
-                ln.num_warps,
-                ln.grid[0],
-                L,
-            )
-        )
+        # The JIT turns an int argument equal to 1 into a constexpr: with contiguous log2phy [E, X], logcnt [E]
+        # and counts [E] (what the balancer passes: one layer's rows) three of the four strides are 1.
+        contiguous = dict(ln.constexprs, **DISPATCH_UNIT_STRIDES)
+        shape = f"T={tokens} K={top_k} E={E}"
+        out.append(Job("_record_dispatch_kernel", config, shape, contiguous, ln.num_warps, ln.grid[0], L))
+        if E not in strided:  # the same kernel with every stride a runtime argument (views of wider tensors)
+            strided.add(E)
+            out.append(
+                Job("_record_dispatch_kernel", f"{names[0]} (strided views)", f"{shape}, any strides", ln.constexprs,
+                    ln.num_warps, ln.grid[0], L)
+            )  # fmt: skip
+        for name in names:
+            run = SPLIT_RUNS.get((name, R, P))
+            if run is not None and E == 256:
+                ln = launch.split_launch(L, E, R, P, launch.log2phy_width(E, R))
+                out.append(
+                    Job("_balanced_split_kernel", config, f"L={L} E={E} R={R} P={P}", ln.constexprs, ln.num_warps,
+                        ln.grid[0], L, ln.maxnreg, run)
+                )  # fmt: skip
     return out
 
 
+# Strides the JIT specialises to the constant 1 for contiguous rows (the int arguments of _record_dispatch_kernel
+# equal to 1); stride_l2p_e = X (33 or 65 here) stays a runtime argument.
+DISPATCH_UNIT_STRIDES = dict(stride_l2p_x=1, stride_cnt=1, stride_counts=1)
+
+
 def kernel_functions() -> dict:
-    from eplb_triton.kernels import _dispatch, _rebalance
+    from eplb_triton.kernels import _dispatch, _rebalance, _split
 
     return {
         "_rebalance_kernel": _rebalance._rebalance_kernel,
         "_replicate_kernel": _rebalance._replicate_kernel,
         "_balanced_packing_kernel": _rebalance._balanced_packing_kernel,
         "_record_dispatch_kernel": _dispatch._record_dispatch_kernel,
+        "_balanced_split_kernel": _split._balanced_split_kernel,
     }
 
 
@@ -775,6 +895,20 @@ def _by_line(seg: list[Instr], lines: dict, top: int = 4) -> str:
     return "; ".join(f"{100 * n / len(seg):.0f}% {text}" for text, n in counts.most_common(top))
 
 
+def _exit_branch(body: list[Instr], lp: Loop, own: list[int], text: str | None, lines: dict) -> int | None:
+    """Index of the conditional forward branch of ``lp``'s own instructions that leaves the loop and
+    comes from the source line containing ``text`` (``SOURCE_LOOPS`` option ``exit``)."""
+    if not text:
+        return None
+    after = body[lp.end].addr
+    for k in own:
+        ins = body[k]
+        if ins.base == "BRA" and ins.guard and ins.target is not None and ins.target > after:
+            if text in _source_line(ins, lines):
+                return k
+    return None
+
+
 def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict) -> Analysis:
     instrs = parse_cuobjdump_sass(compiled["sass"])
     attach_lines(instrs, compiled["lined"])
@@ -785,11 +919,21 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
     for lp in loops:
         in_loop.update(range(lp.start, lp.end + 1))
     named_sass = set()
-    for n, lp in enumerate(loops):
-        votes = Counter(ids[k] for k in range(lp.start, lp.end + 1) if ids[k] is not None)
+    identities: dict[int, tuple] = {}  # loop end -> its source loop
+    for lp in sorted(loops, key=lambda lp: lp.end - lp.start):  # nested loops first
+        n = loops.index(lp)
+        # the loops nested in this one hold their own source loops: neither their instructions nor the
+        # lines of those loops that the compiler placed around them vote for this one
+        nested = [o for o in loops if o is not lp and lp.start <= o.start and o.end <= lp.end]
+        inner = {k for o in nested for k in range(o.start, o.end + 1)}
+        taken = {identities.get(o.end) for o in nested}
+        own = [k for k in range(lp.start, lp.end + 1) if k not in inner]
+        votes = Counter(ids[k] for k in own if ids[k] is not None and ids[k] not in taken)
         if votes:
             identity = votes.most_common(1)[0][0]
+            identities[lp.end] = identity
             lp.name, lp.iterations = name_of(identity, constexprs)
+            lp.exit_at = _exit_branch(body, lp, own, loop_options(lp.name).get("exit"), lines)
             if isinstance(lp.iterations, tuple):  # runtime bounds: (iterations, unrolling) from SOURCE_LOOPS
                 lp.iterations, lp.unroll = lp.iterations
             lp.mapping = "line info"
@@ -804,6 +948,11 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
         if lp.unroll:
             lp.trips = lp.iterations // lp.unroll
             lp.note = "runtime bounds: trips from the iterations (every weight > 0)"
+        elif lp.iterations is not None and lp.name.split(":")[0] in SPLIT_LOOPS:
+            lp.trips, lp.unroll = lp.iterations, 1
+            lp.note = "data-dependent: iterations assumed (Job.variants, SPLIT_RUNS)"
+            if lp.exit_at is not None:
+                lp.note += f"; the last leaves at `{_source_line(body[lp.exit_at], lines).split('`')[1]}`"
         elif lp.iterations is not None and lp.trips:
             if lp.iterations % lp.trips == 0:
                 lp.unroll = lp.iterations // lp.trips
@@ -813,8 +962,15 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
             lp.trips, lp.unroll = lp.iterations, 1
             lp.note = "loop counter not found: one iteration per trip assumed"
         if any(i.base == "CALL" and i.target is not None and i.target > body[-1].addr for i in seg):
-            lp.note = (lp.note + "; " if lp.note else "") + "holds the div_rn slow-path call (not taken)"
-        lp.additive = additive_cycles(seg) * (lp.trips if lp.trips is not None else 1)
+            call = "the div_rn slow-path call" if any(i.base == "FCHK" for i in seg) else "a 64-bit division call"
+            lp.note = (lp.note + "; " if lp.note else "") + f"holds {call} (not taken)"
+    # additive model: a loop's own instructions and its nested loops' entries, times its trips (innermost first)
+    for lp in sorted(loops, key=lambda lp: lp.end - lp.start):
+        nested = [o for o in loops if o is not lp and lp.start <= o.start and o.end <= lp.end]
+        inner = {k for o in nested for k in range(o.start, o.end + 1)}
+        outermost = [o for o in nested if not any(x is not o and x.start <= o.start and o.end <= x.end for x in nested)]
+        own = additive_cycles([body[k] for k in range(lp.start, lp.end + 1) if k not in inner])
+        lp.additive = (own + sum(o.additive for o in outermost)) * (lp.trips if lp.trips is not None else 1)
     # greedy source loops present in the straight-line code only: fully unrolled by the compiler
     tags: list[str | None] = [None] * len(body)
     for identity in {ids[k] for k in range(len(body)) if k not in in_loop and ids[k] is not None}:
@@ -853,7 +1009,8 @@ def analyse(compiled: dict, constexprs: dict, fors: list[SourceFor], lines: dict
         if lp.unrolled:
             lp.cost = by_tag.get(lp.name, Cost())
     straight_ins = [body[k] for k in range(len(body)) if k not in in_loop]
-    additive = additive_cycles(straight_ins) + sum(lp.additive for lp in real)
+    top = [lp for lp in real if not any(o is not lp and o.start <= lp.start and lp.end <= o.end for o in real)]
+    additive = additive_cycles(straight_ins) + sum(lp.additive for lp in top)
     res = aot.resources(compiled["usage"])
     spills = sum(1 for i in body if i.base in ("LDL", "STL"))
     return Analysis(res, compiled["shared"], len(body), loops, cost, additive, spills, waits_by_line)
@@ -893,7 +1050,67 @@ def call_us(cycles: float, programs: int, num_warps: int) -> float:
     return waves(programs, num_warps) * cycles / (CLOCK_GHZ * 1e3) + LAUNCH_US
 
 
-def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
+@dataclass
+class SplitEstimate:
+    """The split kernel's program from its two simulations (``Job.variants``): set-up (everything outside
+    the rounds, step 5 included), a round of one level and one path step, and each further level with its
+    path step. Linear in the rounds and levels, as the simulation itself is past its first EXACT_TRIPS trips."""
+
+    setup: Cost
+    round1: Cost  # a round of one level and one path step
+    extra: Cost  # one more level and path step
+    level: float  # cycles per breadth-first level (at two levels a round)
+    step: float  # cycles per path step (at two steps a round)
+    setup_additive: float
+    round1_additive: float
+    extra_additive: float
+
+    def round(self, levels: float) -> Cost:
+        out = self.round1.copy()
+        out.add(self.extra, levels - 1)
+        return out
+
+    def program(self, rounds: float, levels: float) -> Cost:
+        out = self.setup.copy()
+        out.add(self.round(levels), rounds)
+        return out
+
+    def additive(self, rounds: float, levels: float) -> float:
+        return self.setup_additive + rounds * (self.round1_additive + (levels - 1) * self.extra_additive)
+
+
+def split_estimate(job: Job, a2: Analysis, a1: Analysis | None) -> SplitEstimate | None:
+    """From the split kernel's simulations at two levels (``a2``) and one level (``a1``) a round; ``None``
+    for another kernel or if a rounds loop is missing."""
+    if job.run is None or a1 is None:
+        return None
+    loops2 = {lp.name.split(":")[0]: lp for lp in a2.loops}
+    loops1 = {lp.name.split(":")[0]: lp for lp in a1.loops}
+    r2, r1 = loops2.get("split rounds"), loops1.get("split rounds")
+    if r2 is None or r1 is None or r2.cost is None or r1.cost is None:
+        return None
+    n = job.variants()[0]["rounds"]
+    round1, round2 = Cost(), Cost()
+    round1.add(r1.cost, 1 / n)
+    round2.add(r2.cost, 1 / n)
+
+    def per(name: str, trips: int) -> float:
+        lp = loops2.get(name)
+        return lp.cost.total / trips if lp is not None and lp.cost is not None else float("nan")
+
+    return SplitEstimate(
+        a2.cost.minus(r2.cost), round1, round2.minus(round1), per("split search", 2), per("split path walk", 2),
+        a2.additive - r2.additive, r1.additive / n, (r2.additive - r1.additive) / n,
+    )  # fmt: skip
+
+
+def _cycles_us(cycles: float) -> str:
+    return f"{cycles:,.0f} / {cycles / (CLOCK_GHZ * 1e3):.1f}"
+
+
+def rows_of(label: str, job: Job, a: Analysis, a1: Analysis | None = None) -> list[dict]:
+    """CSV rows of one job: the whole program, then its loops. ``a1``: the split kernel's simulation at one
+    level a round (``Job.variants``), with which its rows are at the mean rounds and levels."""
     base = dict(
         label=label,
         kernel=job.kernel,
@@ -916,16 +1133,30 @@ def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
         mb = job.layers * c["E"] * c["WIDTH"] * 8 / 1e6
         note = f"writes {mb:.1f} MB of log2phy per call: >= {mb / HBM_TBPS:.1f} us at {HBM_TBPS} TB/s (not modelled)"
     waited = "; ".join(f"{c:.0f} cycles on {kind} {text}" for text, kind, c in a.waits_by_line[:8] if c >= 20)
+    cost, additive = a.cost, a.additive
+    split = split_estimate(job, a, a1)
+    if split is not None:  # the program at the mean rounds; the worst case in the note
+        run = job.run
+        cost, additive = split.program(run.rounds_mean, run.levels), split.additive(run.rounds_mean, run.levels)
+        worst = split.program(run.rounds_max, run.levels_worst).total
+        note = (
+            f"data-dependent: at the mean of {run.rounds_mean:g} rounds per layer of {run.levels:g} levels and "
+            f"path steps each ({run.source}); set-up {_cycles_us(split.setup.total)} cycles / us, per round "
+            f"{_cycles_us(split.round(run.levels).total)}; worst ({run.rounds_max} rounds of "
+            f"{run.levels_worst:g} levels) {_cycles_us(worst)} cycles / us per layer"
+        )
     total = dict(
         base,
         row="total",
         waits_by_line=waited,
         loop="(whole program)",
-        **_cost_columns(a.cost),
-        additive_cycles=round(a.additive),
+        **_cost_columns(cost),
+        additive_cycles=round(additive),
         waves=waves(job.programs, job.num_warps),
-        us=round(call_us(a.cost.total, job.programs, job.num_warps), 1),
+        us=round(call_us(cost.total, job.programs, job.num_warps), 1),
         note=note,
+        split=split,
+        run=job.run,
     )
     out = [total]
     for lp in a.loops:
@@ -934,6 +1165,13 @@ def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
         n = lp.iterations or 0
         u = lp.unroll or 1
         cost = lp.cost or Cost()
+        loop_additive, note = lp.additive, lp.note
+        if split is not None and lp.name.startswith("split rounds"):  # all rounds of a layer, at the mean
+            n = job.run.rounds_mean
+            cost = split.program(n, job.run.levels).minus(split.setup)
+            loop_additive = split.additive(n, job.run.levels) - split.setup_additive
+        elif split is not None:  # a loop inside a round: its cycles are one round's of two levels
+            note += "; cycles: one round's of 2 levels"
         out.append(
             dict(
                 base,
@@ -941,17 +1179,17 @@ def rows_of(label: str, job: Job, a: Analysis) -> list[dict]:
                 loop=lp.name,
                 mapping=lp.mapping,
                 body=lp.size,
-                iterations=lp.iterations or "",
-                trips="-" if lp.unrolled else (lp.trips or ""),
+                iterations=f"{n:g}" if split is not None else (lp.iterations or ""),
+                trips="-" if lp.unrolled else (f"{n:g}" if split is not None else (lp.trips or "")),
                 unroll=lp.unroll or "",
                 instr_per_iter=round(sum(lp.counts.values()) / u, 1),
                 **{f"{c}_per_iter": round(lp.counts.get(c, 0) / u, 2) for c in COUNT_COLUMNS},
                 reductions=lp.reductions,
                 by_line=lp.by_line,
                 **_cost_columns(cost),
-                additive_cycles=round(lp.additive),
+                additive_cycles=round(loop_additive),
                 cycles_per_iter=round(cost.total / n, 1) if n else "",
-                note=lp.note,
+                note=note,
             )
         )
     return out
@@ -1074,12 +1312,164 @@ def _per(r: dict, key: str) -> str:
     return f"{float(r[key]) / n:.0f}" if n else "-"
 
 
+def compared(labels: dict[str, list[dict]], label: str) -> list[dict]:
+    """The rows of the comparison across labels: every whole program, and the fused kernel's loops. Rows of
+    two labels are the same entry when kernel and loop match and their configurations share a name (a
+    deployment added to a shape renames its configuration, e.g. ``decode-EP64`` to ``decode-EP64 =
+    deepseek-v3-decode-ep64``); an entry shows the configuration as ``label`` names it, else as last named.
+    Entries come in the order of the first label, then any new ones."""
+    entries: list[dict] = []
+    for name in labels:
+        for r in labels[name]:
+            if r["row"] != "total" and r["kernel"] != "_rebalance_kernel":
+                continue
+            names = set(r["config"].split(" = "))
+            entry = next(
+                (e for e in entries if (e["kernel"], e["loop"]) == (r["kernel"], r["loop"]) and e["names"] & names
+                 and name not in e["rows"]),
+                None,
+            )  # fmt: skip
+            if entry is None:
+                entry = {"kernel": r["kernel"], "loop": r["loop"], "names": set(), "config": r["config"], "rows": {}}
+                entries.append(entry)
+            entry["names"] |= names
+            entry["rows"][name] = r
+            if name == label or label not in entry["rows"]:
+                entry["config"] = r["config"]
+    return entries
+
+
+def split_section(rows: list[dict]) -> list[str]:
+    """The split kernel's section: set-up, a round, and a layer at the mean and the worst rounds."""
+    mine = [r for r in rows if r["kernel"] == "_balanced_split_kernel" and r["row"] == "total" and r.get("split")]
+    if not mine:
+        return []
+    L = ["## The per-step balanced split: cycles per layer", ""]
+    L += [
+        "`_balanced_split_kernel` (docs/algorithm.md section 11) runs one program per layer: a set-up (the "
+        "slots sorted by expert, the even split, the tiles, the bound `T`), then rounds of step 4 while a GPU "
+        "is above `T`, each a breadth-first search of the residual graph level by level and a walk back along "
+        "the augmenting path, then step 5 (the slots' quotas). Its loop counts depend on the data, so the "
+        "report takes them from measurements (`SPLIT_RUNS`): rounds per layer and levels per round on the "
+        "steps `eplb_triton.bench_dispatch` samples from the real DeepSeek-V3 loads (256 to 65,536 tokens x "
+        "top-8); a round whose target lies at level k runs k levels and walks k path steps. The SASS is "
+        "simulated twice, with rounds of one and of two levels (the level loop's last trip leaves at "
+        "`if code < NEW_ONLY:`, the target); the model is linear in rounds and levels past the first trips, so "
+        "a layer is `set-up + rounds x (round of 1 level + (levels - 1) x further level)`. The worst case "
+        "takes the most rounds seen with the levels per round of the layers that need the most rounds. "
+        "Launched as `eplb_triton.launch.split_launch(L, E, R, P, R - E + 1)`; `us` at the boost clock, per "
+        "program, without the launch.",
+        "",
+    ]
+    table = []
+    for r in mine:
+        split, run = r["split"], r["run"]
+        per_round = split.round(run.levels).total
+        mean = split.program(run.rounds_mean, run.levels).total
+        worst = split.program(run.rounds_max, run.levels_worst).total
+        goal = mean / (CLOCK_GHZ * 1e3)
+        table.append(
+            [
+                r["config"],
+                r["shape"],
+                f"{r['num_warps']} / {r['registers']} / {r['local_bytes']}",
+                _cycles_us(split.setup.total),
+                f"{split.level:,.0f} / {split.step:,.0f}",
+                f"{split.round1.total:,.0f} + {split.extra.total:,.0f}",
+                f"{run.levels:g}: {_cycles_us(per_round)}",
+                f"{run.rounds_mean:g}: {_cycles_us(mean)}",
+                f"{run.rounds_max} x {run.levels_worst:g}: {_cycles_us(worst)}",
+                ("yes" if goal <= SPLIT_GOAL_US else f"no ({goal / SPLIT_GOAL_US:.1f}x)"),
+            ]
+        )
+    L += _table(
+        [
+            "deployment",
+            "shape",
+            "warps / regs / spill B",
+            "set-up: cycles / us",
+            "cycles per search level / path step",
+            "round of 1 level + each further level: cycles",
+            "mean round: levels: cycles / us",
+            "layer, mean: rounds: cycles / us",
+            "layer, worst: rounds x levels: cycles / us",
+            f"mean layer <= {SPLIT_GOAL_US:g} us",
+        ],
+        table,
+    )
+    L += [""]
+    for r in mine:
+        split, run = r["split"], r["run"]
+        parts = ", ".join(
+            f"{PARTS[p]} {100 * v / split.setup.total:.0f}%"
+            for p, v in _cost_columns(split.setup).items()
+            if p in PARTS and v > 0
+        )
+        one = split.round(1)
+        round_parts = ", ".join(
+            f"{PARTS[p]} {100 * v / one.total:.0f}%" for p, v in _cost_columns(one).items() if p in PARTS and v > 0
+        )
+        L.append(
+            f"- {r['config']}: {run.source}. Set-up: {parts}; a round of one level: {round_parts}."
+            + (f" Waits of the set-up by source line: {r['waits_by_line']}." if r["waits_by_line"] else "")
+        )
+    L += [
+        "",
+        "Not modelled: a round that raises `T` instead of augmenting (its last level finds no new GPU; it walks "
+        "no path but divides two int64 in a subroutine the model does not enter) is costed as an augmenting "
+        "round; the tiles are processed whole every level, so a level's cost does not depend on its frontier. "
+        "All layers of a step run in parallel (one program each, one wave), so a call of all layers takes about "
+        "its slowest layer plus the launch; a call per layer (`OnlineBalancer.record` with "
+        "`split='balanced'`) takes its layer plus the launch.",
+        "",
+    ]
+    return L
+
+
+def dispatch_section(rows: list[dict]) -> list[str]:
+    """Record + dispatch: the kernel as the JIT builds it for contiguous rows, and for any strides."""
+    dispatch = [r for r in rows if r["kernel"] == "_record_dispatch_kernel" and r["row"] == "total"]
+    strided = {r["shape"].split(",")[0]: r for r in dispatch if "any strides" in r["shape"]}
+    pairs = []
+    for r in dispatch:
+        other = strided.get(r["shape"])
+        if other is not None and r is not other and all(p[0]["shape"] != r["shape"] for p in pairs):
+            pairs.append((r, other))
+    if not pairs:
+        return []
+    units = ", ".join(f"`{k}`" for k in DISPATCH_UNIT_STRIDES)
+    L = ["## Record + dispatch: strides", ""]
+    L += [
+        "`_record_dispatch_kernel` reads `log2phy` and `logcnt` and accumulates `counts` through four int "
+        "strides. Triton's JIT specialises an int argument equal to 1 as a constant, so for contiguous rows "
+        f"(what `OnlineBalancer` passes: one layer of `log2phy [L, E, X]`, `logcnt [L, E]`, `counts [L, E]`) "
+        f"{units} are compiled in as 1 and only `stride_l2p_e` (= X) stays an argument: the `record_dispatch` "
+        "rows of this report are that kernel. Views with other strides (e.g. a column of a wider `counts`) get "
+        "the kernel with every stride an argument (`strided views`, once per E). "
+        "(The JIT also marks an int divisible by 16, such as `n_entries` = T x K here, `tt.divisibility=16`; "
+        "the AOT harness marks only the pointers, so these rows are for a `n_entries` without that hint.)",
+        "",
+    ]
+    L += _table(
+        ["E", "contiguous rows: est. cycles / regs / SASS instr.", "strided views: est. cycles / regs / SASS instr."],
+        [
+            [
+                a["constexprs"].split()[0].removeprefix("E="),
+                f"{int(a['cycles']):,} / {a['registers']} / {a['instructions']}",
+                f"{int(b['cycles']):,} / {b['registers']} / {b['instructions']}",
+            ]
+            for a, b in pairs
+        ],
+    )
+    return L + [""]
+
+
 def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, list[dict]], prov: dict) -> None:
     arch = prov["target"].split()[0].rstrip(",")
     L = [f"# Static cost report of the Triton kernels ({arch})", ""]
     L += [
         "Generated by `python benchmarks/kernel_report.py`; do not edit by hand. Every number comes from the "
-        "cubin that Triton builds for the target with the constexprs and `num_warps` of "
+        "cubin that Triton builds for the target with the constexprs, `num_warps` and `maxnreg` of "
         "`eplb_triton.launch.*_launch`, i.e. what runs. Registers, spills, shared memory and instruction "
         "counts are exact for this toolchain. **Cycles and microseconds are rough, order-of-magnitude "
         "estimates from a simple latency model (last section), not measurements**: trust ratios between "
@@ -1153,6 +1543,9 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
         "estimate.",
         "",
     ]
+
+    L += split_section(rows)
+    L += dispatch_section(rows)
 
     # reductions in prose
     L += ["## How a greedy step is reduced across lanes", ""]
@@ -1263,32 +1656,28 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
     # comparison across labels
     L += ["## Before / after", ""]
     L += [
-        "One column per label found next to this file (`kernel_report-<label>.csv`). After a change to the "
-        "kernels, `python benchmarks/kernel_report.py --label <name>` adds a column here and to "
-        "`kernel_report.csv`. Whole-program cells: estimated cycles per program / registers / SASS "
-        "instructions; loop cells (fused kernel): estimated cycles per iteration / SASS body.",
+        "One column per label found next to this file (`kernel_report-<label>.csv`): `baseline` first, this "
+        "run's last, the others by name. After a change to the kernels, `python benchmarks/kernel_report.py "
+        "--label <name>` adds a column here and to `kernel_report.csv`. Whole-program cells: estimated cycles "
+        "per program / registers / SASS instructions (the split kernel's at its mean rounds); loop cells (fused "
+        "kernel): estimated cycles per iteration / SASS body. A row is one kernel, configuration and loop across "
+        "labels even where a later deployment renamed its configuration (`decode-EP64` became `decode-EP64 = "
+        "deepseek-v3-decode-ep64`).",
         "",
     ]
-    names = list(labels)
+    names = [name for name in labels if name != label] + [label]
 
     def cell(r: dict) -> str:
         if r["row"] == "total":
             return f"{int(r['cycles']):,} / {r['registers']} / {r['instructions']}"
         return f"{r['cycles_per_iter']} / {r['body']}"
 
-    keys = []  # (kernel, configuration, loop) in the order of the first label, then any new ones
-    for name in names:
-        for r in labels[name]:
-            key = (r["kernel"], r["config"], r["loop"])
-            if (r["row"] == "total" or r["kernel"] == "_rebalance_kernel") and key not in keys:
-                keys.append(key)
     comp = []
-    for kernel, config, loop in keys:
-        line = [_short(kernel), config, "whole program" if loop == "(whole program)" else loop.split(":")[0]]
-        for name in names:
-            hit = [x for x in labels[name] if (x["kernel"], x["config"], x["loop"]) == (kernel, config, loop)]
-            line.append(cell(hit[0]) if hit else "-")
-        comp.append(line)
+    for entry in compared(labels, label):
+        loop = entry["loop"]
+        where = "whole program" if loop == "(whole program)" else loop.split(":")[0]
+        line = [_short(entry["kernel"]), entry["config"], where]
+        comp.append(line + [cell(entry["rows"][name]) if name in entry["rows"] else "-" for name in names])
     L += _table(["kernel", "configuration", "loop", *names], comp) + [""]
 
     # resources
@@ -1337,7 +1726,9 @@ def write_markdown(path: Path, label: str, rows: list[dict], labels: dict[str, l
         "",
         "Configurations with the same shape are one row (`a = b`). The standalone kernels are shown at the shape "
         "each configuration gives them: `replicate` E experts onto R slots, `balanced_packing` R items onto P "
-        "packs, `record_dispatch` 8192 tokens x top-8 (its grid; the code depends on E only). `local B` is "
+        "packs, `record_dispatch` 8192 tokens x top-8 (its grid; the code depends on E only; contiguous rows, "
+        "and once per E with every stride a runtime argument: `strided views`), `balanced_split` one program per "
+        "layer at the mean rounds of its section above. `local B` is "
         "local memory (spills; `LDL/STL` counts the instructions); `shared B (Triton)` is the dynamic shared "
         "memory Triton requests (reduction scratch); `shared B (cuobjdump)` is the static figure, which on "
         "sm_90 includes the 1 KiB the driver reserves per block. `est. us / call` as in the headline.",
@@ -1427,8 +1818,10 @@ MODEL_TEXT = [
     "than the scoreboards in its wait mask are released. Only the scoreboarded (variable-latency) "
     "instructions need a latency from outside, the table below; a barrier costs its latency. Loops run the "
     f"trip count read from their counter (the first {EXACT_TRIPS} trips exactly, the others at the last "
-    "trip's cost); forward branches fall through, except around the `div_rn` slow-path call (taken only for "
-    "subnormal or special operands). With several warps each warp runs the same code on its own scheduler, "
+    "trip's cost), or the assumed count of a data-dependent loop (the split kernel's; a loop that stops at "
+    "a target leaves from its body on its last trip); forward branches fall through, except around a "
+    "slow-path call (the `div_rn` slow path, taken only for subnormal or special operands). With several "
+    "warps each warp runs the same code on its own scheduler, "
     "so one warp's path is the program's path; the barriers tie them together. In short: cycles = ptxas "
     "stall cycles on the path + the waits for SHFL / REDUX / LDS / LDG results beyond them.",
     "",
@@ -1486,15 +1879,21 @@ def main(argv: list[str] | None = None) -> int:
     fns = kernel_functions()
     kernel_dir = Path(inspect.getsourcefile(fns["_rebalance_kernel"].fn)).parent
     fors, lines = source_fors(sorted(kernel_dir.glob("_*.py")))
+    compiled: dict[tuple, dict] = {}
     cache: dict[tuple, Analysis] = {}
     rows = []
     for job in jobs():
-        key = (job.kernel, tuple(sorted(job.constexprs.items())), job.num_warps)
-        if key not in cache:
+        key = (job.kernel, tuple(sorted(job.constexprs.items())), job.num_warps, job.maxnreg)
+        if key not in compiled:
             print(f"compiling {job.kernel} {job.shape} (num_warps={job.num_warps})", file=sys.stderr)
-            compiled = compile_kernel(fns[job.kernel], job.constexprs, job.num_warps, args.arch)
-            cache[key] = analyse(compiled, job.constexprs, fors, lines)
-        rows += rows_of(args.label, job, cache[key])
+            compiled[key] = compile_kernel(fns[job.kernel], job.constexprs, job.num_warps, args.arch, job.maxnreg)
+        analyses = []
+        for assume in job.variants():
+            assumed = key + (tuple(sorted(assume.items())),)
+            if assumed not in cache:
+                cache[assumed] = analyse(compiled[key], {**job.constexprs, **assume}, fors, lines)
+            analyses.append(cache[assumed])
+        rows += rows_of(args.label, job, *analyses)
     write_csv(args.out / f"kernel_report-{args.label}.csv", rows)
     labels = read_labels(args.out)
     write_csv(args.out / "kernel_report.csv", [r for name in labels for r in labels[name]])
