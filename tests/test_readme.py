@@ -8,8 +8,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
-
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
@@ -59,7 +57,8 @@ def test_integration_snippet_registers_the_policy_and_installs_the_algorithm(mon
 
 def test_online_loop_snippet_runs_in_one_process():
     # The loop as written, in one process (no process group): 200 steps of one skewed routing, so
-    # the plan at step 200 changes the placement and the weights are moved in-process.
+    # the plan at step 200 changes the placement and the weights move in-process with their SGD
+    # momentum. The loader stands in for the backward pass: it gives every slot the gradient 1.
     import torch
 
     import eplb_triton as eplb
@@ -68,24 +67,32 @@ def test_online_loop_snippet_runs_in_one_process():
     L, E, R = 58, 256, 288
     gen = torch.Generator().manual_seed(0)
     hot = torch.multinomial(torch.linspace(1.0, 30.0, E) ** 3, 8 * 64, replacement=True, generator=gen)
-    namespace = {
-        "eplb": eplb,
-        "ep_group": None,
-        "loader": range(200),
-        "layer": 3,
-        "topk_ids": hot.view(64, 8),
-        # one tensor per layer, slot-major: slot q holds a copy of its expert's id
-        "expert_weights": [torch.zeros(R, 2) for _ in range(L)],
-    }
+    # one parameter per layer, slot-major: slot q holds its expert's id in column 0
     start = eplb.OnlineBalancer(L, E, R, 8, 4, 32, device="cpu").phy2log
-    for layer, w in enumerate(namespace["expert_weights"]):
-        w[:, 0] = start[layer].double()
+    weights = [torch.nn.Parameter(torch.stack([p.double(), torch.zeros(R, dtype=torch.float64)], 1)) for p in start]
+    optimizer = torch.optim.SGD(weights, lr=0.0, momentum=0.5)
+
+    def loader():
+        for step in range(200):
+            for w in weights:
+                w.grad = torch.ones_like(w)
+            yield step
+
+    namespace = {
+        "eplb": eplb, "ep_group": None, "loader": loader(), "layer": 3, "topk_ids": hot.view(64, 8),
+        "expert_weights": weights, "optimizer": optimizer,
+    }  # fmt: skip
     exec(block, namespace)
     balancer, old = namespace["balancer"], namespace["old"]
     assert balancer.last_replanned[3] and not torch.equal(balancer.phy2log[3], start[3])
     assert torch.equal(old, balancer.phy2log)
-    for layer, w in enumerate(namespace["expert_weights"]):
-        assert torch.equal(w[:, 0].long(), balancer.phy2log[layer]), layer
+    for layer, w in enumerate(weights):
+        assert torch.equal(w.detach()[:, 0].long(), balancer.phy2log[layer]), layer
+        # every slot's momentum is its expert's: the summed gradient (copies of it when the step
+        # ran), the same on every copy, and it moved with the slot
+        buf = optimizer.state[w]["momentum_buffer"][:, 0]
+        copies = torch.bincount(start[layer], minlength=E).double()
+        assert torch.allclose(buf, copies[balancer.phy2log[layer]] * 2.0, rtol=1e-12), layer
 
 
 def test_training_loop_snippet_names_real_api():
