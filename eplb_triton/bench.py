@@ -7,7 +7,9 @@ Run as ``python benchmarks/bench_layers.py`` or ``eplb-triton bench`` (same argu
   custom ``--experts/--replicas/--groups/--nodes/--gpus``, on synthetic skewed loads; the literal
   reference gets a time budget per point and is skipped past it, with a note;
 * quality (``--loads FILE``, repeatable): per deployment, balancedness (mean over layers and
-  worst layer), the lower bound (docs/algorithm.md)'s ceiling on it, and the balancedness with no rebalancing;
+  worst layer), the proven ceiling on it (``bound``: mean GPU load over :func:`metrics.lower_bound` of the
+  deployment's policy; no placement is better balanced), ``of opt`` (mean over layers of balancedness over
+  that ceiling: at least the placement's share of the optimum), and the balancedness with no rebalancing;
 * serving (``--serving`` with two or more ``--loads``): rearrangements over the files in sequence,
   slots moved and balancedness per policy (:mod:`eplb_triton.bench_serving`);
 * dispatch (``--dispatch`` with ``--loads``): per-step balancedness of the even and the balanced
@@ -240,6 +242,13 @@ def _fitting(files: list[Loads], d: Deployment) -> list[Loads]:
     return [f for f in files if f.weight.shape[1] == d.experts]
 
 
+def ceiling(w: torch.Tensor, d: Deployment) -> torch.Tensor:
+    """``[L]`` the proven ceiling on balancedness: mean GPU load over :func:`metrics.lower_bound` of the
+    deployment's policy (no placement that policy can return is better balanced)."""
+    bound = metrics.lower_bound(w, d.replicas, d.gpus, num_groups=d.groups, num_nodes=d.nodes)
+    return torch.where(bound > 0, w.double().sum(1) / d.gpus / bound.clamp_min(1e-300), 1.0)
+
+
 def quality_report(files: list[Loads], deployments: list[Deployment], log=print) -> list[dict]:
     rows = []
     for loads in files:
@@ -253,12 +262,13 @@ def quality_report(files: list[Loads], deployments: list[Deployment], log=print)
             phy2log, log2phy, logcnt = rebalance_experts(w, *d.args, backend="cpu")
             after = metrics.balancedness(metrics.gpu_loads(w, phy2log, logcnt, d.gpus))
             before = metrics.balancedness(metrics.identity_gpu_loads(w, d.gpus))
-            ceiling = w.double().sum(1) / d.gpus / metrics.lower_bound(w, d.replicas, d.gpus)
+            top = ceiling(w, d)
             rows.append({
                 "file": path.name, "deployment": d.name, "policy": d.policy, "layers": L,
                 "balancedness_mean": metrics.summarize(after)["mean"],
                 "balancedness_worst": metrics.summarize(after)["worst"],
-                "bound_mean": metrics.summarize(ceiling)["mean"],
+                "bound_mean": metrics.summarize(top)["mean"],
+                "of_optimum_mean": float((after / top).mean()),  # >= the placement's share of the optimum
                 "no_rebalance_mean": metrics.summarize(before)["mean"],
                 "no_rebalance_worst": metrics.summarize(before)["worst"],
             })  # fmt: skip
@@ -342,12 +352,12 @@ def refined_report(files: list[Loads], deployments: list[Deployment], repeats: i
             run = partial(rebalance_experts, w, *d.args, backend="cpu", method="refined")
             refined = run()
             g, r = _bal(w, greedy[0], greedy[2], d.gpus), _bal(w, refined[0], refined[2], d.gpus)
-            bound = w.double().sum(1) / d.gpus / metrics.lower_bound(w, d.replicas, d.gpus)
+            bound = ceiling(w, d)
             gap = float(bound.mean() - g.mean())
             rows.append({
                 "file": loads.path.name, "deployment": d.name, "policy": d.policy, "layers": w.shape[0],
                 "greedy_mean": float(g.mean()), "refined_mean": float(r.mean()), "refined_worst": float(r.min()),
-                "bound_mean": float(bound.mean()),
+                "bound_mean": float(bound.mean()), "of_optimum_mean": float((r / bound).mean()),
                 "gap_closed": float(r.mean() - g.mean()) / gap if gap > 1e-12 else float("nan"),
                 "worse_layers": int((r < g).sum()), "better_layers": int((r > g).sum()),
                 "cpu_ms": median_cpu_s(run, repeats) * 1e3,
@@ -442,12 +452,12 @@ def plot_budget_curve(rows: list[dict], path: Path, title: str) -> bool:
 
 def format_refined(rows: list[dict]) -> str:
     lines = [f"{'file':28s} {'deployment':20s} {'greedy':>7s} {'refined':>7s} {'worst':>7s} {'bound':>7s} "
-             f"{'closed':>7s} {'worse':>5s} {'cpu ms':>8s}"]  # fmt: skip
+             f"{'of opt':>7s} {'closed':>7s} {'worse':>5s} {'cpu ms':>8s}"]  # fmt: skip
     for r in rows:
         lines.append(
             f"{r['file']:28s} {r['deployment']:20s} {r['greedy_mean']:7.4f} {r['refined_mean']:7.4f} "
-            f"{r['refined_worst']:7.4f} {r['bound_mean']:7.4f} {r['gap_closed']:7.1%} {r['worse_layers']:5d} "
-            f"{r['cpu_ms']:8.1f}"
+            f"{r['refined_worst']:7.4f} {r['bound_mean']:7.4f} {r['of_optimum_mean']:7.2%} {r['gap_closed']:7.1%} "
+            f"{r['worse_layers']:5d} {r['cpu_ms']:8.1f}"
         )
     return "\n".join(lines)
 
@@ -488,13 +498,13 @@ def format_latency(rows: list[dict], backends: list[str]) -> str:
 
 def format_quality(rows: list[dict]) -> str:
     head = (f"{'file':28s} {'deployment':20s} {'policy':12s} {'mean':>6s} {'worst':>6s} {'bound':>6s} "
-            f"{'no-rebal':>8s} {'worst':>6s}")  # fmt: skip
+            f"{'of opt':>7s} {'no-rebal':>8s} {'worst':>6s}")  # fmt: skip
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['file']:28s} {r['deployment']:20s} {r['policy']:12s} {r['balancedness_mean']:6.3f} "
-            f"{r['balancedness_worst']:6.3f} {r['bound_mean']:6.3f} {r['no_rebalance_mean']:8.3f} "
-            f"{r['no_rebalance_worst']:6.3f}"
+            f"{r['balancedness_worst']:6.3f} {r['bound_mean']:6.3f} {r['of_optimum_mean']:7.2%} "
+            f"{r['no_rebalance_mean']:8.3f} {r['no_rebalance_worst']:6.3f}"
         )
     return "\n".join(lines)
 
@@ -682,7 +692,9 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         deployments = list(DEEPSEEK_V3.values()) + [m for m in models if m.name == "custom"]
         quality = quality_report(files, deployments, log)
         result["quality"] = quality
-        tables.append(format_quality(quality))
+        tables.append("placement quality (balancedness; bound: the proven ceiling, mean GPU load over a lower bound "
+                      "on the max GPU load of every placement of the policy; of opt: mean of balancedness / bound, "
+                      "at least the placement's share of the optimum)\n" + format_quality(quality))  # fmt: skip
         print()
         print(tables[-1])
         if deepseek is not None:
@@ -700,8 +712,12 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         with busy_processes(args.busy):
             refined = refined_report(files, deployments, repeats, log)
         result["refined"] = refined
-        tables.append("method='refined' against the greedy (balancedness means; closed: share of the gap to the "
-                      "bound; worse: layers where refined < greedy)\n" + format_refined(refined))  # fmt: skip
+        tables.append(
+            "method='refined' against the greedy (balancedness means; closed: share of the gap to the proven "
+            "bound, so at least this share of the gap to the optimum; of opt: refined's balancedness over the "
+            "proven ceiling, a floor on its share of the optimum; worse: layers where refined < greedy)\n"
+            + format_refined(refined)
+        )
         print()
         print(tables[-1])
         if len(files) > 1:

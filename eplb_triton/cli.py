@@ -249,11 +249,16 @@ def _plan(args: argparse.Namespace) -> int:
         old_cnt = torch.zeros_like(logcnt).scatter_add_(1, old, torch.ones_like(old))
         before = metrics.gpu_loads(w, old, old_cnt, args.gpus)
     b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
-    print(f"{'layer':>5s} {'before':>7s} {'after':>7s} " + ("moved " if moved is not None else "")
-          + " hottest experts (replicas)")  # fmt: skip
+    ceiling = None  # the proven ceiling on balancedness (all GPUs live: the bound is for the whole problem)
+    if active is None:
+        bound = metrics.lower_bound(w, args.replicas, args.gpus, num_groups=args.groups, num_nodes=args.nodes)
+        ceiling = torch.where(bound > 0, w.double().sum(1) / args.gpus / bound.clamp_min(1e-300), 1.0)
+    print(f"{'layer':>5s} {'before':>7s} {'after':>7s} " + ("  bound " if ceiling is not None else "")
+          + ("moved " if moved is not None else "") + " hottest experts (replicas)")  # fmt: skip
     for row, layer in enumerate(loads.layers):  # labelled with the model layer index (row in the file)
         print(
             f"{layer:5d} {float(b_before[row]):7.3f} {float(b_after[row]):7.3f} "
+            + (f"{float(ceiling[row]):7.3f} " if ceiling is not None else "")
             + (f"{int(moved[row]):5d} " if moved is not None else "")
             + f" {_hottest(w[row], logcnt[row], args.top)}"
         )
@@ -263,6 +268,12 @@ def _plan(args: argparse.Namespace) -> int:
         f"after mean {s_after['mean']:.3f} worst {s_after['worst']:.3f}"
         + ("" if moved is None else f"; slots moved {int(moved.sum())} of {moved.numel() * args.replicas}")
     )
+    if ceiling is not None:
+        print(
+            f"bound (proven: no placement of the {cfg.policy} policy is better balanced): mean "
+            f"{float(ceiling.mean()):.3f}; after / bound: mean {float((b_after / ceiling).mean()):.2%} "
+            f"(at least this share of the optimum)"
+        )
     config = {"replicas": args.replicas, "groups": args.groups, "nodes": args.nodes, "gpus": args.gpus,
               "layers": w.shape[0], "experts": w.shape[1], "policy": cfg.policy, "method": args.method,
               "old": None if args.old is None else str(args.old), "max_moves": max_moves,
@@ -277,7 +288,11 @@ def _plan(args: argparse.Namespace) -> int:
             "phy2log": phy2log.tolist(),
             "log2phy": log2phy.tolist(),
             "logcnt": logcnt.tolist(),
-            "balancedness": {"before": b_before.tolist(), "after": b_after.tolist()},
+            "balancedness": {
+                "before": b_before.tolist(),
+                "after": b_after.tolist(),
+                "bound": None if ceiling is None else ceiling.tolist(),  # proven ceiling per layer
+            },
             "moved": None if moved is None else moved.tolist(),  # per layer: slots whose expert changes
         }
         files[args.out] = json.dumps(plan).encode()

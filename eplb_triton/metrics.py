@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu
+from . import bounds
 from ._arrays import accepts_arrays
 from ._validation import EplbArgumentError, check_count, check_weight
 
@@ -95,12 +95,20 @@ def summarize(per_layer: torch.Tensor) -> dict[str, float]:
 
 
 @accepts_arrays("weight")
-def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
-    """The lower bound (docs/algorithm.md) on the max GPU load of any placement with ``num_replicas`` slots.
+def lower_bound(
+    weight: torch.Tensor, num_replicas: int, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1
+) -> torch.Tensor:
+    """A proven lower bound on the max GPU load of every placement of the policy that runs.
 
-    ``max(total / P, t*)``, where ``t*`` is the largest per-replica load after
-    ``replicate_experts(weight, num_replicas)``. ``mean / bound`` bounds the balancedness any
-    placement can reach (global policy).
+    ``rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)`` runs the
+    hierarchical policy when ``num_groups % num_nodes == 0`` (the default ``1, 1``: one node holding
+    every expert, the global problem), else the global one; the bound holds for every placement
+    that policy could return, by any method (docs/algorithm.md section 8,
+    :mod:`eplb_triton.bounds`): the mean GPU load and the smallest possible largest share; with
+    2 to 4 slots per GPU, a pairing certificate (a GPU holds at most one replica above half the
+    load); for the hierarchical policy, the smallest over the splits of the groups among the nodes
+    of the largest node's bound. ``mean / bound`` is a ceiling on the balancedness any placement
+    can reach, and ``bound / peak`` a floor on a placement's share of the optimum.
 
     Returns:
         ``[L]`` float64 on ``weight.device``.
@@ -110,11 +118,9 @@ def lower_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch
     P = check_count("num_gpus", num_gpus)
     if R < E:
         raise EplbArgumentError(f"num_replicas ({R}) must be >= the number of logical experts ({E})")
-    w32 = weight.detach().to(device="cpu", dtype=torch.float32)
-    share = cpu.replicate_experts(w32.numpy(), R)[3]
-    t_star = torch.from_numpy(share).to(torch.float64).amax(dim=1)
-    mean_gpu = weight.detach().to("cpu", torch.float64).sum(dim=1) / P
-    return torch.maximum(mean_gpu, t_star).to(weight.device)
+    w64 = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
+    bound = bounds.lower_bound(w64, R, num_groups, num_nodes, P)
+    return torch.from_numpy(bound).to(weight.device)
 
 
 @accepts_arrays("old_phy2log", "new_phy2log")

@@ -20,7 +20,7 @@ import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton import _atomic, bench, cli
+from eplb_triton import _atomic, bench, cli, metrics
 from eplb_triton.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -439,10 +439,14 @@ def test_plan_drops_dense_layers_in_every_format(tmp_path, capsys, dense_layer_f
     code, stdout, err = call(capsys, *plan_args(paths[fmt]), "--out", out)
     assert code == 0, err
     assert err.splitlines()[0] == f"l.{fmt}: dropped 2 all-zero (dense) layers: rows [0, 3]"
-    labels = [int(line.split()[0]) for line in stdout.splitlines()[1:-1]]
+    labels = [int(line.split()[0]) for line in stdout.splitlines()[1:-2]]
     assert labels == [1, 2, 4, 5]  # the model layer index: the row in the file
+    assert stdout.splitlines()[-1].startswith("bound (proven: no placement of the hierarchical policy")
     plan = json.loads(out.read_text())
     assert plan["model_layers"] == [1, 2, 4, 5] and plan["config"]["layers"] == 4
+    ceiling = w.double().sum(1) / 8 / metrics.lower_bound(w, 24, 8, num_groups=4, num_nodes=2)
+    assert plan["balancedness"]["bound"] == ceiling.tolist()
+    assert all(a <= b for a, b in zip(plan["balancedness"]["after"], plan["balancedness"]["bound"], strict=True))
     assert plan["phy2log"] == eplb.rebalance_experts(w, 24, 4, 2, 8)[0].tolist()
 
 

@@ -22,8 +22,9 @@ def test_gpu_loads_conserve_total_and_bound_holds():
     phy2log, _, logcnt = eplb.rebalance_experts(w, 48, 8, 2, 8)
     loads = metrics.gpu_loads(w, phy2log, logcnt, 8)
     assert torch.allclose(loads.sum(1), w.double().sum(1))
-    bound = metrics.lower_bound(w, 48, 8)
-    assert (loads.max(1).values >= bound * (1 - 1e-12)).all()
+    bound = metrics.lower_bound(w, 48, 8, num_groups=8, num_nodes=2)
+    assert (loads.max(1).values >= bound).all()
+    assert (bound >= metrics.lower_bound(w, 48, 8)).all()  # the policy's constraint only adds
     b = metrics.balancedness(loads)
     assert (b <= loads.mean(1) / bound + 1e-12).all()
     # against a per-slot loop that shares nothing with metrics
@@ -35,9 +36,21 @@ def test_gpu_loads_conserve_total_and_bound_holds():
 
 
 def test_lower_bound_by_hand():
+    # A relative margin of 1e-9 absorbs the rounding of float64 sums (eplb_triton.bounds).
+    def bound(w, R, P, **kw):
+        return metrics.lower_bound(torch.tensor([w]), R, P, **kw).item()
+
     # replicate [8, 1, 1] to 4 slots: 8 -> two replicas of 4; t* = 4; total / P = 10 / 2 = 5.
-    assert metrics.lower_bound(torch.tensor([[8.0, 1.0, 1.0]]), 4, 2).tolist() == [5.0]
-    assert metrics.lower_bound(torch.tensor([[8.0, 1.0, 1.0]]), 4, 4).tolist() == [4.0]
+    assert bound([8.0, 1.0, 1.0], 4, 2) == pytest.approx(5.0, rel=2e-9) and bound([8.0, 1.0, 1.0], 4, 2) <= 5.0
+    assert bound([8.0, 1.0, 1.0], 4, 4) == pytest.approx(4.0, rel=2e-9)
+    # [11, 1, 2] on 4 slots of 2 GPUs: the mean is 7 and t* = 5.5, but a GPU with a half of 11
+    # holds a second replica, so the optimum (5.5 + 1, 5.5 + 2) = 7.5 is proven by the pairing bound.
+    assert bound([11.0, 1.0, 2.0], 4, 2) == pytest.approx(7.5, rel=1e-3) and bound([11.0, 1.0, 2.0], 4, 2) <= 7.5
+    # hierarchical: groups {9, 1} and {0, 0} on two nodes of one two-slot GPU each: a node holds
+    # whole groups, so one GPU carries 9 + 1 = 10; the global policy can pair 9 with a 0: 9.
+    hier = bound([9.0, 1.0, 0.0, 0.0], 4, 2, num_groups=2, num_nodes=2)
+    assert hier == pytest.approx(10.0, rel=2e-9) and hier <= 10.0
+    assert bound([9.0, 1.0, 0.0, 0.0], 4, 2) == pytest.approx(9.0, rel=2e-9)
 
 
 def test_balancedness_of_idle_layer_is_one():
