@@ -12,8 +12,8 @@ candidate max load ``T`` cannot be reached:
    ``fl(w_e / c)`` is ``<= t``, every count vector with ``sum c = R`` has a share ``> t`` exactly
    when ``sum a_e(t) > R`` (shares only shrink with more copies). This is the value the greedy
    replication reaches (docs/algorithm.md 8 proves the greedy optimal), but taken in float64, the
-   precision of the metrics (``metrics.lower_bound`` takes the greedy's float32 shares, which can
-   lie one float32 rounding above the float64 share).
+   precision of the metrics (the greedy's own float32 shares can lie one float32 rounding above
+   the float64 share: ``w = [[1]]`` on 3 slots, 0.3333333433 against 0.3333333333).
 
 2. **Pairing certificate, few slots per GPU** (``2 <= S <= PAIR_MAX_S``, ``S = R / P``). Call a
    replica *heavy* if its share is ``> T / 2`` and *light* otherwise. In a placement with max load
