@@ -297,31 +297,6 @@ def test_balancer_triton_backend_matches_cpu_backend():
         assert torch.equal(getattr(gpu_like, name), getattr(cpu_like, name)), name
 
 
-def test_train_loop_example_runs(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_loop.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--steps", "8", "--interval", "4", "--tokens", "64", "--device", "cpu",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "train_loop.json").read_text())
-    assert len(summary["rows"]) == 8 and [h["step"] for h in summary["rebalances"]] == [4, 8]
-    # seeded run: rebalancing every 4 steps beats the static placement over the run
-    assert summary["balancedness_with_rebalancing"] > summary["balancedness_without"]
-    assert all(h["after"] > h["before"] for h in summary["rebalances"])
-    budget = summary["config"]["max_moves"]
-    assert all(h["migrated_slots"] <= budget * 2 for h in summary["rebalances_incremental"])  # 2 layers
-    assert summary["moved_incremental"]["bytes_per_rebalance"] == pytest.approx(
-        summary["moved_incremental"]["slots_per_rebalance"] * summary["expert_bytes"]
-    )
-
-
 @pytest.mark.parametrize("method", ["greedy", "refined"])
 def test_balancer_incremental_moves_at_most_max_moves(method):
     b = OnlineBalancer(3, 16, 24, 4, 2, 8, window=1, rebalance_interval=1, device="cpu", method=method, max_moves=3)
