@@ -384,6 +384,9 @@ def test_sglang_equals_sglang_deepseek(case, hierarchical):
 def test_sglang_install_reaches_the_dispatcher(monkeypatch):
     algorithms = pytest.importorskip("sglang.srt.eplb.eplb_algorithms")
     monkeypatch.setattr(algorithms.deepseek, "rebalance_experts", algorithms.deepseek.rebalance_experts)
+    elastic = getattr(algorithms, "elasticity_aware", None)
+    if elastic is not None:  # install() replaces it too; restore it after the test
+        monkeypatch.setattr(elastic, "rebalance_experts", elastic.rebalance_experts)
     L, E, R, G, N, P = PEER_CASES[0]
     w = loads_without_ties(L, E, seed=1)
     tokens = torch.stack([w - (w / 3).floor(), (w / 3).floor()])  # two windows; SGLang sums them back to w
@@ -399,6 +402,16 @@ def test_sglang_install_reaches_the_dispatcher(monkeypatch):
     eplb_sglang.install()
     assert algorithms.deepseek.rebalance_experts is eplb_sglang.rebalance_experts
     assert_same_maps(algorithms.rebalance_experts(**kwargs), want)
+
+
+def test_sglang_current_placement_never_imports_sglang(monkeypatch):
+    """Outside a running SGLang the adapter plans from scratch without importing SGLang (which would
+    take seconds and set cache variables); it reads the module only where SGLang already loaded it."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "sglang.srt.eplb.expert_location", raising=False)
+    assert eplb_sglang.current_placement(2, 16) is None
+    assert "sglang.srt.eplb.expert_location" not in sys.modules
 
 
 def test_sglang_relabels_to_the_placement_in_service(monkeypatch):

@@ -24,6 +24,8 @@ processes are forked. The ``elasticity_aware`` algorithms (forced by elastic EP)
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .._validation import EplbArgumentError, check_active_gpus, check_config, check_count
@@ -36,12 +38,15 @@ OPTIONS: PlanOptions = PlanOptions.from_env()
 
 def current_placement(num_layers: int, num_replicas: int) -> torch.Tensor | None:
     """SGLang's placement in service, ``[L, R]`` int64 on the CPU, or ``None`` (SGLang not running in
-    this process, no metadata yet, or a map of another shape, e.g. around an elastic scale-up)."""
-    try:
-        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
-    except ImportError:
+    this process, no metadata yet, or a map of another shape, e.g. around an elastic scale-up).
+
+    Read from the already imported ``sglang.srt.eplb.expert_location`` (a running SGLang has it: it
+    calls the algorithms); never imported here, which would load all of SGLang (seconds, and it
+    sets cache variables) in a process that only plans."""
+    location = sys.modules.get("sglang.srt.eplb.expert_location")
+    if location is None or not hasattr(location, "get_global_expert_location_metadata"):
         return None
-    meta = get_global_expert_location_metadata()
+    meta = location.get_global_expert_location_metadata()
     old = getattr(meta, "physical_to_logical_map_cpu", None)
     if not isinstance(old, torch.Tensor) or tuple(old.shape) != (num_layers, num_replicas):
         return None
