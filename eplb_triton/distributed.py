@@ -30,11 +30,15 @@ _MESSAGE_BYTES = 8 * _MESSAGE_WORDS
 
 @dataclass
 class RearrangeStats:
-    """What this rank did: slots rewritten from its own old experts, slots received, experts sent."""
+    """What this rank did: slots rewritten from its own old experts, slots received, experts sent,
+    and the bytes of the experts sent and received (weights, and with ``optimizer=`` their state and
+    pending gradients)."""
 
     local_copies: int = 0
     received: int = 0
     sent: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 def _digest(*parts: object) -> int:
@@ -386,15 +390,18 @@ def _move(
         for q in mine:
             local_slot.setdefault(old[q], q - me * S)
         received: dict[int, list[torch.Tensor]] = {}
+        expert_bytes = sum(t[0].nelement() * t.element_size() for t in tensors)
         for start in range(0, len(transfers), max_inflight):
             ops = []
             for e, src, dst in transfers[start : start + max_inflight]:
                 if src == me:
                     ops += [dist.P2POp(dist.isend, t[local_slot[e]].contiguous(), peer[dst], group) for t in tensors]
                     stats.sent += 1
+                    stats.bytes_sent += expert_bytes
                 if dst == me:
                     received[e] = [torch.empty_like(t[0]) for t in tensors]
                     ops += [dist.P2POp(dist.irecv, buf, peer[src], group) for buf in received[e]]
+                    stats.bytes_received += expert_bytes
             _post(ops, group)
         # Sources first (some local sources are slots about to be overwritten), then the writes.
         sources = {}

@@ -321,6 +321,7 @@ def _stats_worker(rank: int, world: int) -> None:
     assert w.view(-1).tolist() == [float(e) for e in new[0, 2 * rank : 2 * rank + 2].tolist()]
     want = {0: (2, 0, 1), 1: (0, 1, 0)}[rank]
     assert (stats.local_copies, stats.received, stats.sent) == want, (rank, stats)
+    assert (stats.bytes_sent, stats.bytes_received) == ((4, 0) if rank == 0 else (0, 4))  # one float32
 
 
 def _subgroup_worker(rank: int, world: int) -> None:

@@ -157,7 +157,9 @@ def _optimizer_worker(rank: int, world: int, optimizer_name: str) -> None:
     step_before = state["step"].clone() if "step" in state else None
     with torch.no_grad():
         w.copy_(torch.stack([_expert_tensor(e, "weight") for e in mine]))
-    rearrange_expert_weights([w], OLD, NEW, optimizer=opt)
+    stats = rearrange_expert_weights([w], OLD, NEW, optimizer=opt)
+    per_expert = 8 * 2 * (2 + len(names))  # float64 [2]: the weight, its grad and each state tensor
+    assert stats.bytes_sent == stats.sent * per_expert and stats.bytes_received == stats.received * per_expert
     now = NEW[0, rank * S : (rank + 1) * S].tolist()
     assert torch.equal(w.detach(), torch.stack([_expert_tensor(e, "weight") for e in now]))
     for name in names:
