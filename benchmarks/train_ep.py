@@ -451,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=1, help="print every this many steps (rebalances always)")
     p.add_argument("--out", type=Path, default=Path("bench-out/train_ep"))
     args = p.parse_args(argv)
+    if args.steps <= args.interval:
+        p.error(
+            f"--steps ({args.steps}) must be greater than --interval ({args.interval}): the runs are compared from the first plan on"
+        )
     cfg = TrainConfig(
         layers=args.layers, experts=args.experts, replicas=args.replicas, groups=args.groups, nodes=args.nodes,
         top_k=args.top_k, dim=args.dim, hidden=args.hidden, tokens=args.tokens, steps=args.steps,

@@ -39,6 +39,10 @@ from .launch import log2phy_width
 from .placement import occurrence, slot_order_ranks
 from .recording import record_dispatch
 
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch
+# (the floor, 2.11 on the GPU machines) has only the former.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class OnlineBalancer:
     """Per-step load recording and periodic rebalancing for one MoE model's expert placement.
@@ -213,7 +217,7 @@ class OnlineBalancer:
             E = self.config.num_experts
             local, _ = self._backend.count(topk_ids, E)
             gathered = torch.empty(dist.get_world_size(group) * E, dtype=torch.int64, device=local.device)
-            dist.all_gather_into_tensor(gathered, local, group=group)
+            _all_gather_single(gathered, local, group=group)
             gathered = gathered.view(-1, E)
             totals = gathered.sum(dim=0)
             offsets = gathered[: dist.get_rank(group)].sum(dim=0)

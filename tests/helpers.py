@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -169,3 +170,11 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    # Success: leave without interpreter finalization. torch 2.13's gloo worker threads can still be
+    # dropping their last reference to a finished collective's tensors (which takes the GIL) when the
+    # interpreter shuts down; that thread is then unwound through a noexcept destructor and the
+    # process aborts (SIGABRT, "terminate called without an active exception"), failing a rank that
+    # did all its work. Seen in about 1 of 5 runs of test_train_ep; pytorch/pytorch PR 179291.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
