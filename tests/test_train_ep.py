@@ -12,8 +12,10 @@ the records.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -167,3 +169,23 @@ def test_optimizer_state_moves_with_its_slots(run):
                 name = ("exp_avg", "exp_avg_sq")[i % 2]
                 assert same, f"{where}: replicas' {name} differ (layer {i // 4}, tensor {i // 2 % 2})"
                 assert rel <= TOL, f"{where}: {name} differs from the reference's by {rel:.2e} (layer {i // 4})"
+
+
+def test_torchrun_runs_the_example_and_writes_its_outputs(tmp_path):
+    """The example as the README runs it (torchrun, gloo), shortened: every run's rows, a summary."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(SCRIPT),
+           "--steps", "12", "--interval", "4", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "balancedness" in done.stdout
+    with open(out / "train_ep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    runs = ("with rebalancing", "with rebalancing, balanced split", "without rebalancing")
+    assert [(r["run"], int(r["step"])) for r in rows] == [(name, s) for name in runs for s in range(12)]
+    summary = json.loads((out / "train_ep.json").read_text())["summary"]
+    assert summary["placement_changes"] >= 1
+    # Rebalancing changes only where tokens go, never the loss (float32: summation order differs).
+    assert summary["max_relative_loss_difference_between_runs"] < 1e-3
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional (the bench extra)
+        assert (out / "train_ep.png").stat().st_size > 0
