@@ -43,6 +43,7 @@ KERNELS = {
     "search": "_search._search_kernel",
     "assign": "_assign._assign_kernel",
     "split": "_split._balanced_split_kernel",
+    "pairs": "_pairs._pairs_kernel",
 }
 
 

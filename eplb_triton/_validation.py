@@ -114,6 +114,11 @@ def select_policy(num_groups: int, num_nodes: int) -> tuple[str, int, int]:
     return "global", 1, 1
 
 
+# Passes of the search for the pairing threshold T with two slots per GPU (docs/algorithm.md 13.1):
+# three trial values of T per pass. Part of the definition: every backend runs exactly this many.
+PAIR_PASSES = 3
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated placement problem: ``L`` layers of ``E`` experts on ``R`` slots, ``G`` groups,
@@ -201,7 +206,7 @@ def check_split(split: object) -> str:
     return split
 
 
-METHODS = ("greedy", "refined")  # docs/algorithm.md section 10
+METHODS = ("greedy", "refined")  # docs/algorithm.md sections 10 and 13
 
 
 def check_method(method: object) -> str:

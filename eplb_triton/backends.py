@@ -73,6 +73,12 @@ class Backend(Protocol):
         from ``old_phy2log``. ``skip [L]`` bool: layers returned as they start, without a search."""
         ...
 
+    def pairs(self, weight: torch.Tensor, start: Plan, *, skip: torch.Tensor | None = None) -> Plan:
+        """Deficit-driven replication, two slots per GPU (docs/algorithm.md section 13), from ``start``
+        (``R = 2 P`` slots; the global policy): per layer, the pairing placement where its largest GPU
+        load is strictly below ``start``'s, else ``start``. ``skip [L]`` bool: layers returned as they start."""
+        ...
+
     def assign(self, overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The exact maximum-overlap assignment of each ``[n, n]`` problem of ``overlap [B, n, n]``
         (docs/algorithm.md 10.3): ``[B, n]`` int64, the column of each row. ``skip [B]`` bool:
@@ -197,6 +203,11 @@ class ReferenceBackend(_HostBackend):
         out = reference.search(w, *args, num_gpus, num_nodes, old, max_moves, None if skip is None else skip.cpu())
         return Plan(*(t.to(weight.device) for t in out))
 
+    def pairs(self, weight, start, *, skip=None):
+        w = torch.from_numpy(_float32_numpy(weight))
+        out = reference.pairs(w, *(t.cpu() for t in start), None if skip is None else skip.cpu())
+        return Plan(*(t.to(weight.device) for t in out))
+
     def assign(self, overlap, skip=None):
         return self._assign(overlap, skip)
 
@@ -240,6 +251,10 @@ class CpuBackend(_HostBackend):
         out = cpu.search(
             _float32_numpy(weight), *arrays, num_gpus, num_nodes, _numpy(old_phy2log), max_moves, _numpy(skip)
         )
+        return Plan(*_tensors(out, weight.device))
+
+    def pairs(self, weight, start, *, skip=None):
+        out = cpu.pairs(_float32_numpy(weight), *(_numpy(t) for t in start), _numpy(skip))
         return Plan(*_tensors(out, weight.device))
 
     assign = staticmethod(ReferenceBackend._assign)  # the same NumPy assignment: integer arithmetic, exact
@@ -294,6 +309,9 @@ class TritonBackend:
 
     def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
         return Plan(*launch.search(weight, *start, num_gpus, num_nodes, old_phy2log, max_moves, skip))
+
+    def pairs(self, weight, start, *, skip=None):
+        return Plan(*launch.pairs(weight, *start, skip))
 
     def assign(self, overlap, skip=None):
         if overlap.shape[1] > launch.MAX_ASSIGN:  # more GPUs than one program holds: one host round trip

@@ -374,7 +374,8 @@ def build_parser() -> _Parser:
     )
     plan.add_argument(
         "--method", choices=METHODS, default="greedy",
-        help="greedy: DeepSeek's algorithm; refined: a local search after it (default: greedy)",
+        help="greedy: DeepSeek's algorithm; refined: a local search after it, and with two slots per GPU "
+        "(global policy) the deficit-driven pairing (default: greedy)",
     )  # fmt: skip
     plan.add_argument(
         "--old", type=Path, metavar="PLAN.json",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import EplbArgumentError
+from ._validation import PAIR_PASSES, EplbArgumentError
 
 _FULL = np.iinfo(np.int32).max
 
@@ -428,3 +428,155 @@ def _budget_key(peak: np.ndarray, value: np.ndarray, cost: np.ndarray) -> np.nda
     used; a move that uses none (or gives some back) counts half a slot (docs/algorithm.md 10.2)."""
     with np.errstate(invalid="ignore"):  # masked candidates may be inf - inf; they are not chosen
         return -((peak - value) / np.where(cost >= 1, cost, 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU: deficit-driven replication (docs/algorithm.md section 13)
+# ----------------------------------------------------------------------------------------------
+
+
+def _min_counts(w: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """13.2 step 1: the smallest ``c >= 1`` with ``w / c <= T`` per entry (``T [Y, 1] > 0``), int64."""
+    c = np.maximum(1.0, np.ceil(w / T))
+    c = np.where(w / c > T, c + 1.0, np.where((c > 1.0) & (w / np.maximum(c - 1.0, 1.0) <= T), c - 1.0, c))
+    return c.astype(np.int64)
+
+
+def _first_violation(
+    s: np.ndarray, c: np.ndarray, n: np.ndarray, T: np.ndarray, half: np.ndarray, R: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """13.2 step 2 on ``[Y, E]`` rows with ``n = sum c <= R`` replicas: ``(violated [Y] bool, h [Y, 1])``,
+    h the share of the first heavy replica whose light partner is missing or too heavy.
+
+    The replicas' shares sorted increasing, padded to ``R`` with ``+inf``: the ``k``-th largest is at
+    ``n - 1 - k``, the ``k``-th smallest at ``k``."""
+    Y = s.shape[0]
+    m = (c * (s > half)).sum(axis=1)  # heavy replicas
+    width = max(int(m.max()), 1)  # positions k < m are checked
+    values = np.concatenate([s, np.full((Y, 1), np.inf)], axis=1).ravel()
+    b = np.repeat(values, np.concatenate([c, (R - n)[:, None]], axis=1).ravel()).reshape(Y, R)
+    b.sort(axis=1)
+    k = np.arange(width)
+    top = _take(b, np.maximum(n[:, None] - 1 - k, 0))  # the k-th largest, [Y, width]
+    viol = (k < m[:, None]) & ((k >= (n - m)[:, None]) | (b[:, :width] > T - top))
+    first = viol.argmax(axis=1)
+    return viol.any(axis=1), top[np.arange(Y), first][:, None]
+
+
+def _pair_build(w: np.ndarray, R: int, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """13.2 for every row of ``w [Y, E]`` (float64) with its own ``T [Y]``: ``(ok [Y], counts [Y, E])``;
+    counts of failed rows are garbage. Rows still building are compacted each step; the shares
+    ``w / c`` and ``w / (c + 1)`` change only at the expert that got a copy."""
+    Y, E = w.shape
+    Tc = T[:, None]
+    c = _min_counts(w, Tc)
+    n = c.sum(axis=1)
+    ok = np.zeros(Y, bool)
+    ids = np.flatnonzero(n <= R)  # rows still building
+    wa, ca, na, Ta = w[ids], c[ids], n[ids], Tc[ids]
+    sa, s2a = wa / ca, wa / (ca + 1)
+    while ids.size:
+        viol, h = _first_violation(sa, ca, na, Ta, Ta * 0.5, R)
+        done = ~viol
+        ok[ids[done]] = True
+        c[ids[done]] = ca[done]
+        go = np.flatnonzero(viol & (na < R))
+        if go.size < ids.size:
+            ids, wa, ca, na, Ta, sa, s2a, h = (a[go] for a in (ids, wa, ca, na, Ta, sa, s2a, h))
+        if not ids.size:
+            break
+        # gain: the change of (replicas with share <= need) - (replicas with share >= h) if e got a copy
+        need = Ta - h
+        gain = ca * np.subtract(sa >= h, sa <= need, dtype=np.int8)
+        gain += (ca + 1) * np.subtract(s2a <= need, s2a >= h, dtype=np.int8)
+        g = gain.max(axis=1)
+        grow = np.flatnonzero(g > 0)
+        if grow.size < ids.size:
+            ids, wa, ca, na, Ta, sa, s2a, gain, g = (a[grow] for a in (ids, wa, ca, na, Ta, sa, s2a, gain, g))
+        e = np.where(gain == g[:, None], s2a, -np.inf).argmax(axis=1)  # the largest share after the copy
+        r = np.arange(ids.size)
+        ca[r, e] += 1
+        na += 1
+        sa[r, e] = s2a[r, e]
+        s2a[r, e] = wa[r, e] / (ca[r, e] + 1)
+    # spare slots of the rows that succeeded: all to the light expert of the largest share
+    f = np.flatnonzero(ok)
+    if f.size:
+        s = w[f] / c[f]
+        j = np.where(s <= Tc[f] * 0.5, s, -np.inf).argmax(axis=1)
+        c[f, j] += R - c[f].sum(axis=1)
+    return ok, c
+
+
+def _pair_peak(w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """13.3: ``[Y]`` largest GPU load when GPU ``p`` holds the ``p``-th and ``(R-1-p)``-th largest
+    replica (every row's counts sum to ``R``)."""
+    Y = w.shape[0]
+    b = np.sort(np.repeat((w / c).ravel(), c.ravel()).reshape(Y, -1), axis=1)  # increasing
+    R = b.shape[1]
+    return (b[:, ::-1][:, : R // 2] + b[:, : R // 2]).max(axis=1)
+
+
+def pairs(
+    w: np.ndarray, phy: np.ndarray, rank: np.ndarray, cnt: np.ndarray, skip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w`` float32 ``[X, E]``; ``phy``/``rank`` ``[X, R]`` (``R = 2 P``), ``cnt`` ``[X, E]`` int64: the
+    plan to improve. Returns new ``(phy, rank, cnt)``, equal to :func:`reference.pairs`: all rows and
+    their three trial values of ``T`` are built at once, pass by pass."""
+    X, E = w.shape
+    R = phy.shape[1]
+    P = R // 2
+    out = [phy.copy(), rank.copy(), cnt.copy()]
+    if X == 0:
+        return tuple(out)
+    w64 = w.astype(np.float64)
+    share = w64 / cnt
+    slot = _take(share, phy)
+    hi = ((0.0 + slot[:, 0::2]) + slot[:, 1::2]).max(axis=1)
+    total = np.add.accumulate(w64, axis=1)[:, -1]  # float64, in expert order
+    lo = np.maximum(total / P, share.max(axis=1))
+    run = (lo > 0.0) & (lo < hi)
+    if skip is not None:
+        run &= ~skip
+    rows = np.flatnonzero(run)
+    if rows.size == 0:
+        return tuple(out)
+    Y = rows.size
+    wr, lo, hi = w64[rows], lo[rows], hi[rows]
+    w3 = np.repeat(wr, 3, axis=0)
+    start_peak = hi.copy()
+    best_v = hi.copy()
+    best_c = np.zeros((Y, E), np.int64)
+    ar = np.arange(Y)
+    for _ in range(PAIR_PASSES):
+        mid = (lo + hi) * 0.5
+        trials = np.stack([(lo + mid) * 0.5, mid, (mid + hi) * 0.5], axis=1)  # [Y, 3], increasing
+        ok, c = _pair_build(w3, R, trials.reshape(-1))
+        v = np.full(3 * Y, np.inf)
+        if ok.any():
+            v[ok] = _pair_peak(w3[ok], c[ok])
+        v, ok = v.reshape(Y, 3), ok.reshape(Y, 3)
+        i = v.argmin(axis=1)  # the first minimum: the lower T on equal peaks
+        better = v[ar, i] < best_v
+        best_v = np.where(better, v[ar, i], best_v)
+        best_c[better] = c.reshape(Y, 3, E)[ar, i][better]
+        first = np.where(ok.any(axis=1), ok.argmax(axis=1), 3)
+        points = np.concatenate([lo[:, None], trials, hi[:, None]], axis=1)
+        lo, hi = points[ar, first], points[ar, first + 1]
+    found = best_v < start_peak
+    rows, c = rows[found], best_c[found]
+    if rows.size:
+        # 13.4: replicas by (share desc, expert asc, rank asc): a stable sort of the replicas listed
+        # expert by expert; GPU p takes the p-th and the (R-1-p)-th
+        Z = rows.size
+        expert = np.repeat(np.tile(np.arange(E, dtype=np.int64), Z), c.ravel()).reshape(Z, R)
+        first_slot = np.cumsum(c, axis=1) - c
+        order = np.argsort(-_take(w64[rows] / c, expert), axis=1, kind="stable")
+        expert = _take(expert, order)
+        replica = order - _take(first_slot, expert)
+        k = np.arange(R)
+        slot = np.where(k < P, 2 * k, 2 * (R - 1 - k) + 1)
+        out[0][rows[:, None], slot] = expert
+        out[1][rows[:, None], slot] = replica
+        out[2][rows] = c
+    return tuple(out)

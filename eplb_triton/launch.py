@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ._validation import Config, EplbArgumentError
+from ._validation import PAIR_PASSES, Config, EplbArgumentError
 from .split import MAX_ROUNDS
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
@@ -166,7 +166,7 @@ def _kernels() -> ModuleType:
     """The Triton kernels package with its launchers, imported at the first launch (the only place
     that imports it: Triton's import is slow and optional until a kernel runs)."""
     from . import kernels
-    from .kernels import assign, dispatch, rebalance, search, split  # noqa: F401  (submodules become attributes)
+    from .kernels import assign, dispatch, pairs, rebalance, search, split  # noqa: F401  (submodules become attributes)
 
     return kernels
 
@@ -305,6 +305,60 @@ def search(
     _kernels().search.search(
         w, phy_in, rank_in, cnt_in, old, budget, skip_rows.contiguous(), phy, rank, cnt, scratch_f, scratch_i, ln
     )
+    return phy, rank, cnt
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU: deficit-driven replication (docs/algorithm.md section 13)
+# ----------------------------------------------------------------------------------------------
+
+
+def pairs_launch(L: int, E: int, R: int) -> SearchLaunch:
+    """The pairing kernel: one program per layer of ``R = 2 P`` slots; lanes are experts
+    (``BLOCK_E``) or GPUs (``BLOCK_P``), and every count against the other experts is a loop over
+    them, so a lane holds a few values: 4 warps, 8 past 1024 lanes. As for the search, ptxas is
+    kept from trimming 4 warps to an occupancy tier (one program per layer gains nothing from it)."""
+    check_limits(E, R)
+    if R % 2:
+        raise EplbArgumentError(f"the pairing kernel needs two slots per GPU (an even R), got R = {R}")
+    block_e, block_p = _pow2(E), _pow2(R // 2)
+    constexprs = dict(E=E, R=R, PASSES=PAIR_PASSES, BLOCK_E=block_e, BLOCK_P=block_p)
+    num_warps = 4 if max(block_e, block_p) <= 1024 else 8
+    return SearchLaunch((L,), constexprs, num_warps, 255 if num_warps <= 4 else None)
+
+
+def pairs(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    phyrank: torch.Tensor,
+    logcnt: torch.Tensor,
+    skip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deficit-driven replication of every layer of the plan ``(phy2log, phyrank, logcnt)`` with two
+    slots per GPU (``R = 2 P``), one launch, no host synchronisation: the pairing placement where it
+    is strictly better, else the plan. Layers marked in ``skip [L]`` (bool) come back as they went
+    in. Returns new ``int64`` tensors ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``; the inputs
+    are not modified.
+    """
+    L, R = phy2log.shape
+    E = logcnt.shape[1]
+    ln = pairs_launch(L, E, R)
+    w = _float32_rows(weight)
+    dev = w.device
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=dev, dtype=torch.int64).contiguous()
+
+    phy_in, rank_in, cnt_in = rows(phy2log), rows(phyrank), rows(logcnt)
+    skip_rows = (
+        torch.zeros(L, dtype=torch.int32, device=dev) if skip is None else skip.to(device=dev, dtype=torch.int32)
+    )
+    phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
+    if L == 0:
+        return phy, rank, cnt
+    scratch_f = torch.empty((L, E), dtype=torch.float64, device=dev)
+    scratch_i = torch.empty((L, 2 * E), dtype=torch.int32, device=dev)
+    _kernels().pairs.pairs(w, phy_in, rank_in, cnt_in, skip_rows.contiguous(), phy, rank, cnt, scratch_f, scratch_i, ln)
     return phy, rank, cnt
 
 

@@ -3,7 +3,8 @@
 :func:`plan` composes, per layer and vectorised over layers on the input's device:
 
 1. the greedy of the policy that runs (``backend.greedy``), or the caller's greedy plan;
-2. ``method="refined"``: the local search from the greedy (``backend.search``);
+2. ``method="refined"``: the local search from the greedy (``backend.search``), and with two slots
+   per GPU under the global policy deficit-driven replication after it (``backend.pairs``);
 3. ``old_phy2log``: the result relabelled to keep experts where they are: the exact node and GPU
    assignment then slot order (``relabel="gpus"``, :func:`placement.relabel`), or only slot order
    within each GPU (``relabel="slots"``, :func:`placement.stable_order`);
@@ -21,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ._validation import Config
+from ._validation import Config, select_policy
 from .backends import Backend, Plan
 from .metrics import gpu_loads
 from .placement import block_overlap, max_gpu_load, relabel, stable_order
@@ -67,6 +68,8 @@ def plan(
     result = start if start is not None else backend.greedy(weight, cfg, validate=validate)
     if method == "refined":
         result = backend.search(weight, result, P, N, skip=skip)
+        if takes_pairs(cfg):
+            result = backend.pairs(weight, result, skip=skip)
     if old_phy2log is not None:
         if max_moves is not None:
             result = _incremental(backend, weight, cfg, result, old_phy2log, max_moves, skip)
@@ -86,6 +89,12 @@ def plan(
         rows, previous = keep
         result = Plan(*(torch.where(rows.view(-1, 1), p, r) for p, r in zip(previous, result, strict=True)))
     return result
+
+
+def takes_pairs(cfg: Config) -> bool:
+    """``method="refined"`` adds deficit-driven replication (docs/algorithm.md section 13) after the
+    local search: two slots per GPU under the global policy (``cfg`` the effective configuration)."""
+    return cfg.num_replicas == 2 * cfg.num_gpus and select_policy(cfg.num_groups, cfg.num_nodes)[0] == "global"
 
 
 def gains(weight: torch.Tensor, current: Plan, new: Plan, num_gpus: int, min_gain: float) -> torch.Tensor:

@@ -67,7 +67,8 @@ class EplbPlanner:
             (``L, E, R, G, N, P``), validated as :func:`eplb_triton.rebalance_experts` does.
         device: where the buffers live (a CUDA device; CPU only under ``TRITON_INTERPRET=1``).
         method: ``"greedy"`` (one kernel launch per plan) or ``"refined"`` (the greedy, then the
-            local search kernel: docs/algorithm.md section 10).
+            local search kernel: docs/algorithm.md section 10; with two slots per GPU under the
+            global policy, then the pairing kernel: section 13).
         max_moves: if given, :meth:`plan` needs ``old_phy2log`` and replans incrementally: at most
             this many slots per layer differ from it (docs/algorithm.md 10.4).
         initial_phy2log: ``[L, R]`` the placement the buffers start with (the layout the model was

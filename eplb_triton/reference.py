@@ -12,10 +12,12 @@ tensors, with the same meaning as the public functions of :mod:`eplb_triton`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from ._validation import select_policy
+from ._validation import PAIR_PASSES, select_policy
 
 f32 = np.float32
 
@@ -294,6 +296,148 @@ def search(
             continue
         old = None if old_phy2log is None else old_phy2log[layer].tolist()
         out.append(_search_layer(w, *start, num_gpus, num_nodes, old, max_moves))
+    L, R = phy2log.shape
+    E = logcnt.shape[1]
+    return (
+        torch.tensor([o[0] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU: deficit-driven replication (docs/algorithm.md section 13; Python floats are float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _min_count(w: float, T: float) -> int:
+    """13.2 step 1: the smallest ``c >= 1`` with ``w / c <= T`` (one estimate, at most one correction)."""
+    c = max(1, math.ceil(w / T))
+    if w / c > T:
+        c += 1
+    elif c > 1 and w / (c - 1) <= T:
+        c -= 1
+    return c
+
+
+def _replicas(w: list[float], c: list[int]) -> list[float]:
+    """The shares of all replicas, largest first."""
+    return sorted((w[e] / c[e] for e in range(len(w)) for _ in range(c[e])), reverse=True)
+
+
+def _pair_peak(w: list[float], c: list[int]) -> float:
+    """13.3: the largest GPU load when GPU ``p`` takes the ``p``-th and the ``(R-1-p)``-th largest replica."""
+    b = _replicas(w, c)
+    R = len(b)
+    return max(b[p] + b[R - 1 - p] for p in range(R // 2))
+
+
+def _pair_build(w: list[float], R: int, T: float) -> list[int] | None:
+    """13.2: replica counts whose pairing keeps every GPU within ``T``, or None (the build fails)."""
+    E = len(w)
+    half = T * 0.5
+    c = [_min_count(w[e], T) for e in range(E)]
+    if sum(c) > R:
+        return None
+    while True:
+        s = [w[e] / c[e] for e in range(E)]
+        b = _replicas(w, c)
+        n = len(b)
+        m = sum(1 for v in b if v > half)  # heavy replicas: two cannot share a GPU within T
+        # the k-th largest heavy replica pairs with the k-th smallest light one, b[n - 1 - k]
+        k_star = next((k for k in range(m) if k >= n - m or b[n - 1 - k] > T - b[k]), None)
+        if k_star is None:
+            break
+        if n == R:
+            return None
+        h = b[k_star]
+        need = T - h
+        gain = []
+        for e in range(E):
+            s2 = w[e] / (c[e] + 1)
+            if s[e] > half:
+                g = c[e] * (s[e] >= h) - (c[e] + 1) * (s2 > half and s2 >= h) + (c[e] + 1) * (s2 <= half and s2 <= need)
+            else:
+                g = (c[e] + 1) * (s2 <= need) - c[e] * (s[e] <= need)
+            gain.append(g)
+        g_max = max(gain)
+        if g_max <= 0:
+            return None
+        best = -1
+        for e in range(E):  # the largest share after the copy; strict: equal shares keep the lower expert
+            if gain[e] == g_max and (best < 0 or w[e] / (c[e] + 1) > w[best] / (c[best] + 1)):
+                best = e
+        c[best] += 1
+    spare = R - sum(c)
+    if spare:
+        s = [w[e] / c[e] for e in range(E)]
+        j = -1
+        for e in range(E):  # the light expert of the largest share (one exists, section 13.2)
+            if s[e] <= half and (j < 0 or s[e] > s[j]):
+                j = e
+        c[j] += spare
+    return c
+
+
+def _pairs_layer(
+    w32: list[np.float32], phy: list[int], rank: list[int], cnt: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """Section 13 for one layer: the search for ``T`` (13.1), then the pairing placement (13.4) if it is
+    strictly better than the start."""
+    R, E = len(phy), len(w32)
+    P = R // 2
+    w = [float(v) for v in w32]
+    share = [w[e] / cnt[e] for e in range(E)]
+    hi = max((0.0 + share[phy[2 * p]]) + share[phy[2 * p + 1]] for p in range(P))  # the start's peak (10.1)
+    total = 0.0
+    for e in range(E):  # float64, in expert order
+        total += w[e]
+    lo = max(total / P, max(share))
+    if not 0.0 < lo < hi:
+        return phy, rank, cnt
+    best_v, best_c = hi, None
+    for _ in range(PAIR_PASSES):
+        mid = (lo + hi) * 0.5
+        trials = [(lo + mid) * 0.5, mid, (mid + hi) * 0.5]
+        first = 3
+        for i, T in enumerate(trials):
+            c = _pair_build(w, R, T)
+            if c is None:
+                continue
+            first = min(first, i)
+            v = _pair_peak(w, c)
+            if v < best_v:  # strict: an equal peak keeps the earlier trial
+                best_v, best_c = v, c
+        points = [lo, *trials, hi]
+        lo, hi = points[first], points[first + 1]
+    if best_c is None:
+        return phy, rank, cnt
+    # 13.4: replicas by (share desc, expert asc, rank asc); GPU p takes the p-th and the (R-1-p)-th
+    s = [w[e] / best_c[e] for e in range(E)]
+    order = sorted(((e, r) for e in range(E) for r in range(best_c[e])), key=lambda er: (-s[er[0]], er[0], er[1]))
+    new_phy, new_rank = [-1] * R, [-1] * R
+    for k, (e, r) in enumerate(order):
+        q = 2 * k if k < P else 2 * (R - 1 - k) + 1
+        new_phy[q], new_rank[q] = e, r
+    return new_phy, new_rank, best_c
+
+
+def pairs(
+    weight: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor,
+    skip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Deficit-driven replication for two slots per GPU (docs/algorithm.md section 13) from the plan
+    ``(phy2log, phyrank, logcnt)`` (``R = 2 P`` slots, the global policy): per layer, the pairing
+    placement where its largest GPU load is strictly below the plan's, else the plan. Layers marked in
+    ``skip [L]`` (bool) are returned as they are. Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors.
+    """
+    out = []
+    for layer, w in enumerate(_rows(weight)):
+        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
+        if skip is not None and bool(skip[layer]):
+            out.append(start)
+        else:
+            out.append(_pairs_layer(w, *start))
     L, R = phy2log.shape
     E = logcnt.shape[1]
     return (

@@ -29,7 +29,7 @@ import aot  # noqa: E402  (the one ahead-of-time harness: benchmarks/aot.py)
 from eplb_triton import launch  # noqa: E402
 from eplb_triton._validation import Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
-from eplb_triton.kernels import _rebalance, _search, _split  # noqa: E402
+from eplb_triton.kernels import _pairs, _rebalance, _search, _split  # noqa: E402
 
 ARCHS = [80, 90]
 
@@ -67,6 +67,9 @@ def _jobs() -> dict[str, tuple]:
         for n in ASSIGN_SIZES:
             ln = launch.assign_launch(58, n)
             jobs[f"assign-n{n}-sm{arch}"] = ("assign", ln.constexprs, ln.num_warps, arch)
+        for E, R in PAIRS_SHAPES:
+            ln = launch.pairs_launch(58, E, R)
+            jobs[f"pairs-E{E}-R{R}-sm{arch}"] = ("pairs", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
         for E, R, P in SPLIT_SHAPES:  # the tile for log2phy's fixed width R - E + 1 (the balancer's)
             ln = launch.split_launch(58, E, R, P, R - E + 1)
             jobs[f"split-E{E}-R{R}-P{P}-sm{arch}"] = ("split", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
@@ -83,6 +86,8 @@ SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, 64, 1))
 
 # the assignment problems of DeepSeek-V3-like deployments (GPUs per node, nodes) and the limit
 ASSIGN_SIZES = [8, 18, 32, 64, 144, launch.MAX_ASSIGN]
+# (E, R) of the pairing with two slots per GPU: DeepSeek-V3 decode on 144 GPUs, a small one, the limits
+PAIRS_SHAPES = [(256, 288), (12, 16), (launch.MAX_EXPERTS, launch.MAX_REPLICAS)]
 # (E, R, P) of the per-step split: the DeepSeek-V3 deployments
 SPLIT_SHAPES = [(256, 288, 32), (256, 320, 64), (256, 288, 144)]
 
@@ -262,3 +267,19 @@ def test_split_kernel(compiled, job_id):
     assert_barrier_between(ptx, fn, "tl.store(scr_qe + s_q", "tl.load(scr_qe + o_ps")
     assert_barrier_between(ptx, fn, "tl.store(scr_ux + s_unit, s_g", "tl.load(scr_ux + t_flat)")
     assert_barrier_between(ptx, fn, "tl.store(scr_ux + s_unit, x_unit", "t_x = tl.where(t_ok, tl.load(scr_ux")
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("pairs-")])
+def test_pairs_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    assert_fits(usage)
+    # float64 as in the reference: IEEE division, and the only products are halvings (exact, so a
+    # multiply-add that fuses one computes the same value)
+    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
+    products = re.findall(r"\b(?:fma|mad|mul)\.\w*\.?f64\s+[^;]*;", ptx)
+    assert products, "the halvings of 13.1 are products by 0.5"
+    assert all("0d3FE0000000000000" in p for p in products), [p for p in products if "0d3FE0000000000000" not in p]
+    # shares, counts and first positions are stored by some threads and read one by one by all
+    assert_barrier_between(ptx, _pairs._publish, "tl.store(c_row + o_e, b_c", "tl.load(s_row + j)", _pairs._build)
+    assert_barrier_between(ptx, _pairs._pair_up, "tl.store(off_row + o_e", "tl.load(off_row + e)")
