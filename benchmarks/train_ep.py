@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps <= args.interval:
         p.error(
-            f"--steps ({args.steps}) must be greater than --interval ({args.interval}): the runs are compared from the first plan on"
+            f"--steps ({args.steps}) must be greater than --interval ({args.interval}): "
+            "the runs are compared from the first plan on"
         )
     cfg = TrainConfig(
         layers=args.layers, experts=args.experts, replicas=args.replicas, groups=args.groups, nodes=args.nodes,

@@ -95,6 +95,7 @@ def test_the_live_gpus_keep_what_they_hold_where_possible():
     kept = eplb.rebalance_experts(w, R, G, N, P, active_gpus=mask, old_phy2log=old)
     _check_invariants(*kept, E, R, G, N, P, [3])
     assert torch.equal(kept[2], fresh[2]), "the same replica counts"
+
     def gpu_shares(phy, cnt):  # each GPU's replica shares, sorted: the same multiset in any slot order
         share = torch.where(phy >= 0, (w.double() / cnt.double()).gather(1, phy.clamp_min(0)), 0.0)
         return share.view(L, P, -1).sort(dim=2).values.sort(dim=1).values
