@@ -53,10 +53,14 @@ def log2phy(phy2log: np.ndarray, rank: np.ndarray, num_experts: int, width: int)
     """``[L, E, width]`` int64: ``log2phy[l, e, r]`` is the slot of replica ``r`` of ``e``, ``-1`` past its
     count; slots with ``phy2log < 0`` (empty: a lost GPU's) are listed nowhere."""
     L, R = phy2log.shape
+    slots = np.broadcast_to(np.arange(R, dtype=np.int64), (L, R))
+    if (phy2log >= 0).all():  # no empty slot: write in place, the result stays C-contiguous (no copy later)
+        out = np.full((L, num_experts * width), -1, np.int64)
+        _put(out, phy2log * width + rank, slots)
+        return out.reshape(L, num_experts, width)
     out = np.full((L, num_experts * width + 1), -1, np.int64)  # the last column takes the empty slots
-    flat = np.where(phy2log < 0, num_experts * width, phy2log * width + rank)
-    _put(out, flat, np.broadcast_to(np.arange(R, dtype=np.int64), (L, R)))
-    return out[:, :-1].reshape(L, num_experts, width)
+    _put(out, np.where(phy2log < 0, num_experts * width, phy2log * width + rank), slots)
+    return np.ascontiguousarray(out[:, :-1]).reshape(L, num_experts, width)
 
 
 def slot_order_ranks(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
