@@ -296,13 +296,7 @@ def search(
             continue
         old = None if old_phy2log is None else old_phy2log[layer].tolist()
         out.append(_search_layer(w, *start, num_gpus, num_nodes, old, max_moves))
-    L, R = phy2log.shape
-    E = logcnt.shape[1]
-    return (
-        torch.tensor([o[0] for o in out], dtype=torch.int64).reshape(L, R),
-        torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
-        torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
-    )
+    return _plans(out, *phy2log.shape, logcnt.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,13 +432,7 @@ def pairs(
             out.append(start)
         else:
             out.append(_pairs_layer(w, *start))
-    L, R = phy2log.shape
-    E = logcnt.shape[1]
-    return (
-        torch.tensor([o[0] for o in out], dtype=torch.int64).reshape(L, R),
-        torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
-        torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
-    )
+    return _plans(out, *phy2log.shape, logcnt.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,3 +459,12 @@ def record_dispatch(
     phy = log2phy[e, token % logcnt[e]]
     phy = torch.where(valid, phy, torch.full_like(phy, -1)).to(topk_ids.dtype)
     return phy, (~valid).sum().view(1)
+
+
+def _plans(out: list[tuple[list[int], list[int], list[int]]], L: int, R: int, E: int) -> tuple[torch.Tensor, ...]:
+    """Per-layer ``(phy2log, phyrank, logcnt)`` lists as ``int64`` tensors ``[L, R], [L, R], [L, E]``."""
+    return (
+        torch.tensor([o[0] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[1] for o in out], dtype=torch.int64).reshape(L, R),
+        torch.tensor([o[2] for o in out], dtype=torch.int64).reshape(L, E),
+    )
