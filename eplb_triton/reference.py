@@ -1,9 +1,10 @@
-"""The EPLB algorithm of docs/algorithm.md, literally: per-layer Python loops, float32 arithmetic.
+"""The EPLB algorithm of docs/algorithm.md, literally: per-layer Python loops, float32 arithmetic
+for the greedy (sections 3-7), float64 for the search and the pairing (sections 10 and 13).
 
 This module is the oracle of the project: every other backend (the vectorised CPU path, the
 Triton kernels) must return exactly what these functions return. It is written to be obviously
 right, not fast (about a second for DeepSeek-V3 shapes); it does not import Triton, and of the
-package it imports only the policy rule (:func:`eplb_triton._validation.select_policy`). It does
+package it imports only the policy rule and the pairing's pass count (``_validation``). It does
 not validate its arguments: the public API does that first.
 
 All functions take a 2-D tensor of loads (any real dtype, any device) and return ``int64`` CPU

@@ -199,6 +199,14 @@ def test_skipped_and_nan_layers_come_back_as_they_went_in():
     got = launch.pairs(w, *start)
     for g, s in zip(got, start, strict=True):
         assert torch.equal(g[2], s[2])
+    # one NaN load (the start planned on a valid row): NaN-skipping maxima gave the kernel a finite
+    # bracket and it re-planned the row; every backend keeps it
+    w = torch.tensor([[516.0, 100.0, 435.0]])
+    start = start_of(w, 12, 6)
+    w[0, 1] = float("nan")
+    got = all_backends(w, start)
+    for g, s in zip(got, start, strict=True):
+        assert torch.equal(g, s), "a row with a NaN load comes back as it went in"
 
 
 # ----------------------------------------------------------------------------------------------
