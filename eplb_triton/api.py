@@ -93,6 +93,22 @@ def replicate_experts(
     return served.replicate(weight, R)
 
 
+def _check_plan_args(method, old_phy2log, max_moves, min_gain, active_gpus, cfg, device):
+    """The planning arguments beyond DeepSeek's, validated and combined:
+    ``(method, old, max_moves, min_gain, live)``."""
+    method = check_method(method)
+    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, device)
+    min_gain = check_min_gain(min_gain)
+    if min_gain is not None and old is None:
+        raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
+    live = check_active_gpus(active_gpus, cfg)
+    if live is not None and (max_moves is not None or min_gain is not None):
+        raise EplbArgumentError(
+            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
+        )
+    return method, old, max_moves, min_gain, live
+
+
 @accepts_arrays("weight", "old_phy2log")
 def rebalance_experts_hierarchical(
     weight: torch.Tensor,
@@ -128,16 +144,9 @@ def rebalance_experts_hierarchical(
         require_hierarchical=True, replicas_name="num_physical_experts",
     )  # fmt: skip
     served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
-    method = check_method(method)
-    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
-    min_gain = check_min_gain(min_gain)
-    if min_gain is not None and old is None:
-        raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
-    live = check_active_gpus(active_gpus, cfg)
-    if live is not None and (max_moves is not None or min_gain is not None):
-        raise EplbArgumentError(
-            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
-        )
+    method, old, max_moves, min_gain, live = _check_plan_args(
+        method, old_phy2log, max_moves, min_gain, active_gpus, cfg, weight.device
+    )
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
     if live is not None:
@@ -214,16 +223,9 @@ def rebalance_experts(
     """
     cfg = check_config(weight, num_replicas, num_groups, num_nodes, num_gpus)
     served = backends.resolve(backend, weight.device, experts=cfg.num_experts, replicas=cfg.num_replicas)
-    method = check_method(method)
-    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, weight.device)
-    min_gain = check_min_gain(min_gain)
-    if min_gain is not None and old is None:
-        raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
-    live = check_active_gpus(active_gpus, cfg)
-    if live is not None and (max_moves is not None or min_gain is not None):
-        raise EplbArgumentError(
-            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
-        )
+    method, old, max_moves, min_gain, live = _check_plan_args(
+        method, old_phy2log, max_moves, min_gain, active_gpus, cfg, weight.device
+    )
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
