@@ -270,10 +270,9 @@ def test_real_loads_decode_ep144():
     before = sum(m / x for m, x in zip(mean, g, strict=True)) / len(g)
     after = sum(m / x for m, x in zip(mean, r, strict=True)) / len(r)
     assert after > before + 0.005, (before, after)  # measured: 0.867 -> 0.883 on the first file
-    few = w[:2]
-    for a, b in zip(
-        eplb.rebalance_experts(few, R, G, N, P, backend="cpu", method="refined"),
-        eplb.rebalance_experts(few, R, G, N, P, backend="reference", method="refined"),
-        strict=True,
-    ):
-        assert torch.equal(a, b)
+    few = w[:2]  # the kernel at the real shape too (E = 256, R = 288: 256-lane blocks; ~20 s here)
+    want = eplb.rebalance_experts(few, R, G, N, P, backend="reference", method="refined")
+    for backend in ("cpu", "triton"):
+        got = eplb.rebalance_experts(few, R, G, N, P, backend=backend, method="refined")
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.cpu(), b), backend
