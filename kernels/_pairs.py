@@ -23,7 +23,7 @@ minimum followed by the lowest index among equal values, as the spec's ties say.
 import triton
 import triton.language as tl
 
-from ._keys import INF, NO_INDEX
+from ._keys import INF, NO_INDEX, first_min_or_none
 
 
 @triton.jit
@@ -89,8 +89,8 @@ def _build(b_w, T, o_e, m_e, s_row, c_row, E: tl.constexpr, R: tl.constexpr):
         b_gain += (b_c + 1) * ((b_s2 <= need).to(tl.int32) - (b_s2 >= h).to(tl.int32))
         b_gain = tl.where(m_e, b_gain, -(1 << 30))
         g = tl.max(b_gain)
-        top = tl.max(tl.where(b_gain == g, b_s2, -INF))  # the largest share after the copy, lowest index
-        e_star = tl.min(tl.where((b_gain == g) & (b_s2 == top), o_e, NO_INDEX))
+        # the largest share after the copy, lowest index (a first minimum of the negated shares: exact)
+        e_star = first_min_or_none(tl.where(b_gain == g, -b_s2, INF), o_e)[1]
         grow = violated & (n < R) & (g > 0)
         ok = ok | ~violated
         b_c = tl.where(grow & (o_e == e_star), b_c + 1, b_c)
@@ -99,8 +99,7 @@ def _build(b_w, T, o_e, m_e, s_row, c_row, E: tl.constexpr, R: tl.constexpr):
     # the spare slots all go to the light expert of the largest share (one exists when ok)
     b_s = _shares(b_w, b_c, m_e)
     m_light = m_e & (b_s <= half)
-    top = tl.max(tl.where(m_light, b_s, -INF))
-    j = tl.min(tl.where(m_light & (b_s == top), o_e, NO_INDEX))
+    j = first_min_or_none(tl.where(m_light, -b_s, INF), o_e)[1]
     b_c = tl.where(o_e == j, b_c + (R - n), b_c)
     return ok, b_c
 
