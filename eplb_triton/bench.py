@@ -245,8 +245,7 @@ def _fitting(files: list[Loads], d: Deployment) -> list[Loads]:
 def ceiling(w: torch.Tensor, d: Deployment) -> torch.Tensor:
     """``[L]`` the proven ceiling on balancedness: mean GPU load over :func:`metrics.lower_bound` of the
     deployment's policy (no placement that policy can return is better balanced)."""
-    bound = metrics.lower_bound(w, d.replicas, d.gpus, num_groups=d.groups, num_nodes=d.nodes)
-    return torch.where(bound > 0, w.double().sum(1) / d.gpus / bound.clamp_min(1e-300), 1.0)
+    return metrics.ceiling(w, d.replicas, d.gpus, num_groups=d.groups, num_nodes=d.nodes)
 
 
 def quality_report(files: list[Loads], deployments: list[Deployment], log=print) -> list[dict]:

@@ -251,8 +251,7 @@ def _plan(args: argparse.Namespace) -> int:
     b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
     ceiling = None  # the proven ceiling on balancedness (all GPUs live: the bound is for the whole problem)
     if active is None:
-        bound = metrics.lower_bound(w, args.replicas, args.gpus, num_groups=args.groups, num_nodes=args.nodes)
-        ceiling = torch.where(bound > 0, w.double().sum(1) / args.gpus / bound.clamp_min(1e-300), 1.0)
+        ceiling = metrics.ceiling(w, args.replicas, args.gpus, num_groups=groups, num_nodes=nodes)
     print(f"{'layer':>5s} {'before':>7s} {'after':>7s} " + ("  bound " if ceiling is not None else "")
           + ("moved " if moved is not None else "") + " hottest experts (replicas)")  # fmt: skip
     for row, layer in enumerate(loads.layers):  # labelled with the model layer index (row in the file)

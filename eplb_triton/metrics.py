@@ -123,6 +123,21 @@ def lower_bound(
     return torch.from_numpy(bound).to(weight.device)
 
 
+@accepts_arrays("weight")
+def ceiling(
+    weight: torch.Tensor, num_replicas: int, num_gpus: int, *, num_groups: int = 1, num_nodes: int = 1
+) -> torch.Tensor:
+    """The proven ceiling on balancedness: mean GPU load over :func:`lower_bound` (same arguments),
+    ``1.0`` where every load is zero. No placement of the policy that runs is better balanced.
+
+    Returns:
+        ``[L]`` float64 on ``weight.device``.
+    """
+    bound = lower_bound(weight, num_replicas, num_gpus, num_groups=num_groups, num_nodes=num_nodes)
+    mean = weight.detach().to(dtype=torch.float64).sum(dim=1).to(bound.device) / num_gpus
+    return torch.where(bound > 0, mean / bound.clamp_min(1e-300), 1.0)
+
+
 @accepts_arrays("old_phy2log", "new_phy2log")
 def migration_count(old_phy2log: torch.Tensor, new_phy2log: torch.Tensor) -> torch.Tensor:
     """Slots per layer whose expert changes (each must receive a full expert's weights).

@@ -450,6 +450,19 @@ def test_plan_drops_dense_layers_in_every_format(tmp_path, capsys, dense_layer_f
     assert plan["phy2log"] == eplb.rebalance_experts(w, 24, 4, 2, 8)[0].tolist()
 
 
+def test_plan_bound_is_the_policy_that_runs(tmp_path, capsys, dense_layer_files):
+    """--policy global plans with G = N = 1: its proven ceiling is the global one, not the
+    hierarchical policy's (which is lower, and would be no ceiling for the global plan)."""
+    paths, w = dense_layer_files
+    out = tmp_path / "plan.json"
+    code, stdout, err = call(capsys, *plan_args(paths["npy"]), "--policy", "global", "--out", out)
+    assert code == 0, err
+    assert stdout.splitlines()[-1].startswith("bound (proven: no placement of the global policy")
+    bound = json.loads(out.read_text())["balancedness"]["bound"]
+    assert bound == metrics.ceiling(w, 24, 8).tolist()
+    assert bound != metrics.ceiling(w, 24, 8, num_groups=4, num_nodes=2).tolist()
+
+
 @pytest.mark.parametrize("fmt", ["json", "csv", "npy"])
 def test_plan_refuses_a_file_of_only_dense_layers(tmp_path, capsys, fmt):
     path = tmp_path / f"zeros.{fmt}"

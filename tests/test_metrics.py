@@ -53,6 +53,15 @@ def test_lower_bound_by_hand():
     assert bound([9.0, 1.0, 0.0, 0.0], 4, 2) == pytest.approx(9.0, rel=2e-9)
 
 
+def test_ceiling_is_the_mean_over_the_bound():
+    w = torch.tensor([[9.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    got = metrics.ceiling(w, 4, 2, num_groups=2, num_nodes=2)
+    assert got.dtype == torch.float64
+    assert got[0].item() == 5.0 / metrics.lower_bound(w, 4, 2, num_groups=2, num_nodes=2)[0].item()
+    assert got[1].item() == 1.0  # an idle layer is perfectly balanced
+    assert metrics.ceiling(w, 4, 2)[0].item() > got[0].item()  # the global policy can do better
+
+
 def test_balancedness_of_idle_layer_is_one():
     assert metrics.balancedness(torch.zeros(2, 4)).tolist() == [1.0, 1.0]
 
