@@ -37,7 +37,7 @@ from .backends import Plan
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
 from .placement import occurrence, slot_order_ranks
-from .recording import record_dispatch
+from .recording import _record_dispatch, record_dispatch
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch
 # (the floor, 2.11 on the GPU machines) has only the former.
@@ -211,19 +211,20 @@ class OnlineBalancer:
         args = (topk_ids, self.log2phy[layer], self.logcnt[layer], self.counts[layer])
         if self.split == "even":
             return record_dispatch(*args, invalid=self.invalid_ids, check=check, backend=self.backend)
-        totals = offsets = None
+        totals = offsets = counted = None
         group = self._group()
         if group is not None:  # the step's counts over the group, and the entries of the ranks before this one
             E = self.config.num_experts
-            local, _ = self._backend.count(topk_ids, E)
+            counted = local, _ = self._backend.count(topk_ids, E)  # counted once: the record reuses it
             gathered = torch.empty(dist.get_world_size(group) * E, dtype=torch.int64, device=local.device)
             _all_gather_single(gathered, local, group=group)
             gathered = gathered.view(-1, E)
             totals = gathered.sum(dim=0)
             offsets = gathered[: dist.get_rank(group)].sum(dim=0)
-        return record_dispatch(
+        return _record_dispatch(
             *args, invalid=self.invalid_ids, check=check, backend=self.backend, split="balanced",
             phy2log=self.phy2log[layer], num_gpus=self.config.num_gpus, group_counts=totals, offsets=offsets,
+            counted=counted,
         )  # fmt: skip
 
     # -- stepping ---------------------------------------------------------------------------------

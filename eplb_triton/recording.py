@@ -151,13 +151,16 @@ def dispatch(
     width = int(plan.logcnt.max()) if served.host_reads_are_free else R - E + 1  # the most replicas of one expert
     log2phy = served.log2phy(plan, width)[0]
     logcnt = plan.logcnt[0]
+    if split == "even":  # the record counts the invalid ids itself: no separate count
+        scratch = torch.zeros(E, dtype=torch.int64, device=dev)
+        invalid = torch.zeros(1, dtype=torch.int64, device=dev)
+        slots = served.record(topk_ids, log2phy, logcnt, scratch, invalid)
+        if check and int(invalid):
+            raise EplbArgumentError(f"topk_ids has {int(invalid)} ids outside [0, {E})")
+        return slots
     local, bad = served.count(topk_ids, E)
     if check and int(bad):
         raise EplbArgumentError(f"topk_ids has {int(bad)} ids outside [0, {E})")
-    if split == "even":
-        scratch = torch.zeros(E, dtype=torch.int64, device=dev)
-        invalid = torch.zeros(1, dtype=torch.int64, device=dev)
-        return served.record(topk_ids, log2phy, logcnt, scratch, invalid)
     return _split_dispatch(served, topk_ids, phy2log, log2phy, logcnt, P, local, group_counts, offsets, check)
 
 
@@ -203,6 +206,30 @@ def record_dispatch(
     Returns:
         ``[num_tokens, top_k]`` physical slot ids, ``topk_ids``' dtype.
     """
+    return _record_dispatch(
+        topk_ids, log2phy, logcnt, counts, invalid=invalid, check=check, backend=backend, split=split,
+        phy2log=phy2log, num_gpus=num_gpus, group_counts=group_counts, offsets=offsets,
+    )  # fmt: skip
+
+
+def _record_dispatch(
+    topk_ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    invalid: torch.Tensor | None,
+    check: bool,
+    backend: str,
+    split: str,
+    phy2log: torch.Tensor | None,
+    num_gpus: int | None,
+    group_counts: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    counted: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`record_dispatch`; ``counted``: this batch's ``(counts [E], invalid ids)`` when the caller
+    has them already (``OnlineBalancer.record`` counts them for the all-gather), else counted here."""
     _check_dispatch_args(topk_ids, log2phy, logcnt, counts)
     split = check_split(split)
     served = backends.resolve(backend, topk_ids.device)
@@ -222,7 +249,7 @@ def record_dispatch(
             raise EplbArgumentError(f"num_replicas ({phy2log.numel()}) must be a multiple of num_gpus ({P})")
         totals = None if group_counts is None else _int_vector("group_counts", group_counts, E, dev)
         offsets = None if offsets is None else _int_vector("offsets", offsets, E, dev)
-        local, bad = served.count(topk_ids, E)
+        local, bad = served.count(topk_ids, E) if counted is None else counted
         counts += local.to(counts.dtype)
         invalid += bad.to(invalid.dtype)
         phy = _split_dispatch(

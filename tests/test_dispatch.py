@@ -134,6 +134,9 @@ def test_argument_rules():
         eplb.dispatch(ids, torch.tensor([0, 0, 0, 0]), 2, num_experts=2)
     with pytest.raises(ValueError, match="ids outside"):
         eplb.dispatch(torch.tensor([[0, 9]]), phy2log, 2, check=True)
+    for backend in ("reference", "cpu", "triton"):  # the even split counts them in its record
+        with pytest.raises(ValueError, match=r"topk_ids has 2 ids outside \[0, 2\)"):
+            eplb.dispatch(torch.tensor([[0, 9], [-1, 1]]), phy2log, 2, split="even", check=True, backend=backend)
     assert eplb.dispatch(torch.tensor([[0, 9]]), phy2log, 2).tolist()[0][1] == -1
     empty = eplb.dispatch(torch.zeros((0, 2), dtype=torch.int32), phy2log, 2)
     assert empty.shape == (0, 2) and empty.dtype == torch.int32
