@@ -580,6 +580,15 @@ def sync_replica_grads(
 
 def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[int], group) -> ReplicaSyncStats:
     stats = ReplicaSyncStats()
+    cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def index(values: list[int], device: torch.device) -> torch.Tensor:
+        """The plan's index list as a device tensor, built once per call for all of a layer's tensors."""
+        key = (id(values), device)
+        if key not in cache:
+            cache[key] = torch.tensor(values, device=device)
+        return cache[key]
+
     # local partials: each replicated expert's copies on this rank, added in slot order
     partials = []
     for tensors, plan in zip(layers, plans, strict=True):
@@ -589,7 +598,7 @@ def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[
             g = t.grad
             part = g.new_empty((plan.rows, *g.shape[1:]))
             for k, (rows, slots) in enumerate(plan.copies):
-                r, q = (torch.tensor(v, device=g.device) for v in (rows, slots))
+                r, q = index(rows, g.device), index(slots, g.device)
                 if k == 0:
                     part[r] = g[q]
                 else:
@@ -607,7 +616,7 @@ def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[
             if not rows:
                 continue
             for ti, part in enumerate(partials[li]):
-                sel = part[torch.tensor(rows, device=part.device)]
+                sel = part[index(rows, part.device)]
                 out_parts.setdefault(part.dtype, []).append(sel.reshape(-1))
                 shapes.setdefault(part.dtype, []).append((li, ti, sel.shape))
         for dtype, chunks in out_parts.items():
@@ -633,7 +642,7 @@ def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[
             for j, terms in enumerate(plan.terms):
                 for rows, src, idx in terms:
                     source = mine if src < 0 else received[(src, li, ti)]
-                    r, i = (torch.tensor(v, device=mine.device) for v in (rows, idx))
+                    r, i = index(rows, mine.device), index(idx, mine.device)
                     if j == 0:
                         if total is None:
                             total = torch.empty_like(mine)
@@ -641,6 +650,6 @@ def _sync(layers: list[list[torch.Tensor]], plans: list[_LayerPlan], peer: list[
                     else:
                         total.index_put_((r,), total[r] + source[i])
             if total is not None:
-                rows, slots = (torch.tensor(v, device=mine.device) for v in plan.slots)
+                rows, slots = (index(v, mine.device) for v in plan.slots)
                 t.grad[slots] = total[rows]
     return stats
