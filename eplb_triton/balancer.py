@@ -289,8 +289,9 @@ class OnlineBalancer:
                 return self.last_replanned.zero_()
             keep = (~candidates, old)  # the other layers are neither searched nor relabelled
         new = self._plan(loads, old, keep)
-        take = candidates & pipeline.gains(loads, old, new, P, self.min_gain)
-        after = torch.where(take, metrics.balancedness(metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)), before)
+        new_loads = metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)
+        take = candidates & pipeline.gain_of_peaks(old_loads.amax(dim=1), new_loads.amax(dim=1), self.min_gain)
+        after = torch.where(take, metrics.balancedness(new_loads), before)
         new = Plan(*(torch.where(take.view(-1, 1), n, o) for n, o in zip(new, old, strict=True)))
         if group is not None and self.check_agreement:
             check_ranks_agree(list(new), group, names=["phy2log", "phyrank", "logcnt"])

@@ -104,6 +104,11 @@ def gains(weight: torch.Tensor, current: Plan, new: Plan, num_gpus: int, min_gai
     :func:`eplb_triton.metrics.gpu_loads` sums them (float64); no host synchronisation."""
     now = gpu_loads(weight, current.phy2log, current.logcnt, num_gpus).amax(dim=1)
     then = gpu_loads(weight, new.phy2log, new.logcnt, num_gpus).amax(dim=1)
+    return gain_of_peaks(now, then, min_gain)
+
+
+def gain_of_peaks(now: torch.Tensor, then: torch.Tensor, min_gain: float) -> torch.Tensor:
+    """:func:`gains` for largest GPU loads already computed: ``[L]`` bool."""
     return (then < now) & (then <= (1.0 - min_gain) * now)
 
 
