@@ -36,7 +36,7 @@ from ._validation import (
 from .backends import Plan
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
-from .placement import occurrence, slot_order_ranks
+from .placement import occurrence
 from .recording import _record_dispatch, record_dispatch
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch
@@ -191,8 +191,7 @@ class OnlineBalancer:
         self.history: deque[dict] = deque(maxlen=history_size)
         if initial_phy2log is not None:  # the layout the model's weights were built in
             phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, dev)
-            phyrank, logcnt = slot_order_ranks(phy2log, E)
-            self._install(Plan(phy2log, phyrank, logcnt))
+            self._install(self._backend.slot_order(phy2log, E))
         else:  # the greedy placement for equal loads
             equal = torch.ones((L, E), dtype=torch.float32, device=dev)
             self._install(pipeline.plan(self._backend, equal, self.config.effective(), validate=False))
@@ -435,12 +434,11 @@ class OnlineBalancer:
             return dist.group.WORLD
         return None
 
-    def _plan(self, loads: torch.Tensor, current: Plan | None = None, keep: tuple | None = None) -> Plan:
-        """The plan for ``loads`` (:func:`eplb_triton.pipeline.plan`), without host synchronisation.
-
-        With ``current``: relabelled to it (the exact node/GPU assignment for ``method="refined"``,
-        slot order within each GPU for the greedy), or replanned from it with ``max_moves``."""
-        relabel = current is not None and (self.keep_slots or self.max_moves is not None)
+    def _plan(self, loads: torch.Tensor, current: Plan, keep: tuple | None) -> Plan:
+        """The plan for ``loads`` (:func:`eplb_triton.pipeline.plan`), without host synchronisation:
+        relabelled to ``current`` (the exact node/GPU assignment for ``method="refined"``, slot order
+        within each GPU for the greedy) with ``keep_slots``, or replanned from it with ``max_moves``."""
+        relabel = self.keep_slots or self.max_moves is not None
         exact = self.method != "greedy" or self.max_moves is not None
         return pipeline.plan(
             self._backend, loads, self.config.effective(), method=self.method,

@@ -177,7 +177,6 @@ def plan_live(
     *,
     method: str = "greedy",
     old_phy2log: torch.Tensor | None = None,
-    validate: bool = True,
 ) -> Plan:
     """The plan with only the GPUs ``live`` (increasing GPU ids) usable: their slots get the experts,
     the other GPUs' slots none (``phy2log`` and ``phyrank`` ``-1`` there; ``logcnt`` counts the live
@@ -218,7 +217,7 @@ def plan_live(
             local.scatter_(1, experts, torch.arange(En, device=dev).expand(L, En))
             old = local.gather(1, old_phy2log[:, slots])
         sub = Config(L, En, len(slots), 1, 1, len(gpus))
-        part = plan(backend, weight.gather(1, experts), sub, method=method, old_phy2log=old, validate=validate)
+        part = plan(backend, weight.gather(1, experts), sub, method=method, old_phy2log=old)
         phy2log[:, slots] = experts.gather(1, part.phy2log)
         phyrank[:, slots] = part.phyrank
         logcnt.scatter_(1, experts, part.logcnt)
