@@ -411,12 +411,14 @@ def _passes(
     u_lg = u_layer * (P + 1) + ug  # flat [L, P + 1] GPU of each unit (column P: padding)
     # expert runs (reduce by expert) and, in (layer, GPU, expert) order, GPU runs (reduce by GPU)
     e_key = u_layer * (E + 1) + ue
-    e_starts = np.flatnonzero(_segment_starts(e_key))
-    e_run = np.cumsum(_segment_starts(e_key)) - 1  # run of each unit
+    e_start_mask = _segment_starts(e_key)
+    e_starts = np.flatnonzero(e_start_mask)
+    e_run = np.cumsum(e_start_mask) - 1  # run of each unit
     by_gpu = np.argsort(u_lg * (E + 1) + ue, kind="stable")
-    g_start_mask = _segment_starts(u_lg[by_gpu])
+    lg_by_gpu = u_lg[by_gpu]
+    g_start_mask = _segment_starts(lg_by_gpu)
     g_starts = np.flatnonzero(g_start_mask)
-    g_run_lg = u_lg[by_gpu][g_starts]  # flat GPU of each GPU run
+    g_run_lg = lg_by_gpu[g_starts]  # flat GPU of each GPU run
     lp = np.arange(P)
 
     while True:

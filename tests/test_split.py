@@ -273,10 +273,7 @@ def test_even_split_is_record_dispatch():
     """record_dispatch sends row t to replica t % c: when the rows choosing each expert are the
     first rows, its per-slot counts are the even split's quotas (replica ranks from log2phy)."""
     torch = pytest.importorskip("torch")
-    from eplb_triton import recording, reference
-
-    # the torch rule of record_dispatch (its home moves while the package is restructured)
-    record_dispatch_reference = getattr(recording, "record_dispatch_reference", None) or reference.record_dispatch
+    from eplb_triton import reference
 
     E, R = 4, 8
     phy2log = np.array([[0, 1, 2, 3, 0, 0, 1, 3]])
@@ -284,7 +281,7 @@ def test_even_split_is_record_dispatch():
     logcnt = np.array([3, 2, 1, 2])
     rows = np.stack([np.zeros(11, np.int64), np.where(np.arange(11) < 7, 1, 2)], axis=1)  # rows 0..6 choose 1
     counts = np.bincount(rows.ravel(), minlength=E)[None]
-    phy, _ = record_dispatch_reference(
+    phy, _ = reference.record_dispatch(
         torch.tensor(rows), torch.tensor(log2phy[0]), torch.tensor(logcnt), torch.zeros(E, dtype=torch.int64)
     )
     got = np.bincount(phy.numpy().ravel(), minlength=R)
