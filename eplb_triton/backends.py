@@ -139,6 +139,11 @@ def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
     return a
 
 
+def _float32_cpu(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_float32_numpy` as a CPU tensor (the reference's input)."""
+    return torch.from_numpy(_float32_numpy(weight))
+
+
 def _tensors(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
 
@@ -149,7 +154,8 @@ def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
 
 class _HostBackend:
     """What the reference and the NumPy backends share: host data, the torch recording, the NumPy
-    assignment of entries to slots (literal enough to be the reference)."""
+    assignment of entries to slots (literal enough to be the reference), the exact assignment of the
+    relabelling (NumPy)."""
 
     host_reads_are_free = True
 
@@ -161,6 +167,10 @@ class _HostBackend:
         phy, bad = reference.record_dispatch(topk_ids, log2phy, logcnt, counts)
         invalid += bad.to(invalid.dtype)
         return phy
+
+    def assign(self, overlap, skip=None):  # NumPy for both: integer arithmetic, exact
+        cols = cpu.assign_max_overlap(overlap.detach().cpu().numpy().astype(np.int64), _numpy(skip))
+        return torch.from_numpy(cols).to(overlap.device)
 
     def slot_order(self, phy2log, num_experts):
         rank, cnt = cpu.slot_order_ranks(_numpy(phy2log), num_experts)
@@ -184,37 +194,29 @@ class ReferenceBackend(_HostBackend):
     name = "reference"
 
     def pack(self, weight, num_packs):
-        w = torch.from_numpy(_float32_numpy(weight))
+        w = _float32_cpu(weight)
         return tuple(t.to(weight.device) for t in reference.balanced_packing(w, num_packs))
 
     def replicate(self, weight, num_phy):
-        w = torch.from_numpy(_float32_numpy(weight))
+        w = _float32_cpu(weight)
         return tuple(t.to(weight.device) for t in reference.replicate_experts(w, num_phy))
 
     def greedy(self, weight, cfg, *, validate=True):
-        w = torch.from_numpy(_float32_numpy(weight))
+        w = _float32_cpu(weight)
         R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
         return Plan(*(t.to(weight.device) for t in reference.rebalance_experts_hierarchical(w, R, G, N, P)))
 
     def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
-        w = torch.from_numpy(_float32_numpy(weight))
+        w = _float32_cpu(weight)
         args = [t.cpu() for t in start]
         old = None if old_phy2log is None else old_phy2log.cpu()
         out = reference.search(w, *args, num_gpus, num_nodes, old, max_moves, None if skip is None else skip.cpu())
         return Plan(*(t.to(weight.device) for t in out))
 
     def pairs(self, weight, start, *, skip=None):
-        w = torch.from_numpy(_float32_numpy(weight))
+        w = _float32_cpu(weight)
         out = reference.pairs(w, *(t.cpu() for t in start), None if skip is None else skip.cpu())
         return Plan(*(t.to(weight.device) for t in out))
-
-    def assign(self, overlap, skip=None):
-        return self._assign(overlap, skip)
-
-    @staticmethod
-    def _assign(overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        cols = cpu.assign_max_overlap(overlap.detach().cpu().numpy().astype(np.int64), _numpy(skip))
-        return torch.from_numpy(cols).to(overlap.device)
 
     def log2phy(self, plan, width):
         return reference.log2phy(*(t.cpu() for t in plan), width=width).to(plan.phy2log.device)
@@ -256,8 +258,6 @@ class CpuBackend(_HostBackend):
     def pairs(self, weight, start, *, skip=None):
         out = cpu.pairs(_float32_numpy(weight), *(_numpy(t) for t in start), _numpy(skip))
         return Plan(*_tensors(out, weight.device))
-
-    assign = staticmethod(ReferenceBackend._assign)  # the same NumPy assignment: integer arithmetic, exact
 
     def log2phy(self, plan, width):
         phy2log, phyrank, logcnt = (_numpy(t) for t in plan)
