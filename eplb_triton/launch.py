@@ -162,6 +162,18 @@ def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _int64_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A plan's rows as the kernels read them: int64, contiguous, on ``device`` (a copy where needed)."""
+    return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _skip_flags(skip: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``[n]`` int32 flags, 1 where a row is returned as it went in: ``skip`` (bool), else all 0."""
+    if skip is None:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    return skip.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _kernels() -> ModuleType:
     """The Triton kernels package with its launchers, imported at the first launch (the only place
     that imports it: Triton's import is slow and optional until a kernel runs)."""
@@ -288,14 +300,9 @@ def search(
     w = _float32_rows(weight)
     dev = w.device
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=dev, dtype=torch.int64).contiguous()
-
-    phy_in, rank_in, cnt_in = rows(phy2log), rows(phyrank), rows(logcnt)
-    old = rows(old_phy2log) if has_budget else phy_in  # unread without a budget
-    skip_rows = (
-        torch.zeros(L, dtype=torch.int32, device=dev) if skip is None else skip.to(device=dev, dtype=torch.int32)
-    )
+    phy_in, rank_in, cnt_in = (_int64_rows(t, dev) for t in (phy2log, phyrank, logcnt))
+    old = _int64_rows(old_phy2log, dev) if has_budget else phy_in  # unread without a budget
+    skip_rows = _skip_flags(skip, L, dev)
     phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
     if L == 0:
         return phy, rank, cnt
@@ -303,7 +310,7 @@ def search(
     scratch_i = torch.empty((L, E), dtype=torch.int32, device=dev)
     budget = min(int(max_moves), R) if has_budget else 0  # validated >= 0; int32 in range
     _kernels().search.search(
-        w, phy_in, rank_in, cnt_in, old, budget, skip_rows.contiguous(), phy, rank, cnt, scratch_f, scratch_i, ln
+        w, phy_in, rank_in, cnt_in, old, budget, skip_rows, phy, rank, cnt, scratch_f, scratch_i, ln
     )
     return phy, rank, cnt
 
@@ -346,19 +353,14 @@ def pairs(
     w = _float32_rows(weight)
     dev = w.device
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=dev, dtype=torch.int64).contiguous()
-
-    phy_in, rank_in, cnt_in = rows(phy2log), rows(phyrank), rows(logcnt)
-    skip_rows = (
-        torch.zeros(L, dtype=torch.int32, device=dev) if skip is None else skip.to(device=dev, dtype=torch.int32)
-    )
+    phy_in, rank_in, cnt_in = (_int64_rows(t, dev) for t in (phy2log, phyrank, logcnt))
+    skip_rows = _skip_flags(skip, L, dev)
     phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
     if L == 0:
         return phy, rank, cnt
     scratch_f = torch.empty((L, E), dtype=torch.float64, device=dev)
     scratch_i = torch.empty((L, 2 * E), dtype=torch.int32, device=dev)
-    _kernels().pairs.pairs(w, phy_in, rank_in, cnt_in, skip_rows.contiguous(), phy, rank, cnt, scratch_f, scratch_i, ln)
+    _kernels().pairs.pairs(w, phy_in, rank_in, cnt_in, skip_rows, phy, rank, cnt, scratch_f, scratch_i, ln)
     return phy, rank, cnt
 
 
@@ -384,11 +386,7 @@ def assign_max_overlap(overlap: torch.Tensor, skip: torch.Tensor | None = None) 
     out = torch.empty((B, n), dtype=torch.int64, device=overlap.device)
     if B == 0 or n == 0:
         return out
-    skip_rows = (
-        torch.zeros(B, dtype=torch.int32, device=overlap.device)
-        if skip is None
-        else skip.to(device=overlap.device, dtype=torch.int32).contiguous()
-    )
+    skip_rows = _skip_flags(skip, B, overlap.device)
     _kernels().assign.assign(overlap.to(torch.int64).contiguous(), skip_rows, out, assign_launch(B, n))
     return out
 
