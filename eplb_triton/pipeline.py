@@ -70,9 +70,13 @@ def plan(
         result = backend.search(weight, result, P, N, skip=skip)
         if takes_pairs(cfg):
             result = backend.pairs(weight, result, skip=skip)
+    # the placement in service with its replicas in slot order: the budgeted search's start, the gate's
+    current = None
+    if old_phy2log is not None and (max_moves is not None or min_gain is not None):
+        current = backend.slot_order(old_phy2log, E)
     if old_phy2log is not None:
         if max_moves is not None:
-            result = _incremental(backend, weight, cfg, result, old_phy2log, max_moves, skip)
+            result = _incremental(backend, weight, cfg, result, current, max_moves, skip)
         elif relabel_to_old == "gpus":
             phy2log, phyrank = relabel(
                 old_phy2log, result.phy2log, result.phyrank, E, P, N, backend.assign, skip, backend.host_reads_are_free
@@ -81,8 +85,7 @@ def plan(
         else:
             order = stable_order(old_phy2log, result.phy2log, P)
             result = Plan(result.phy2log.gather(1, order), result.phyrank.gather(1, order), result.logcnt)
-    if min_gain is not None and old_phy2log is not None:
-        current = backend.slot_order(old_phy2log, E)
+    if min_gain is not None and current is not None:
         take = gains(weight, current, result, P, min_gain)
         result = Plan(*(torch.where(take.view(-1, 1), r, c) for r, c in zip(result, current, strict=True)))
     if keep is not None:
@@ -113,28 +116,28 @@ def gain_of_peaks(now: torch.Tensor, then: torch.Tensor, min_gain: float) -> tor
 
 
 def _incremental(
-    backend: Backend, weight: torch.Tensor, cfg: Config, full: Plan, old_phy2log: torch.Tensor, max_moves: int,
+    backend: Backend, weight: torch.Tensor, cfg: Config, full: Plan, old: Plan, max_moves: int,
     skip: torch.Tensor | None,
 ) -> Plan:  # fmt: skip
-    """docs/algorithm.md 10.4: the budgeted search from ``old_phy2log``, and the relabelled ``full``
-    plan instead where it fits the budget and has a smaller largest GPU load."""
+    """docs/algorithm.md 10.4: the budgeted search from ``old`` (the placement in service, replicas in
+    slot order), and the relabelled ``full`` plan instead where it fits the budget and has a smaller
+    largest GPU load."""
     E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
-    out = backend.search(
-        weight, backend.slot_order(old_phy2log, E), P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip
-    )
+    old_phy2log = old.phy2log
+    out = backend.search(weight, old, P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip)
     out = [t.clone() for t in out]
     rows = _may_fit(backend, old_phy2log, full.phy2log, E, P, max_moves)
     if rows is None or rows.numel():
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        old = pick(old_phy2log)
+        old_rows = pick(old_phy2log)
         sub_skip = None if skip is None else pick(skip)
         full_phy, full_rank = relabel(
-            old, pick(full.phy2log), pick(full.phyrank), E, P, N, backend.assign, sub_skip,
+            old_rows, pick(full.phy2log), pick(full.phyrank), E, P, N, backend.assign, sub_skip,
             backend.host_reads_are_free,
         )  # fmt: skip
         full_cnt = pick(full.logcnt)
         w32 = pick(weight.detach()).to(torch.float32)
-        fits = (full_phy != old).sum(dim=1) <= max_moves
+        fits = (full_phy != old_rows).sum(dim=1) <= max_moves
         better = max_gpu_load(w32, full_phy, full_cnt, P) < max_gpu_load(w32, pick(out[0]), pick(out[2]), P)
         take = (fits & better)[:, None]
         for o, f in zip(out, (full_phy, full_rank, full_cnt), strict=True):
