@@ -217,6 +217,14 @@ def check_method(method: object) -> str:
     return method
 
 
+def moves_in_slots(max_moves: int | float | None, num_replicas: int) -> int | None:
+    """A ``max_moves`` given as a fraction of the slots (a float in ``(0, 1]``, as the adapters and the
+    CLI accept it) in slots, at least one; an int (or ``None``) as it is."""
+    if isinstance(max_moves, float):
+        return max(1, round(max_moves * num_replicas))
+    return max_moves
+
+
 def check_max_moves(max_moves: object) -> int | None:
     """``None`` or a non-negative Python int (``bool`` and floats refused)."""
     if max_moves is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
+from ._validation import moves_in_slots
 from .api import rebalance_experts
 from .configs import Deployment
 from .io import Loads
@@ -86,7 +87,7 @@ def serving_report(files: list[Loads], deployments: list[Deployment], policy=Non
             new["relabelled"] = rebalance_experts(w, *d.args, backend="cpu", old_phy2log=current["relabelled"])[0]
             for b in BUDGETS:
                 name = f"max_moves={round(100 * b)}%"
-                k = max(1, round(b * d.replicas))
+                k = moves_in_slots(b, d.replicas)
                 new[name] = rebalance_experts(w, *d.args, backend="cpu", old_phy2log=current[name], max_moves=k)[0]
             new["gated"] = rebalance_experts(
                 w, *d.args, backend="cpu", old_phy2log=current["gated"], min_gain=MIN_GAIN

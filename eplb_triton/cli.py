@@ -30,7 +30,7 @@ import torch
 
 from . import __version__, metrics
 from ._atomic import replace_files
-from ._validation import METHODS, check_config
+from ._validation import METHODS, check_config, moves_in_slots
 from .api import rebalance_experts
 from .backends import BACKENDS, device_for
 from .io import OneLineParser as _Parser
@@ -226,9 +226,7 @@ def _plan(args: argparse.Namespace) -> int:
     if old is None and (args.max_moves is not None or args.min_gain is not None):
         raise ValueError("--max-moves and --min-gain need --old PLAN.json: they compare with the placement in service")
     active = _active_gpus(args.active_gpus, args.gpus) if args.active_gpus is not None else None
-    max_moves = args.max_moves
-    if isinstance(max_moves, float):
-        max_moves = max(1, round(max_moves * args.replicas))
+    max_moves = moves_in_slots(args.max_moves, args.replicas)
     try:
         phy2log, log2phy, logcnt = rebalance_experts(
             w.to(device), args.replicas, groups, nodes, args.gpus, backend=args.backend, method=args.method,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import EplbArgumentError, check_max_moves, check_method, check_min_gain
+from .._validation import EplbArgumentError, check_max_moves, check_method, check_min_gain, moves_in_slots
 from ..api import rebalance_experts
 
 ENV = {"method": "EPLB_TRITON_METHOD", "max_moves": "EPLB_TRITON_MAX_MOVES", "min_gain": "EPLB_TRITON_MIN_GAIN"}
@@ -48,9 +48,7 @@ class PlanOptions:
 
     def budget(self, num_replicas: int) -> int | None:
         """``max_moves`` in slots for ``num_replicas`` slots per layer."""
-        if isinstance(self.max_moves, float):
-            return max(1, round(self.max_moves * num_replicas))
-        return self.max_moves
+        return moves_in_slots(self.max_moves, num_replicas)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PlanOptions:
