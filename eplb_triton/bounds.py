@@ -79,6 +79,7 @@ import numpy as np
 
 from . import cpu
 from ._validation import EplbArgumentError, _check_counts, select_policy
+from .cpu import min_counts
 
 REL_MARGIN = 1e-9
 PAIR_MAX_S = 4  # the pairing certificate runs for 2 <= S <= PAIR_MAX_S slots per GPU
@@ -132,15 +133,6 @@ def flat_bound(w: np.ndarray, R: int, P: int, pairing: bool = True) -> np.ndarra
     if pairing and 2 <= S <= PAIR_MAX_S and w.shape[0]:
         base = np.maximum(base, pairing_bound(w, R, P, base, greedy_peak(w, R, P)))
     return base
-
-
-def min_counts(w: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Smallest count ``c >= 1`` with ``fl(w / c) <= t`` (float64 counts); ``t [X, 1] > 0``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.maximum(1.0, np.ceil(w / t))
-        a = np.where(w / a > t, a + 1.0, a)
-        a = np.where((a > 1.0) & (w / np.maximum(a - 1.0, 1.0) <= t), a - 1.0, a)
-    return a
 
 
 def max_share_bound(w: np.ndarray, R: int, steps: int = 44) -> np.ndarray:

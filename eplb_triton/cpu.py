@@ -439,11 +439,16 @@ def _budget_key(peak: np.ndarray, value: np.ndarray, cost: np.ndarray) -> np.nda
 # ----------------------------------------------------------------------------------------------
 
 
-def _min_counts(w: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """13.2 step 1: the smallest ``c >= 1`` with ``w / c <= T`` per entry (``T [Y, 1] > 0``), int64."""
-    c = np.maximum(1.0, np.ceil(w / T))
-    c = np.where(w / c > T, c + 1.0, np.where((c > 1.0) & (w / np.maximum(c - 1.0, 1.0) <= T), c - 1.0, c))
-    return c.astype(np.int64)
+def min_counts(w: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The smallest count ``c >= 1`` with ``fl(w / c) <= t`` per entry, as float64 counts (``t``
+    broadcasts against ``w``, e.g. ``[X, 1]``; ``t > 0``): ``ceil(w / t)`` is within one of it, one
+    test each way corrects it. The pairing's fewest copies (docs/algorithm.md 13.2 step 1) and the
+    bounds' (:mod:`eplb_triton.bounds`)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.maximum(1.0, np.ceil(w / t))
+        a = np.where(w / a > t, a + 1.0, a)
+        a = np.where((a > 1.0) & (w / np.maximum(a - 1.0, 1.0) <= t), a - 1.0, a)
+    return a
 
 
 def _first_violation(
@@ -473,7 +478,7 @@ def _pair_build(w: np.ndarray, R: int, T: np.ndarray) -> tuple[np.ndarray, np.nd
     ``w / c`` and ``w / (c + 1)`` change only at the expert that got a copy."""
     Y, E = w.shape
     Tc = T[:, None]
-    c = _min_counts(w, Tc)
+    c = min_counts(w, Tc).astype(np.int64)
     n = c.sum(axis=1)
     ok = np.zeros(Y, bool)
     ids = np.flatnonzero(n <= R)  # rows still building
