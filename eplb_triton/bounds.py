@@ -126,11 +126,11 @@ def lower_bound(weight: object, num_replicas: int, num_groups: int, num_nodes: i
 # ----------------------------------------------------------------------------------------------
 
 
-def flat_bound(w: np.ndarray, R: int, P: int, pairing: bool = True) -> np.ndarray:
+def flat_bound(w: np.ndarray, R: int, P: int) -> np.ndarray:
     """``w [X, E]`` float64: the bound of parts 1-2 for each row placed on ``R`` slots, ``P`` GPUs (no margin)."""
     base = np.maximum(w.sum(axis=1) / P, max_share_bound(w, R))
     S = R // P
-    if pairing and 2 <= S <= PAIR_MAX_S and w.shape[0]:
+    if 2 <= S <= PAIR_MAX_S and w.shape[0]:
         base = np.maximum(base, pairing_bound(w, R, P, base, greedy_peak(w, R, P)))
     return base
 
