@@ -57,12 +57,10 @@ def log2phy_from_rank(
     L, R = phy2log.shape
     if out is None:
         out = torch.empty((L, num_experts, width), dtype=torch.int64, device=phy2log.device)
-    out.fill_(-1)
     slots = torch.arange(R, device=phy2log.device).expand(L, R)
     empty = phy2log < 0  # slots of lost GPUs hold no expert: they write into a column past the end
     flat = torch.where(empty, num_experts * width, phy2log * width + phyrank)
-    spill = torch.empty((L, num_experts * width + 1), dtype=torch.int64, device=phy2log.device)
-    spill[:, :-1] = out.view(L, -1)
+    spill = torch.full((L, num_experts * width + 1), -1, dtype=torch.int64, device=phy2log.device)
     spill.scatter_(1, flat, slots)
     out.view(L, -1).copy_(spill[:, :-1])
     return out
