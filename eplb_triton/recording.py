@@ -13,13 +13,17 @@ from . import backends
 from ._validation import EplbArgumentError, check_count, check_split
 
 
-def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
+def _check_topk_ids(topk_ids) -> None:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise EplbArgumentError(
             f"topk_ids must be a 2-D tensor [num_tokens, top_k], got {getattr(topk_ids, 'shape', topk_ids)}"
         )
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+
+
+def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
+    _check_topk_ids(topk_ids)
     if log2phy.dim() != 2 or logcnt.shape != (log2phy.shape[0],) or counts.shape != logcnt.shape:
         raise EplbArgumentError(
             f"log2phy must be [E, X] with logcnt and counts [E], got {tuple(log2phy.shape)}, "
@@ -114,12 +118,7 @@ def dispatch(
         >>> dispatch(torch.tensor([[0], [0], [0], [1]]), torch.tensor([0, 1, 0, 2]), 2, num_experts=3).tolist()
         [[0], [2], [2], [1]]
     """
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
-        raise EplbArgumentError(
-            f"topk_ids must be a 2-D tensor [num_tokens, top_k], got {getattr(topk_ids, 'shape', topk_ids)}"
-        )
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    _check_topk_ids(topk_ids)
     if not isinstance(phy2log, torch.Tensor) or phy2log.dtype.is_floating_point or phy2log.dtype == torch.bool:
         raise TypeError(f"phy2log must be an integer tensor, got {getattr(phy2log, 'dtype', type(phy2log).__name__)}")
     if phy2log.dim() != 1 or phy2log.numel() == 0:
