@@ -300,11 +300,11 @@ def search(
     out = [phy.copy(), rank.copy(), cnt.copy()]
     if P == 1 or X == 0:
         return tuple(out)
-    w64 = w.astype(np.float64)
     ids = np.arange(X) if skip is None else np.flatnonzero(~skip)  # rows still searching
     if ids.size == 0:
         return tuple(out)
-    w64 = w64[ids]
+    w_searched = w[ids].astype(np.float64)
+    w64 = w_searched
     state = [a[ids] for a in out]
     old = None if old is None else old[ids]
     searched = ids
@@ -323,8 +323,7 @@ def search(
     for o, st in zip(out, state, strict=True):  # rows stopped by the round limit
         o[ids] = st
     # never worse than the start (docs/algorithm.md 10.2): a guard against float64 rounding
-    w64 = w[searched].astype(np.float64)
-    final = _slot_sums(_take(w64 / out[2][searched], out[0][searched]), R // P).max(axis=1)
+    final = _slot_sums(_take(w_searched / out[2][searched], out[0][searched]), R // P).max(axis=1)
     worse = searched[final > start_peak]
     for o, begin in zip(out, (phy, rank, cnt), strict=True):
         o[worse] = begin[worse]
