@@ -238,10 +238,6 @@ def sweep_latency(models: list[Deployment], layers: list[int], backends: list[st
     return rows
 
 
-def _fitting(files: list[Loads], d: Deployment) -> list[Loads]:
-    return [f for f in files if f.weight.shape[1] == d.experts]
-
-
 def ceiling(w: torch.Tensor, d: Deployment) -> torch.Tensor:
     """``[L]`` the proven ceiling on balancedness: mean GPU load over :func:`metrics.lower_bound` of the
     deployment's policy (no placement that policy can return is better balanced)."""
@@ -293,7 +289,7 @@ def deepseek_agreement(files: list[Loads], deployments: list[Deployment], deepse
     """
     rows = []
     for d in deployments:
-        fitting = _fitting(files, d)
+        fitting = d.fitting(files)
         if not fitting:
             continue
         layers = differ = renumbered = 0
@@ -738,7 +734,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             )
             if d is None:
                 parser.error("--budget-deployment custom needs --experts, --replicas, --groups, --nodes and --gpus")
-            fitting = _fitting(files, d)
+            fitting = d.fitting(files)
             if len(fitting) > 1:
                 curve = budget_curve(fitting[0], fitting[1], d)
                 result["budget_curve"] = {"deployment": d.name, "from": fitting[0].path.name,

@@ -68,7 +68,7 @@ def _even_loads(ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, 
 def _files_for(d: Deployment, files: list[Loads]) -> list[Loads]:
     """Prefill deployments take the prefill files, decode ones the decode files (all when none match)."""
     kind = d.name.split("-")[0]
-    fitting = [f for f in files if f.weight.shape[1] == d.experts]
+    fitting = d.fitting(files)
     matching = [f for f in fitting if f.path.name.startswith(kind)]
     return matching or fitting
 

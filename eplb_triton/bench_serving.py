@@ -75,7 +75,7 @@ def serving_report(files: list[Loads], deployments: list[Deployment], policy=Non
     """One row per (deployment, rearrangement, policy)."""
     rows = []
     for d in deployments:
-        fitting = [f for f in files if f.weight.shape[1] == d.experts]
+        fitting = d.fitting(files)
         if len(fitting) < 2:
             continue
         start = rebalance_experts(fitting[0].weight, *d.args, backend="cpu")[0]

@@ -30,6 +30,10 @@ class Deployment:
         """``"hierarchical"`` or ``"global"``: the one rule, :func:`eplb_triton._validation.select_policy`."""
         return select_policy(self.groups, self.nodes)[0]
 
+    def fitting(self, files: list) -> list:
+        """The load files (:class:`eplb_triton.io.Loads`) with this deployment's expert count."""
+        return [f for f in files if f.weight.shape[1] == self.experts]
+
 
 # The DeepSeek-V3 deployments of ../shared/data/README.md (58 MoE layers, 256 experts, 8 groups).
 DEEPSEEK_V3 = {
