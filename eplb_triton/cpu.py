@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import PAIR_PASSES, EplbArgumentError
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, EplbArgumentError
 
 _FULL = np.iinfo(np.int32).max
+_PAIR_CHUNK = 1 << 22  # pair-swap candidates evaluated at once (float64: 32 MiB per array)
 
 
 def check_values(w32: np.ndarray, name: str = "weight") -> None:
@@ -423,7 +424,49 @@ def _round(
         rank[r, q] = cnt[r, ys]
         cnt[r, xs] -= 1
         cnt[r, ys] += 1
-    return peak, take_shift | take_swap
+    take_pair = np.zeros(X, bool)
+    r = rows[~(take_shift | take_swap)]
+    if budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS and r.size:
+        take_pair[r] = _pair_swap(slot_share[r], loads[r], phy, rank, r, a[r], peak[r], S, Pn)
+    return peak, take_shift | take_swap | take_pair
+
+
+def _pair_swap(
+    slot_share: np.ndarray, loads: np.ndarray, phy: np.ndarray, rank: np.ndarray, rows: np.ndarray,
+    a: np.ndarray, peak: np.ndarray, S: int, Pn: int,
+) -> np.ndarray:  # fmt: skip
+    """The pair swap of docs/algorithm.md 10.2 in the ``rows`` of ``phy``/``rank`` (where no single
+    move qualified; ``slot_share``, ``loads``, ``a``, ``peak`` are those rows'). Makes the move of
+    the smallest ``(value, i1, i2, j1, j2)`` in place; returns which of the rows made one."""
+    X, P = loads.shape
+    k1, k2 = np.triu_indices(S, 1)  # the slot pairs of a GPU, in lexicographic order
+    M = k1.size
+    pair_sum = slot_share.reshape(X, P, S)
+    pair_sum = pair_sum[:, :, k1] + pair_sum[:, :, k2]  # [X, P, M]
+    out = pair_sum[np.arange(X), a]  # [X, M]: the pairs of the fullest GPU
+    node = (a // Pn)[:, None] * Pn + np.arange(Pn)  # [X, Pn]: the GPUs of a's node, in order
+    inn = np.take_along_axis(pair_sum, node[:, :, None], axis=1)  # [X, Pn, M]
+    other = np.take_along_axis(loads, node, axis=1)[:, :, None] - inn
+    found = np.zeros(X, bool)
+    step = max(1, _PAIR_CHUNK // (M * Pn * M))  # rows per block of candidates, to bound memory
+    for lo in range(0, X, step):
+        c = slice(lo, lo + step)
+        value = (peak[c, None] - out[c])[:, :, None, None] + inn[c, None]  # [x, M, Pn, M]
+        np.maximum(value, other[c, None] + out[c, :, None, None], out=value)
+        ok = (node[c] != a[c, None])[:, None, :, None] & (value < peak[c, None, None, None])
+        value[~ok] = np.inf
+        at = value.reshape(value.shape[0], -1).argmin(axis=1)  # the first minimum: lowest (i1, i2, j1, j2)
+        hit = ok.reshape(ok.shape[0], -1)[np.arange(at.size), at]
+        found[c] = hit
+        f = np.flatnonzero(hit) + lo
+        at = at[hit]
+        m_i, b, m_j = at // (Pn * M), node[f, (at // M) % Pn], at % M
+        r = rows[f]
+        for k in (k1, k2):
+            i, j = a[f] * S + k[m_i], b * S + k[m_j]
+            phy[r, i], phy[r, j] = phy[r, j], phy[r, i].copy()
+            rank[r, i], rank[r, j] = rank[r, j], rank[r, i].copy()
+    return found
 
 
 def _budget_key(peak: np.ndarray, value: np.ndarray, cost: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ._validation import PAIR_PASSES, Config, EplbArgumentError
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, Config, EplbArgumentError
 from .split import MAX_ROUNDS
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
@@ -260,7 +260,8 @@ def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> S
     check_limits(E, R)
     block_p, block_s, block_e = _pow2(P), _pow2(R // P), _pow2(E)
     constexprs = dict(
-        E=E, R=R, P=P, N=N, HAS_BUDGET=bool(has_budget), BLOCK_E=block_e, BLOCK_P=block_p, BLOCK_S=block_s,
+        E=E, R=R, P=P, N=N, HAS_BUDGET=bool(has_budget), PAIRS=not has_budget and 4 <= R // P <= PAIR_SWAP_MAX_SLOTS,
+        BLOCK_E=block_e, BLOCK_P=block_p, BLOCK_S=block_s,
         BLOCK_R=_pow2(R),
     )  # fmt: skip
     # A slot carries several float64 values and pointers through the loops: 4 warps per

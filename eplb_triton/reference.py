@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ._validation import PAIR_PASSES, select_policy
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, select_policy
 
 f32 = np.float32
 
@@ -173,6 +173,29 @@ def _gpu_loads64(share: list[float], phy: list[int], P: int) -> list[float]:
     return loads
 
 
+def _pair_swap(
+    share: list[float], loads: list[float], phy: list[int], a: int, peak: float, S: int, Pn: int
+) -> tuple[float, int, tuple[int, int], tuple[int, int]] | None:
+    """10.2 step 3, the pair swap: two slots of the fullest GPU ``a`` for two slots of another GPU of
+    its node. Returns ``(value, 2, (i1, i2), (j1, j2))`` of the smallest ``(value, i1, i2, j1, j2)``
+    with ``value < peak``, or None."""
+    best = None
+    node = a // Pn
+    for i1 in range(a * S, a * S + S):
+        for i2 in range(i1 + 1, a * S + S):
+            out = share[phy[i1]] + share[phy[i2]]
+            for b in range(node * Pn, node * Pn + Pn):
+                if b == a:
+                    continue
+                for j1 in range(b * S, b * S + S):
+                    for j2 in range(j1 + 1, b * S + S):
+                        inn = share[phy[j1]] + share[phy[j2]]
+                        value = max((peak - out) + inn, (loads[b] - inn) + out)
+                        if value < peak and (best is None or value < best[0]):
+                            best = (value, 2, (i1, i2), (j1, j2))
+    return best
+
+
 def _search_layer(
     w: list[np.float32], phy: list[int], rank: list[int], cnt: list[int], P: int, N: int,
     old: list[int] | None, budget: int | None,
@@ -253,10 +276,16 @@ def _search_layer(
                 k = key(value, [(q, y)]) if value < peak else None
                 if k is not None and (best is None or (k, 0, i, q) < best):
                     best = (k, 0, i, q)
+        if best is None and budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS:
+            best = _pair_swap(share, loads, phy, a, peak, S, Pn)
         if best is None:
             break
         _, kind, i, j = best
-        if kind == 1:
+        if kind == 2:  # a pair swap: i, j are the slot pairs (i1, i2) and (j1, j2)
+            for p, q in zip(i, j, strict=True):
+                phy[p], phy[q] = phy[q], phy[p]
+                rank[p], rank[q] = rank[q], rank[p]
+        elif kind == 1:
             phy[i], phy[j] = phy[j], phy[i]
             rank[i], rank[j] = rank[j], rank[i]
         else:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import eplb_triton as eplb
 from eplb_triton import cpu, launch, reference
+from eplb_triton.placement import slot_order_ranks
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -152,6 +153,57 @@ def test_no_move_applies(w, R, P):
     got = _search_all(w, phy, rank, cnt, P, 1)
     for g, s in zip(got, (phy, rank, cnt), strict=True):
         assert torch.equal(g, s)
+
+
+def test_pair_swap_when_no_single_move_helps():
+    """Two GPUs of four slots, one copy per expert (no shift): {9, 7, 2, 1} = 19 and {7, 5, 3, 2} = 17.
+    Every single swap trades a difference of 0, 2 or more (or a negative one): none lowers 19. The
+    pair swaps that trade 1 ((9, 2) for (7, 3), (9, 1) for (7, 2), (7, 2) for (5, 3), (7, 1) for
+    (5, 2)) all reach 18 | 18; the lowest (i1, i2, j1, j2) = (0, 2, 4, 6) wins."""
+    w = torch.tensor([[9.0, 7.0, 2.0, 1.0, 7.0, 5.0, 3.0, 2.0]])
+    phy = torch.arange(8)[None]
+    rank, cnt = torch.zeros_like(phy), torch.ones_like(phy)
+    got = _search_all(w, phy, rank, cnt, 2, 1)
+    assert got[0].tolist() == [[4, 1, 6, 3, 0, 5, 2, 7]]
+    assert got[1].tolist() == [[0] * 8] and torch.equal(got[2], cnt)
+    # the same start on two nodes of one GPU each has no GPU of a's node to swap with
+    assert torch.equal(_search_all(w, phy, rank, cnt, 2, 2)[0], phy)
+    # with a budget, pair swaps are not searched: no single move, so the start comes back
+    assert torch.equal(_search_all(w, phy, rank, cnt, 2, 1, phy, 8)[0], phy)
+
+
+@pytest.mark.parametrize("S, N", [(4, 1), (5, 2), (8, 2), (16, 1)])
+def test_pair_swaps_on_random_starts(S, N, monkeypatch):
+    """Random placements (each node's experts in random slots, one expert of each node with two
+    copies) leave work for pair swaps: the three backends agree, and the CPU path makes some."""
+    gen = np.random.default_rng(S * 10 + N)
+    P = N * (2 if S >= 8 else 3)
+    per_node = S * P // N  # slots of a node, holding per_node - 1 experts
+    E = N * (per_node - 1)
+    rows = []
+    for _ in range(3):
+        row = [gen.permutation(np.r_[np.arange(per_node - 1), 0]) + n * (per_node - 1) for n in range(N)]
+        rows.append(np.concatenate(row))
+    phy = torch.tensor(np.stack(rows))
+    rank, cnt = slot_order_ranks(phy, E)
+    w = torch.tensor(gen.integers(1, 40, (3, E)), dtype=torch.float32)
+    made = []
+    pair_swap = cpu._pair_swap
+
+    def counting(*args):
+        found = pair_swap(*args)
+        made.append(int(found.sum()))
+        return found
+
+    monkeypatch.setattr(cpu, "_pair_swap", counting)
+    got = _search_all(w, phy, rank, cnt, P, N)
+    _assert_valid(*got)
+    assert sum(made) > 0, "no pair swap was made"
+    if N > 1:  # every copy of an expert stays on its node
+        node_of = torch.arange(S * P) // per_node
+        for layer in range(3):
+            for e in range(E):
+                assert node_of[got[0][layer] == e].unique().numel() == 1
 
 
 def test_float64_shares_decide():
