@@ -15,13 +15,17 @@ division: ``/`` on float64 is ``div.rn.f64``), a GPU's load is summed in slot or
 loop, never a tree reduction), and there are no multiplies that could fuse. Every choice is a
 minimum of the key, then the lowest index among equal minima, so ties resolve as in the spec:
 candidate moves compare as ``(key, kind, i, j)`` with shift = 0, swap = 1, where the key is the
-value without a budget and minus the drop of the largest load per slot of budget with one.
+value without a budget and minus the drop of the largest load per slot of budget with one. A
+round with no such move (and ``PAIRS``) then looks for the best pair swap, whose ties resolve by
+one integer code that orders like ``(i1, i2, j1, j2)``.
 """
 
 import triton
 import triton.language as tl
 
 from ._keys import INF, NO_INDEX, first_min_or_none
+
+PAIR_TILE: tl.constexpr = tl.constexpr(256)  # most lanes of a pair-swap tile (registers at the limits)
 
 
 @triton.jit
@@ -89,29 +93,37 @@ def _publish(
 
 @triton.jit
 def _pair_swap(
-    slot_share_row, b_load, a, peak, o_p, m_p, o_s, o_q, m_q, R: tl.constexpr, S: tl.constexpr, PN: tl.constexpr
-):
+    slot_share_row, phy_row, a, peak, o_p, m_p,
+    R: tl.constexpr, S: tl.constexpr, PN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
     """The pair swap (docs/algorithm.md 10.2): two slots ``a*S + k1 < a*S + k2`` of the fullest GPU
-    for two slots ``j1 < j2`` of another GPU ``b`` of a's node. Returns
-    ``(value, code)`` of the smallest ``(value, k1, k2, j1, j2)`` with ``value < peak``, where
+    for two slots ``j1 < j2`` of another GPU ``b`` of a's node. Returns ``(value, code)`` of the
+    smallest ``(value, k1, k2, j1, j2)`` with ``value < peak``, where
     ``code = (k1 * S + k2) * (R * S) + j1 * S + (j2 - b * S)`` orders like the tuple; ``inf`` when
-    there is none. The tile is ``[GPU b, slot l2]`` for one ``l1`` (``j1 = b*S + l1``)."""
-    m_j = m_q & (o_p // PN == a // PN)[:, None] & (o_p != a)[:, None]
+    there is none. Tiles are ``[GPU b, slot l2]`` for one ``l1`` (``j1 = b*S + l1``), ``BLOCK_H``
+    slots ``l2`` at a time, so that a tile has at most ``PAIR_TILE`` lanes."""
+    # the round's GPU loads, summed again (bit-equal) rather than kept live through the single moves
+    b_load = _gpu_loads(slot_share_row, phy_row, 0, 0.0, 0, 0.0, o_p, m_p, S, False)[:, None]
+    m_b = (m_p & (o_p // PN == a // PN) & (o_p != a))[:, None]
+    o_h = tl.arange(0, BLOCK_H)[None, :]
     best_v = peak + INF
     best_code = NO_INDEX
     for k1 in tl.range(S - 1, disable_licm=True):
         for k2 in tl.range(k1 + 1, S, disable_licm=True):
             out = tl.load(slot_share_row + a * S + k1) + tl.load(slot_share_row + a * S + k2)
             for l1 in tl.range(S - 1, disable_licm=True):
-                b_in = tl.load(slot_share_row + o_p * S + l1, mask=m_p, other=0.0)[:, None]
-                b_in = b_in + tl.load(slot_share_row + o_q, mask=m_q, other=0.0)
-                b_v = tl.maximum((peak - out) + b_in, (b_load[:, None] - b_in) + out)
-                ok = m_j & (o_s > l1)[None, :] & (b_v < peak)
-                b_code = (k1 * S + k2) * (R * S) + (o_p[:, None] * S + l1) * S + o_s[None, :]
-                v, code = first_min_or_none(tl.where(ok, b_v, INF), b_code)
-                better = (v < best_v) | ((v == best_v) & (code < best_code))
-                best_v = tl.where(better, v, best_v)
-                best_code = tl.where(better, code, best_code)
+                b_s1 = tl.load(slot_share_row + o_p * S + l1, mask=m_p, other=0.0)[:, None]
+                for h in tl.static_range(0, BLOCK_S, BLOCK_H):
+                    l2 = h + o_h
+                    ok = m_b & (l2 > l1) & (l2 < S)
+                    b_in = b_s1 + tl.load(slot_share_row + o_p[:, None] * S + l2, mask=ok, other=0.0)
+                    b_v = tl.maximum((peak - out) + b_in, (b_load - b_in) + out)
+                    ok = ok & (b_v < peak)
+                    b_code = (k1 * S + k2) * (R * S) + (o_p[:, None] * S + l1) * S + l2
+                    v, code = first_min_or_none(tl.where(ok, b_v, INF), b_code)
+                    better = (v < best_v) | ((v == best_v) & (code < best_code))
+                    best_v = tl.where(better, v, best_v)
+                    best_code = tl.where(better, code, best_code)
     return best_v, best_code
 
 
@@ -149,6 +161,7 @@ def _search_kernel(
     S: tl.constexpr = R // P
     PN: tl.constexpr = P // N
     tl.static_assert(not PAIRS or S * S * R * S < NO_INDEX, "a pair swap's code lies below NO_INDEX")
+    BLOCK_H: tl.constexpr = min(BLOCK_S, max(1, PAIR_TILE // BLOCK_P))  # the pair swap's tile width
     layer = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
@@ -258,11 +271,13 @@ def _search_kernel(
                 best_k = tl.where(better, kind, best_k)
                 best_i = tl.where(better, i, best_i)
                 best_j = tl.where(better, tl.where(take_shift, shift_q, swap_j), best_j)
-            pair_i2 = NO_INDEX
-            pair_j2 = NO_INDEX
             if PAIRS:
+                pair_i2 = NO_INDEX
+                pair_j2 = NO_INDEX
                 if has_peak & (best_v == INF):  # no single move: the pair swaps
-                    pair_v, pair_code = _pair_swap(slot_share_row, b_load, a, peak, o_p, m_p, o_s, o_q, m_q, R, S, PN)
+                    pair_v, pair_code = _pair_swap(
+                        slot_share_row, phy_row, a, peak, o_p, m_p, R, S, PN, BLOCK_S, BLOCK_H
+                    )
                     if pair_v < INF:
                         # code = (k1 * S + k2) * (R * S) + j1 * S + l2: slots a*S + k1, a*S + k2 for j1, j2
                         k12 = pair_code // (R * S)
@@ -289,13 +304,13 @@ def _search_kernel(
             cnt_y = tl.sum(tl.where(o_e == y, b_cnt, 0))
             r_i = tl.sum(tl.where(o_q == best_i, b_rank, 0))
             r_j = tl.sum(tl.where(o_q == best_j, b_rank, 0))
-            # a pair swap's second exchange, (pair_i2, pair_j2); NO_INDEX matches no slot
-            e_i2 = tl.sum(tl.where(o_q == pair_i2, b_phy, 0))
-            e_j2 = tl.sum(tl.where(o_q == pair_j2, b_phy, 0))
-            r_i2 = tl.sum(tl.where(o_q == pair_i2, b_rank, 0))
-            r_j2 = tl.sum(tl.where(o_q == pair_j2, b_rank, 0))
-            b_phy = tl.where(o_q == pair_i2, e_j2, tl.where(o_q == pair_j2, e_i2, b_phy))
-            b_rank = tl.where(o_q == pair_i2, r_j2, tl.where(o_q == pair_j2, r_i2, b_rank))
+            if PAIRS:  # a pair swap's second exchange, (pair_i2, pair_j2); NO_INDEX matches no slot
+                e_i2 = tl.sum(tl.where(o_q == pair_i2, b_phy, 0))
+                e_j2 = tl.sum(tl.where(o_q == pair_j2, b_phy, 0))
+                r_i2 = tl.sum(tl.where(o_q == pair_i2, b_rank, 0))
+                r_j2 = tl.sum(tl.where(o_q == pair_j2, b_rank, 0))
+                b_phy = tl.where(o_q == pair_i2, e_j2, tl.where(o_q == pair_j2, e_i2, b_phy))
+                b_rank = tl.where(o_q == pair_i2, r_j2, tl.where(o_q == pair_j2, r_i2, b_rank))
             b_rank = tl.where((b_phy == x) & (b_rank == cnt_x - 1), r_j, b_rank)  # x's last replica
             b_phy = tl.where(o_q == swap_i, e_j, b_phy)
             b_rank = tl.where(o_q == swap_i, r_j, b_rank)
