@@ -261,6 +261,26 @@ def _with_optimizer_state(layers: list[list[torch.Tensor]], optimizer) -> list[l
     return out
 
 
+def _check_slot_layout(layers: list[list[torch.Tensor]], name: str, shape: tuple[int, int], world: int, of: str) -> int:
+    """The rule both exchanges share: ``R`` (of the placement ``shape = [L, R]``) is a multiple of the
+    group size, ``layers`` has ``L`` entries, and every tensor's first dimension holds this rank's
+    ``S = R / world`` slots. Returns ``S``."""
+    L, R = shape
+    if R % world:
+        raise EplbArgumentError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
+    S = R // world
+    if len(layers) != L:
+        raise EplbArgumentError(f"{name} has {len(layers)} layers, {of} has {L}")
+    for i, tensors in enumerate(layers):
+        for j, t in enumerate(tensors):
+            if t.dim() < 1 or t.shape[0] != S:
+                raise EplbArgumentError(
+                    f"{name}[{i}][{j}] must be [slots_per_rank={S}, ...] for {of} [{L}, {R}] on {world} rank(s), "
+                    f"got {tuple(t.shape)}"
+                )
+    return S
+
+
 def rearrange_expert_weights(
     expert_weights: Sequence[torch.Tensor | Sequence[torch.Tensor]],
     old_phy2log: torch.Tensor,
@@ -344,18 +364,7 @@ def rearrange_expert_weights(
         digests = [_digest(old_all), _digest(new_all), _digest(layout)]
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
             raise EplbArgumentError(f"max_inflight ({max_inflight!r}) must be a positive int")
-        L, R = old_phy2log.shape
-        if R % world:
-            raise EplbArgumentError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
-        S = R // world
-        if len(layers) != L:
-            raise EplbArgumentError(f"expert_weights has {len(layers)} layers, the placements have {L}")
-        for i, tensors in enumerate(layers):
-            for t in tensors:
-                if t.dim() < 1 or t.shape[0] != S:
-                    raise EplbArgumentError(
-                        f"expert_weights[{i}] tensors must be [slots_per_rank={S}, ...], got {tuple(t.shape)}"
-                    )
+        S = _check_slot_layout(layers, "expert_weights", tuple(old_phy2log.shape), world, "old_phy2log")
         _check_placements(old_all, new_all)
     except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
         problem = exc
@@ -550,18 +559,9 @@ def sync_replica_grads(
         layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
         digests = [_digest(table), _digest(layout)]
         L, R = phy2log.shape
-        if R % world:
-            raise EplbArgumentError(f"num_replicas ({R}) must be a multiple of the group size ({world})")
-        S = R // world
-        if len(layers) != L:
-            raise EplbArgumentError(f"expert_params has {len(layers)} layers, phy2log has {L}")
+        S = _check_slot_layout(layers, "expert_params", (L, R), world, "phy2log")
         for i, tensors in enumerate(layers):
             for j, t in enumerate(tensors):
-                if t.dim() < 1 or t.shape[0] != S:
-                    raise EplbArgumentError(
-                        f"expert_params[{i}][{j}] must be [slots_per_rank={S}, ...] for phy2log [{L}, {R}] on "
-                        f"{world} rank(s), got {tuple(t.shape)}"
-                    )
                 if t.grad is None:
                     raise EplbArgumentError(f"expert_params[{i}][{j}] has no .grad: call it after backward()")
         if any(e < 0 for row in table for e in row):
