@@ -121,6 +121,9 @@ PAIR_PASSES = 3
 # 3 it is a single swap of the other slots, and its candidates grow as S**4 (a GPU's S * (S - 1) / 2
 # slot pairs against each of another GPU's).
 PAIR_SWAP_MAX_SLOTS = 16
+# ... and with at most this many slots per layer: the search kernel holds a layer in registers, and
+# beyond 1024 slots its pair phase does not fit without spilling (ptxas of Triton 3.6 and 3.9).
+PAIR_SWAP_MAX_REPLICAS = 1024
 
 
 @dataclass(frozen=True)

@@ -187,11 +187,11 @@ def rebalance_experts(
         backend: ``"auto"`` (Triton for CUDA tensors, else CPU), ``"cpu"``, ``"reference"``
             or ``"triton"``.
         method: ``"greedy"`` (DeepSeek's algorithm, the default) or ``"refined"``: the greedy,
-            then a local search per layer (swap two slots between GPUs, or turn a replica of a
-            lightly loaded expert into one of a heavy expert) that lowers the layer's largest
-            GPU load, and with two slots per GPU under the global policy a pairing of replica
-            counts chosen for it (deficit-driven replication, section 13); never worse than the
-            greedy (docs/algorithm.md section 10).
+            then a local search per layer (swap slots between GPUs, one or two at a time, or
+            turn a replica of a lightly loaded expert into one of a heavy expert) that lowers the
+            layer's largest GPU load, and with two slots per GPU under the global policy a pairing
+            of replica counts chosen for it (deficit-driven replication, section 13); never worse
+            than the greedy (docs/algorithm.md section 10).
         old_phy2log: ``[L, R]`` the placement in service. The result is relabelled (nodes, then
             GPUs, by an exact maximum-overlap assignment, then slots) to keep experts where they
             are: same GPU loads, fewer slots to move.

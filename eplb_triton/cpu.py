@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, EplbArgumentError
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, EplbArgumentError
 
 _FULL = np.iinfo(np.int32).max
 _PAIR_CHUNK = 1 << 22  # pair-swap candidates evaluated at once (float64: 32 MiB per array)
@@ -310,15 +310,19 @@ def search(
     old = None if old is None else old[ids]
     searched = ids
     start_peak = None
+    progress = None
     for _ in range(R):
-        peak, moved = _round(w64, *state, P, N, old, budget)
+        peak, at_peak, kind = _round(w64, *state, P, N, old, budget, progress)
         if start_peak is None:
             start_peak = peak
+        moved = kind >= 0
+        progress = (np.where(kind == 1, peak, np.inf), at_peak)
         if not moved.all():
             for o, st in zip(out, state, strict=True):
                 o[ids[~moved]] = st[~moved]
             ids, state, w64 = ids[moved], [st[moved] for st in state], w64[moved]
             old = None if old is None else old[moved]
+            progress = (progress[0][moved], at_peak[moved])
         if ids.size == 0:
             break
     for o, st in zip(out, state, strict=True):  # rows stopped by the round limit
@@ -333,9 +337,12 @@ def search(
 
 def _round(
     w64: np.ndarray, phy: np.ndarray, rank: np.ndarray, cnt: np.ndarray, P: int, N: int,
-    old: np.ndarray | None, budget: int | None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """One round of docs/algorithm.md 10.2 on every row, in place. Returns ``(peak, moved)`` per row."""
+    old: np.ndarray | None, budget: int | None, progress: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """One round of docs/algorithm.md 10.2 on every row, in place. ``progress``: the previous round's
+    ``(peak, GPUs at the peak)`` per row where it made a pair swap (peak ``inf`` elsewhere), or None.
+    Returns ``(peak, at_peak, pair)`` per row, ``pair`` -1 (no move), 0 (a single move) or 1 (a pair
+    swap)."""
     X, E = w64.shape
     R = phy.shape[1]
     S, Pn = R // P, P // N
@@ -345,6 +352,10 @@ def _round(
     slot_share = np.take_along_axis(share, phy, axis=1)
     loads = _slot_sums(slot_share, S)
     peak = loads.max(axis=1)
+    at_peak = (loads == peak[:, None]).sum(axis=1)
+    go = np.ones(X, bool)  # False: the last move, a pair swap, lowered only its own rounded evaluation
+    if progress is not None:
+        go = (peak < progress[0]) | ((peak == progress[0]) & (at_peak < progress[1]))
     a = loads.argmax(axis=1)
     ia = a[:, None] * S + np.arange(S)  # [X, S] slots of the fullest GPU
     y = np.take_along_axis(phy, ia, axis=1)
@@ -406,6 +417,8 @@ def _round(
     shift_ok = ok.reshape(X, S * R)[rows, shift_at]
 
     # --- one move per row: the lower key; a shift wins a tie with a swap
+    swap_ok &= go
+    shift_ok &= go
     take_shift = shift_ok & (~swap_ok | (shift_value <= swap_value))
     take_swap = swap_ok & ~take_shift
     r = rows[take_swap]
@@ -425,10 +438,10 @@ def _round(
         cnt[r, xs] -= 1
         cnt[r, ys] += 1
     take_pair = np.zeros(X, bool)
-    r = rows[~(take_shift | take_swap)]
-    if budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS and r.size:
+    r = rows[go & ~(take_shift | take_swap)]
+    if budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS and R <= PAIR_SWAP_MAX_REPLICAS and r.size:
         take_pair[r] = _pair_swap(slot_share[r], loads[r], phy, rank, r, a[r], peak[r], S, Pn)
-    return peak, take_shift | take_swap | take_pair
+    return peak, at_peak, np.where(take_pair, 1, np.where(take_shift | take_swap, 0, -1))
 
 
 def _pair_swap(

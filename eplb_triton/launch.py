@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, Config, EplbArgumentError
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, Config, EplbArgumentError
 from .split import MAX_ROUNDS
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
@@ -259,10 +259,10 @@ def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> S
     (GPU x slot on the GPU) so that per-GPU values broadcast to slots without a gather."""
     check_limits(E, R)
     block_p, block_s, block_e = _pow2(P), _pow2(R // P), _pow2(E)
+    pairs = not has_budget and 4 <= R // P <= PAIR_SWAP_MAX_SLOTS and R <= PAIR_SWAP_MAX_REPLICAS  # 10.2
     constexprs = dict(
-        E=E, R=R, P=P, N=N, HAS_BUDGET=bool(has_budget), PAIRS=not has_budget and 4 <= R // P <= PAIR_SWAP_MAX_SLOTS,
-        BLOCK_E=block_e, BLOCK_P=block_p, BLOCK_S=block_s,
-        BLOCK_R=_pow2(R),
+        E=E, R=R, P=P, N=N, HAS_BUDGET=bool(has_budget), PAIRS=pairs, BLOCK_E=block_e, BLOCK_P=block_p,
+        BLOCK_S=block_s, BLOCK_R=_pow2(R),
     )  # fmt: skip
     # A slot carries several float64 values and pointers through the loops: 4 warps per
     # _num_warps' one, at most 8 (at the limits, 8 slots per thread). Compiled by ptxas at 249-255
@@ -271,8 +271,10 @@ def search_launch(L: int, E: int, R: int, P: int, N: int, has_budget: bool) -> S
     num_warps = min(8, 4 * _num_warps(max(block_p * block_s, block_e)))
     # Up to 4 warps, ptxas left alone trims this kernel to an occupancy tier (72-96 registers) and
     # spills a few cold values (one program per layer gains nothing from occupancy): cap at 255.
-    # At 8 warps the cap itself made Triton 3.6's ptxas spill 8 bytes; there the default is kept.
-    return SearchLaunch((L,), constexprs, num_warps, 255 if num_warps <= 4 else None)
+    # At 8 warps without pair swaps the cap itself made Triton 3.6's ptxas spill 8 bytes at the
+    # limits; there the default is kept. With pair swaps (R <= 1024) the default tier (80-128
+    # registers) spilled with both versions, the cap does not.
+    return SearchLaunch((L,), constexprs, num_warps, 255 if num_warps <= 4 or pairs else None)
 
 
 def search(
@@ -307,7 +309,7 @@ def search(
     phy, rank, cnt = torch.empty_like(phy_in), torch.empty_like(rank_in), torch.empty_like(cnt_in)
     if L == 0:
         return phy, rank, cnt
-    scratch_f = torch.empty((L, E + 2 * R + 1), dtype=torch.float64, device=dev)
+    scratch_f = torch.empty((L, E + 2 * R + 3), dtype=torch.float64, device=dev)
     scratch_i = torch.empty((L, E), dtype=torch.int32, device=dev)
     budget = min(int(max_moves), R) if has_budget else 0  # validated >= 0; int32 in range
     _kernels().search.search(

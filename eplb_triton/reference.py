@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_SLOTS, select_policy
+from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, select_policy
 
 f32 = np.float32
 
@@ -227,15 +227,20 @@ def _search_layer(
         return -((peak - value) / (float(cost) if cost >= 1 else 0.5))
 
     start_max = None
+    progress = None  # (peak, GPUs at the peak) of the previous round, if it made a pair swap
     for _ in range(R):
         share = [w64[e] / float(cnt[e]) for e in range(E)]
         loads = _gpu_loads64(share, phy, P)
         peak = max(loads)
         if start_max is None:
             start_max = peak
+        at_peak = loads.count(peak)
+        if progress is not None and (peak > progress[0] or (peak == progress[0] and at_peak >= progress[1])):
+            break  # the last move, a pair swap, lowered only its own rounded evaluation
+        progress = None
         a = loads.index(peak)  # lowest GPU with the largest load
         node = a // Pn
-        best = None  # (key, kind, i, j): kind 0 = shift, 1 = swap
+        best = None  # (key, kind, i, j): kind 0 = shift, 1 = swap, 2 = pair swap
         # node of each expert: the node of its lowest slot
         enode = [-1] * E
         for q in range(R - 1, -1, -1):
@@ -276,12 +281,13 @@ def _search_layer(
                 k = key(value, [(q, y)]) if value < peak else None
                 if k is not None and (best is None or (k, 0, i, q) < best):
                     best = (k, 0, i, q)
-        if best is None and budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS:
+        if best is None and budget is None and 4 <= S <= PAIR_SWAP_MAX_SLOTS and R <= PAIR_SWAP_MAX_REPLICAS:
             best = _pair_swap(share, loads, phy, a, peak, S, Pn)
         if best is None:
             break
         _, kind, i, j = best
         if kind == 2:  # a pair swap: i, j are the slot pairs (i1, i2) and (j1, j2)
+            progress = (peak, at_peak)
             for p, q in zip(i, j, strict=True):
                 phy[p], phy[q] = phy[q], phy[p]
                 rank[p], rank[q] = rank[q], rank[p]

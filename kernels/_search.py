@@ -142,14 +142,14 @@ def _search_kernel(
     rank_ptr,  # [L, R] int64
     cnt_ptr,  # [L, E] int64
     # scratch, one row per layer
-    share_ptr,  # [L, E + 2 R + 1] float64: per-expert shares, per-slot shares, per-slot swap bounds, start max
+    share_ptr,  # [L, E + 2 R + 3] float64: per-expert shares, per-slot shares and swap bounds, start max, progress
     enode_ptr,  # [L, E] int32: lowest slot of each expert (N > 1)
     E: tl.constexpr,
     R: tl.constexpr,
     P: tl.constexpr,
     N: tl.constexpr,
     HAS_BUDGET: tl.constexpr,
-    PAIRS: tl.constexpr,  # pair swaps where no single move lowers the peak (no budget, 4 <= S <= 16)
+    PAIRS: tl.constexpr,  # pair swaps where no single move helps (no budget, 4 <= S <= 16, R <= 1024)
     BLOCK_E: tl.constexpr,  # >= E
     BLOCK_P: tl.constexpr,  # >= P
     BLOCK_S: tl.constexpr,  # >= R / P
@@ -186,7 +186,7 @@ def _search_kernel(
     b_start = tl.load(cnt_in_ptr + layer * E + o_r, mask=m_re, other=1)
     tl.store(cnt_row + o_r, b_start, mask=m_re)
     if P > 1:
-        share_row = share_ptr + layer * (E + 2 * R + 1)
+        share_row = share_ptr + layer * (E + 2 * R + 3)
         slot_share_row = share_row + E
         bound_row = slot_share_row + R  # (load of the slot's GPU - its share), inf where no swap partner
         enode_row = enode_ptr + layer * E
@@ -202,12 +202,21 @@ def _search_kernel(
         tl.store(bound_row + R, start_max)  # read back at the end only: not held in a register
         go = tl.load(skip_ptr + layer) == 0
         rnd = 0
+        if PAIRS:  # (peak, GPUs at it) after a pair swap, kept in memory; inf: the last move was not one
+            tl.store(bound_row + R + 1, start_max + INF)
+            tl.store(bound_row + R + 2, 0.0)
         while tl.condition(go, disable_licm=True):  # no long live ranges of hoisted blocks
             peak = tl.max(tl.where(m_p, b_load, -INF))
             a = tl.min(tl.where(m_p & (b_load == peak), o_p, NO_INDEX))  # the lowest fullest GPU
             # No fullest GPU when every load is NaN (tl.max skips NaN, so the peak is a padding
             # lane's -inf): the row is done. GPU 0 keeps this round's reads in bounds.
             has_peak = a < NO_INDEX
+            if PAIRS:  # a pair swap that lowered only its own rounded evaluation ends the search
+                at_peak = tl.sum((m_p & (b_load == peak)).to(tl.int32)).to(tl.float64)
+                prev_peak = tl.load(bound_row + R + 1)
+                has_peak = has_peak & (
+                    (peak < prev_peak) | ((peak == prev_peak) & (at_peak < tl.load(bound_row + R + 2)))
+                )
             a = tl.where(has_peak, a, 0)
             # swap partners j: another GPU b of a's node; (loads[b] - share[phy[j]]) is the part of
             # the swap's value on b that does not depend on i
@@ -274,6 +283,7 @@ def _search_kernel(
             if PAIRS:
                 pair_i2 = NO_INDEX
                 pair_j2 = NO_INDEX
+                tl.store(bound_row + R + 1, peak + INF)  # read by every thread before the round's barrier
                 if has_peak & (best_v == INF):  # no single move: the pair swaps
                     pair_v, pair_code = _pair_swap(
                         slot_share_row, phy_row, a, peak, o_p, m_p, R, S, PN, BLOCK_S, BLOCK_H
@@ -288,6 +298,8 @@ def _search_kernel(
                         best_j = j1
                         pair_i2 = a * S + k12 % S
                         pair_j2 = (j1 // S) * S + pair_code % S
+                        tl.store(bound_row + R + 1, peak)
+                        tl.store(bound_row + R + 2, at_peak)
             found = has_peak & (best_v < INF)
             # apply the move (i, j): a swap exchanges (phy, rank); a shift turns j's x into y's last
             # replica. Selections by index, NO_INDEX where the move does not apply.

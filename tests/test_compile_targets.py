@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import aot  # noqa: E402  (the one ahead-of-time harness: benchmarks/aot.py)
 
 from eplb_triton import launch  # noqa: E402
-from eplb_triton._validation import PAIR_SWAP_MAX_SLOTS, Config  # noqa: E402
+from eplb_triton._validation import PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
 from eplb_triton.kernels import _pairs, _rebalance, _search, _split  # noqa: E402
 
@@ -82,8 +82,10 @@ DISPATCH_EXPERTS = [256, 384, launch.MAX_EXPERTS]
 # (E, R, P, N) of the local search: DeepSeek-V3-like deployments and the limits
 SEARCH_SHAPES = [(256, 288, 32, 1), (256, 288, 144, 1), (256, 320, 64, 1), (256, 288, 32, 4)]
 SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, 64, 1))
-# the most slots per GPU with pair swaps (PAIR_SWAP_MAX_SLOTS), at the limits
-SEARCH_SHAPES.append((launch.MAX_EXPERTS, launch.MAX_REPLICAS, launch.MAX_REPLICAS // PAIR_SWAP_MAX_SLOTS, 1))
+# pair swaps at their limits (PAIR_SWAP_MAX_REPLICAS slots; the most, and the fewest, slots per GPU)
+for _s in (PAIR_SWAP_MAX_SLOTS, 4):
+    SEARCH_SHAPES.append((launch.MAX_EXPERTS, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_REPLICAS // _s, 1))
+SEARCH_SHAPES.append((512, PAIR_SWAP_MAX_REPLICAS, 64, 4))
 
 
 # the assignment problems of DeepSeek-V3-like deployments (GPUs per node, nodes) and the limit

@@ -2,8 +2,9 @@
 
 On CPU the kernel runs on the interpreter (conftest.py), on small shapes: <= 16 experts, <= 32
 slots. Starts are the greedy placements (global and hierarchical), or, with a move budget, another
-valid placement (the greedy of other loads) that the search must not drift too far from. The
-ahead-of-time compile of the kernel for sm_80 / sm_90 is in tests/test_compile_targets.py.
+valid placement (the greedy of other loads) that the search must not drift too far from; the
+pair-swap tests also start from random valid placements and a hand case. The ahead-of-time
+compile of the kernel for sm_80 / sm_90 is in tests/test_compile_targets.py.
 """
 
 from __future__ import annotations
@@ -170,6 +171,32 @@ def test_pair_swap_when_no_single_move_helps():
     assert torch.equal(_search_all(w, phy, rank, cnt, 2, 2)[0], phy)
     # with a budget, pair swaps are not searched: no single move, so the start comes back
     assert torch.equal(_search_all(w, phy, rank, cnt, 2, 1, phy, 8)[0], phy)
+
+
+def test_pair_swap_that_lowers_only_its_rounded_value_ends_the_search(monkeypatch):
+    """Expert 1 on both sides of a pair swap: its value ``(peak - out) + in`` rounds one ulp below the
+    peak, but the loads summed again give the same peak on the other GPU. Without the stop rule
+    the search traded the same four slots back and forth until the round limit (9 pair swaps
+    here); now the round after it ends the search, in every backend."""
+    w = torch.tensor(
+        [[8.01136589050293, 1.0402673482894897, 7.2043609619140625, 1.890579104423523,
+          3.757253885269165, 0.32662132382392883, 1.2976833581924438, 7.293476104736328]]
+    )  # fmt: skip
+    phy = torch.tensor([[7, 5, 1, 0, 4, 2, 5, 6, 1, 7, 7, 7, 1, 1, 3, 2]])
+    rank = torch.tensor([[0, 0, 1, 0, 0, 0, 1, 0, 3, 1, 2, 3, 2, 0, 0, 1]])
+    cnt = torch.tensor([[1, 4, 2, 1, 1, 2, 1, 4]])
+    made = []
+    pair_swap = cpu._pair_swap
+
+    def counting(*args):
+        found = pair_swap(*args)
+        made.append(int(found.sum()))
+        return found
+
+    monkeypatch.setattr(cpu, "_pair_swap", counting)
+    got = _search_all(w, phy, rank, cnt, 4, 1)
+    assert sum(made) == 1
+    _assert_valid(*got)
 
 
 @pytest.mark.parametrize("S, N", [(4, 1), (5, 2), (8, 2), (16, 1)])
