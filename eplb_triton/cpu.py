@@ -341,7 +341,7 @@ def _round(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """One round of docs/algorithm.md 10.2 on every row, in place. ``progress``: the previous round's
     ``(peak, GPUs at the peak)`` per row where it made a pair swap (peak ``inf`` elsewhere), or None.
-    Returns ``(peak, at_peak, pair)`` per row, ``pair`` -1 (no move), 0 (a single move) or 1 (a pair
+    Returns ``(peak, at_peak, kind)`` per row, ``kind`` -1 (no move), 0 (a single move) or 1 (a pair
     swap)."""
     X, E = w64.shape
     R = phy.shape[1]
