@@ -322,7 +322,7 @@ def search(
                 o[ids[~moved]] = st[~moved]
             ids, state, w64 = ids[moved], [st[moved] for st in state], w64[moved]
             old = None if old is None else old[moved]
-            progress = (progress[0][moved], at_peak[moved])
+            progress = tuple(p[moved] for p in progress)
         if ids.size == 0:
             break
     for o, st in zip(out, state, strict=True):  # rows stopped by the round limit

@@ -65,6 +65,20 @@ def _search_all(w, phy, rank, cnt, P, N, old=None, budget=None):
     return got
 
 
+def _count_pair_swaps(monkeypatch) -> list[int]:
+    """Patches the CPU path's pair swap to record how many rows made one per call; returns the record."""
+    made = []
+    pair_swap = cpu._pair_swap
+
+    def counting(*args):
+        found = pair_swap(*args)
+        made.append(int(found.sum()))
+        return found
+
+    monkeypatch.setattr(cpu, "_pair_swap", counting)
+    return made
+
+
 def _assert_valid(phy, rank, cnt):
     L, E = cnt.shape
     for layer in range(L):
@@ -185,15 +199,7 @@ def test_pair_swap_that_lowers_only_its_rounded_value_ends_the_search(monkeypatc
     phy = torch.tensor([[7, 5, 1, 0, 4, 2, 5, 6, 1, 7, 7, 7, 1, 1, 3, 2]])
     rank = torch.tensor([[0, 0, 1, 0, 0, 0, 1, 0, 3, 1, 2, 3, 2, 0, 0, 1]])
     cnt = torch.tensor([[1, 4, 2, 1, 1, 2, 1, 4]])
-    made = []
-    pair_swap = cpu._pair_swap
-
-    def counting(*args):
-        found = pair_swap(*args)
-        made.append(int(found.sum()))
-        return found
-
-    monkeypatch.setattr(cpu, "_pair_swap", counting)
+    made = _count_pair_swaps(monkeypatch)
     got = _search_all(w, phy, rank, cnt, 4, 1)
     assert sum(made) == 1
     _assert_valid(*got)
@@ -216,15 +222,7 @@ def test_pair_swaps_on_random_starts(S, N, monkeypatch):
     rank, cnt = slot_order_ranks(phy, E)
     # with 16 slots per GPU, single moves balance loads of 1..39 alone: cubes are coarser
     w = torch.tensor(gen.integers(1, 40, (L, E)) ** (3 if S > 8 else 1), dtype=torch.float32)
-    made = []
-    pair_swap = cpu._pair_swap
-
-    def counting(*args):
-        found = pair_swap(*args)
-        made.append(int(found.sum()))
-        return found
-
-    monkeypatch.setattr(cpu, "_pair_swap", counting)
+    made = _count_pair_swaps(monkeypatch)
     got = _search_all(w, phy, rank, cnt, P, N)
     _assert_valid(*got)
     assert sum(made) > 0, "no pair swap was made"
