@@ -117,6 +117,8 @@ def select_policy(num_groups: int, num_nodes: int) -> tuple[str, int, int]:
 # Passes of the search for the pairing threshold T with two slots per GPU (docs/algorithm.md 13.1):
 # three trial values of T per pass. Part of the definition: every backend runs exactly this many.
 PAIR_PASSES = 3
+REPAIR_PASSES = 8  # docs/algorithm.md 10.8: targets T tried by the count repair of a budgeted replan
+REPAIR_UNIT_BITS = 32  # 10.8: excess over T counted in whole units of T / 2**32
 # The local search's pair swap (docs/algorithm.md 10.2) runs with 4 to this many slots per GPU: with
 # 3 it is a single swap of the other slots, and its candidates grow as S**4 (a GPU's S * (S - 1) / 2
 # slot pairs against each of another GPU's).

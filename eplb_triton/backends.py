@@ -79,6 +79,16 @@ class Backend(Protocol):
         load is strictly below ``start``'s, else ``start``. ``skip [L]`` bool: layers returned as they start."""
         ...
 
+    def repair(
+        self, weight: torch.Tensor, start: Plan, old_phy2log: torch.Tensor, target: torch.Tensor, max_moves: int, *,
+        skip: torch.Tensor | None = None,
+    ) -> Plan:  # fmt: skip
+        """The count repair of a budgeted replan, two slots per GPU (docs/algorithm.md 10.8), from the
+        budgeted search's ``start``: per layer, a placement at most ``max_moves`` slots from
+        ``old_phy2log`` with the replica counts moved toward ``target [L, E]`` where its largest GPU load
+        is strictly below ``start``'s, else ``start``. ``skip [L]`` bool: layers returned as they start."""
+        ...
+
     def assign(self, overlap: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The exact maximum-overlap assignment of each ``[n, n]`` problem of ``overlap [B, n, n]``
         (docs/algorithm.md 10.3): ``[B, n]`` int64, the column of each row. ``skip [B]`` bool:
@@ -218,6 +228,12 @@ class ReferenceBackend(_HostBackend):
         out = reference.pairs(w, *(t.cpu() for t in start), None if skip is None else skip.cpu())
         return Plan(*(t.to(weight.device) for t in out))
 
+    def repair(self, weight, start, old_phy2log, target, max_moves, *, skip=None):
+        w = _float32_cpu(weight)
+        args = (*(t.cpu() for t in start), old_phy2log.cpu(), target.cpu(), max_moves)
+        out = reference.repair(w, *args, None if skip is None else skip.cpu())
+        return Plan(*(t.to(weight.device) for t in out))
+
     def log2phy(self, plan, width):
         return reference.log2phy(*(t.cpu() for t in plan), width=width).to(plan.phy2log.device)
 
@@ -259,6 +275,11 @@ class CpuBackend(_HostBackend):
         out = cpu.pairs(_float32_numpy(weight), *(_numpy(t) for t in start), _numpy(skip))
         return Plan(*_tensors(out, weight.device))
 
+    def repair(self, weight, start, old_phy2log, target, max_moves, *, skip=None):
+        arrays = (*(_numpy(t) for t in start), _numpy(old_phy2log), _numpy(target))
+        out = cpu.repair(_float32_numpy(weight), *arrays, max_moves, _numpy(skip))
+        return Plan(*_tensors(out, weight.device))
+
     def log2phy(self, plan, width):
         phy2log, phyrank, logcnt = (_numpy(t) for t in plan)
         return _tensors([cpu.log2phy(phy2log, phyrank, logcnt.shape[1], width)], plan.phy2log.device)[0]
@@ -270,7 +291,9 @@ class CpuBackend(_HostBackend):
 
 class TritonBackend:
     """The Triton kernels (:mod:`eplb_triton.launch`): all layers per launch, no host synchronisation
-    except where a drop-in call must raise on bad loads or read ``X = max(logcnt)``."""
+    except where a drop-in call must raise on bad loads or read ``X = max(logcnt)``, and where a
+    step has no kernel form: the count repair of a budgeted replan with two slots per GPU
+    (docs/algorithm.md 10.8) and assignments wider than one program run on the host."""
 
     name = "triton"
     host_reads_are_free = False
@@ -312,6 +335,10 @@ class TritonBackend:
 
     def pairs(self, weight, start, *, skip=None):
         return Plan(*launch.pairs(weight, *start, skip))
+
+    def repair(self, weight, start, old_phy2log, target, max_moves, *, skip=None):
+        # no kernel form yet: one host round trip to the NumPy one (docs/algorithm.md 10.8)
+        return CPU.repair(weight, start, old_phy2log, target, max_moves, skip=skip)
 
     def assign(self, overlap, skip=None):
         if overlap.shape[1] > launch.MAX_ASSIGN:  # more GPUs than one program holds: one host round trip

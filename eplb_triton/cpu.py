@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, EplbArgumentError
+from ._validation import (
+    PAIR_PASSES,
+    PAIR_SWAP_MAX_REPLICAS,
+    PAIR_SWAP_MAX_SLOTS,
+    REPAIR_PASSES,
+    REPAIR_UNIT_BITS,
+    EplbArgumentError,
+)
 
 _FULL = np.iinfo(np.int32).max
 _PAIR_CHUNK = 1 << 22  # pair-swap candidates evaluated at once (float64: 32 MiB per array)
@@ -643,4 +650,160 @@ def pairs(
         out[0][rows[:, None], slot] = expert
         out[1][rows[:, None], slot] = replica
         out[2][rows] = c
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU under a budget: the count repair (docs/algorithm.md 10.8)
+# ----------------------------------------------------------------------------------------------
+
+_NO_MOVE = np.iinfo(np.int64).max
+
+
+def _excess(load: np.ndarray, T: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """10.8: ``floor(max(load - T, 0) / unit)`` as int64 (``T``, ``unit`` broadcast against ``load``)."""
+    return np.floor(np.maximum(load - T, 0.0) / unit).astype(np.int64)
+
+
+def _repair_force(w, phy, cnt, old, target, k, T, unit):  # noqa: ANN001, ANN202 - arrays of the rows, in place
+    """10.8 step 2a for every row at once: one shift per row and round, until no row has one."""
+    X, R = phy.shape
+    slot = np.arange(R)
+    mate, even = slot ^ 1, (slot & 1) == 0
+    live = np.arange(X)
+    while live.size:
+        p, c, o, tg, ww = phy[live], cnt[live], old[live], target[live], w[live]
+        t, u = T[live, None], unit[live, None]
+        gaining = c < tg
+        has = gaining.any(axis=1)
+        live, p, c, o, tg, ww, t, u, gaining = (a[has] for a in (live, p, c, o, tg, ww, t, u, gaining))
+        if not live.size:
+            return
+        n = live.size
+        share = ww / c
+        s = _take(share, p)
+        loads = s[:, 0::2] + s[:, 1::2]
+        now = _excess(loads, t, u)
+        y = np.where(gaining, share, -np.inf).argmax(axis=1)  # the first maximum: the lowest expert
+        sy2 = ww[np.arange(n), y] / (c[np.arange(n), y] + 1)
+        shy = np.where(p == y[:, None], sy2[:, None], s)  # slot shares once y has one more copy
+        ly = shy[:, 0::2] + shy[:, 1::2]
+        fy = (_excess(ly, t, u) - now).sum(axis=1)
+        cs = _take(c, p)
+        sx2 = _take(ww, p) / np.maximum(cs - 1, 1)  # a slot's expert's share once it gives a copy
+        same = p == p[:, mate]
+        other = np.where(same, sx2, shy[:, mate])  # the mate's share once the slot's expert gives a copy
+        lx = sx2 + other  # the GPU's load then (a + b == b + a in IEEE arithmetic)
+        gpu_x = _excess(lx, t, u) - np.repeat(_excess(ly, t, u), 2, axis=1)
+        once = even | ~same  # a GPU holding the expert twice counts once
+        fx = np.bincount(
+            (p + np.arange(n)[:, None] * ww.shape[1]).ravel(), np.where(once, gpu_x, 0).ravel(), n * ww.shape[1]
+        ).reshape(n, -1)  # integers below 2**53: exact in float64, whatever the order
+        delta = fy[:, None] + _take(fx, p).astype(np.int64) - _excess(lx, t, u) + _excess(sy2[:, None] + other, t, u)
+        diff = p != o
+        after = diff.sum(axis=1)[:, None] - diff + (y[:, None] != o)
+        ok = (cs > _take(tg, p)) & (after <= k)
+        q = np.where(ok, delta, _NO_MOVE).argmin(axis=1)  # the first minimum: the lowest slot
+        found = ok[np.arange(n), q]
+        live, y, q = live[found], y[found], q[found]
+        x = phy[live, q]
+        phy[live, q] = y
+        np.subtract.at(cnt, (live, x), 1)
+        np.add.at(cnt, (live, y), 1)  # the rows that made a shift try again
+
+
+def _repair_swaps(w, phy, cnt, old, k, T, unit):  # noqa: ANN001, ANN202 - arrays of the rows, in place
+    """10.8 step 2b for every row at once: one swap per row and round, at most ``2 R`` rounds."""
+    X, R = phy.shape
+    gpu = np.arange(R) // 2
+    live = np.arange(X)
+    for _ in range(2 * R):
+        if not live.size:
+            return
+        p, c, o = phy[live], cnt[live], old[live]
+        t, u = T[live, None, None], unit[live, None, None]
+        n = live.size
+        s = _take(w[live] / c, p)
+        loads = s[:, 0::2] + s[:, 1::2]
+        a = loads.argmax(axis=1)  # the first maximum: the lowest GPU
+        peak = loads[np.arange(n), a]
+        over = peak > T[live]
+        live, p, o, s, loads, a, peak, t, u = (v[over] for v in (live, p, o, s, loads, a, peak, t, u))
+        n = live.size
+        if not n:
+            return
+        ii = np.stack([2 * a, 2 * a + 1], axis=1)  # [n, 2] the fullest GPU's slots
+        si, yi, oi = _take(s, ii), _take(p, ii), _take(o, ii)
+        lb = loads[:, gpu]  # [n, R] the load of each slot's GPU
+        la2 = (peak[:, None, None] - si[:, :, None]) + s[:, None, :]
+        lb2 = (lb[:, None, :] - s[:, None, :]) + si[:, :, None]
+        delta = (_excess(la2, t, u) - _excess(peak[:, None, None], t, u)) + (
+            _excess(lb2, t, u) - _excess(lb[:, None, :], t, u)
+        )
+        diff = p != o
+        moved = diff.sum(axis=1)[:, None, None]
+        di = _take(diff.astype(np.int64), ii)
+        after = (
+            moved
+            - di[:, :, None]
+            - diff[:, None, :]
+            + (p[:, None, :] != oi[:, :, None])
+            + (yi[:, :, None] != o[:, None, :])
+        )
+        ok = (gpu[None, None, :] != a[:, None, None]) & (p[:, None, :] != yi[:, :, None]) & (delta < 0) & (after <= k)
+        cost = after - moved
+        key = np.where(ok, delta * np.where(cost >= 2, 1, np.where(cost == 1, 2, 4)), _NO_MOVE).reshape(n, 2 * R)
+        f = key.argmin(axis=1)  # the first minimum: the lowest (i, j)
+        found = key[np.arange(n), f] != _NO_MOVE
+        live, f, ii = live[found], f[found], ii[found]
+        i, j = ii[np.arange(live.size), f // R], f % R
+        xi, xj = phy[live, i], phy[live, j]
+        phy[live, i], phy[live, j] = xj, xi
+
+
+def repair(
+    w: np.ndarray, phy: np.ndarray, rank: np.ndarray, cnt: np.ndarray, old: np.ndarray, target: np.ndarray,
+    k: int, skip: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """``w`` float32 ``[X, E]``; ``(phy, rank, cnt)`` the budgeted search's plan (``R = 2 P`` slots);
+    ``old [X, R]`` the placement in service; ``target [X, E]`` the full plan's counts. Returns new
+    ``(phy, rank, cnt)``, equal to :func:`reference.repair`: every row's pass runs at once."""
+    X, E = w.shape
+    R = phy.shape[1]
+    P = R // 2
+    out = [phy.copy(), rank.copy(), cnt.copy()]
+    if X == 0 or k <= 0:
+        return tuple(out)
+    w64 = w.astype(np.float64)
+    s = _take(w64 / cnt, phy)
+    hi = (s[:, 0::2] + s[:, 1::2]).max(axis=1)
+    lo = np.add.accumulate(w64, axis=1)[:, -1] / P  # float64, in expert order
+    run = (lo > 0.0) & (lo < hi)
+    if skip is not None:
+        run &= ~skip
+    rows = np.flatnonzero(run)
+    if rows.size == 0:
+        return tuple(out)
+    wr, o, tg, lo, hi = w64[rows], old[rows], target[rows], lo[rows], hi[rows]
+    o_cnt = np.zeros((rows.size, E), np.int64)
+    np.add.at(o_cnt, (np.repeat(np.arange(rows.size), R), o.ravel()), 1)
+    start_v = hi.copy()
+    best_v, best_p, best_c = hi.copy(), np.zeros_like(o), np.zeros_like(o_cnt)
+    for _ in range(REPAIR_PASSES):
+        T = (lo + hi) * 0.5
+        unit = T / 2.0**REPAIR_UNIT_BITS
+        p, c = o.copy(), o_cnt.copy()
+        _repair_force(wr, p, c, o, tg, k, T, unit)
+        _repair_swaps(wr, p, c, o, k, T, unit)
+        s = _take(wr / c, p)
+        v = (s[:, 0::2] + s[:, 1::2]).max(axis=1)
+        better = v < best_v  # strict: an equal peak keeps the earlier result
+        best_v = np.where(better, v, best_v)
+        best_p[better], best_c[better] = p[better], c[better]
+        hi, lo = np.where(v <= T, T, hi), np.where(v <= T, lo, T)
+    found = best_v < start_v
+    if found.any():
+        rows, best_p = rows[found], best_p[found]
+        new_rank, _ = slot_order_ranks(best_p, E)  # replicas numbered in slot order
+        out[0][rows], out[1][rows], out[2][rows] = best_p, new_rank, best_c[found]
     return tuple(out)

@@ -8,8 +8,9 @@
 3. ``old_phy2log``: the result relabelled to keep experts where they are: the exact node and GPU
    assignment then slot order (``relabel="gpus"``, :func:`placement.relabel`), or only slot order
    within each GPU (``relabel="slots"``, :func:`placement.stable_order`);
-4. ``max_moves``: the local search from ``old_phy2log`` under the budget, and the relabelled full
-   plan instead wherever it fits the budget and has a smaller largest GPU load;
+4. ``max_moves``: the local search from ``old_phy2log`` under the budget (with two slots per GPU
+   under the global policy, then the count repair, ``backend.repair``), and the relabelled full plan
+   instead wherever it fits the budget and has a smaller largest GPU load;
 5. ``keep``: rows that keep a previous placement; the search and the assignments skip them.
 
 The drop-in API, :class:`eplb_triton.EplbPlanner` and :class:`eplb_triton.OnlineBalancer` all
@@ -120,11 +121,14 @@ def _incremental(
     skip: torch.Tensor | None,
 ) -> Plan:  # fmt: skip
     """docs/algorithm.md 10.4: the budgeted search from ``old`` (the placement in service, replicas in
-    slot order), and the relabelled ``full`` plan instead where it fits the budget and has a smaller
+    slot order), with two slots per GPU under the global policy its count repair toward ``full``'s
+    counts (10.8), and the relabelled ``full`` plan instead where it fits the budget and has a smaller
     largest GPU load."""
     E, P, N = cfg.num_experts, cfg.num_gpus, cfg.num_nodes
     old_phy2log = old.phy2log
     out = backend.search(weight, old, P, N, old_phy2log=old_phy2log, max_moves=max_moves, skip=skip)
+    if takes_pairs(cfg) and max_moves > 0:  # two slots per GPU: the count repair (10.8)
+        out = backend.repair(weight, out, old_phy2log, full.logcnt, max_moves, skip=skip)
     out = [t.clone() for t in out]
     rows = _may_fit(backend, old_phy2log, full.phy2log, E, P, max_moves)
     if rows is None or rows.numel():

@@ -18,7 +18,14 @@ import math
 import numpy as np
 import torch
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, select_policy
+from ._validation import (
+    PAIR_PASSES,
+    PAIR_SWAP_MAX_REPLICAS,
+    PAIR_SWAP_MAX_SLOTS,
+    REPAIR_PASSES,
+    REPAIR_UNIT_BITS,
+    select_policy,
+)
 
 f32 = np.float32
 
@@ -468,6 +475,154 @@ def pairs(
             out.append(start)
         else:
             out.append(_pairs_layer(w, *start))
+    return _plans(out, *phy2log.shape, logcnt.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU under a budget: the count repair (docs/algorithm.md 10.8; Python floats are float64)
+# ----------------------------------------------------------------------------------------------
+
+
+def _excess(load: float, T: float, unit: float) -> int:
+    """10.8: the excess of a GPU load over ``T`` in whole units (an exact integer, summed in any order)."""
+    return math.floor(max(load - T, 0.0) / unit)
+
+
+def _pair_loads(w: list[float], phy: list[int], cnt: list[int]) -> list[float]:
+    """10.1 with two slots per GPU."""
+    share = [w[e] / cnt[e] for e in range(len(w))]
+    return [share[phy[2 * p]] + share[phy[2 * p + 1]] for p in range(len(phy) // 2)]
+
+
+def _repair_force(w: list[float], phy: list[int], cnt: list[int], old: list[int], target: list[int],
+                  k: int, T: float, unit: float) -> None:  # fmt: skip
+    """10.8 step 2a: the replica counts toward ``target``, one shift at a time, in place."""
+    R, E = len(phy), len(w)
+    while True:
+        gaining = [e for e in range(E) if cnt[e] < target[e]]
+        if not gaining:
+            return
+        y = max(gaining, key=lambda e: w[e] / cnt[e])  # max() keeps the first: the lowest expert on ties
+        now = sum(_excess(v, T, unit) for v in _pair_loads(w, phy, cnt))
+        moved = sum(phy[q] != old[q] for q in range(R))
+        best = None
+        for q in range(R):
+            x = phy[q]
+            if cnt[x] <= target[x] or moved - (x != old[q]) + (y != old[q]) > k:
+                continue
+            phy[q] = y
+            cnt[x] -= 1
+            cnt[y] += 1
+            delta = sum(_excess(v, T, unit) for v in _pair_loads(w, phy, cnt)) - now
+            phy[q] = x
+            cnt[x] += 1
+            cnt[y] -= 1
+            if best is None or delta < best[0]:  # strict: the lowest slot on ties
+                best = (delta, q)
+        if best is None:
+            return
+        q = best[1]
+        cnt[phy[q]] -= 1
+        cnt[y] += 1
+        phy[q] = y
+
+
+def _repair_swaps(w: list[float], phy: list[int], cnt: list[int], old: list[int], k: int, T: float,
+                  unit: float) -> None:  # fmt: skip
+    """10.8 step 2b: swaps out of the fullest GPU that lower the total excess, in place."""
+    R = len(phy)
+    for _ in range(2 * R):
+        share = [w[e] / cnt[e] for e in range(len(w))]
+        loads = _pair_loads(w, phy, cnt)
+        peak = max(loads)
+        if peak <= T:
+            return
+        a = loads.index(peak)
+        moved = sum(phy[q] != old[q] for q in range(R))
+        best = None
+        for i in (2 * a, 2 * a + 1):
+            for j in range(R):
+                b = j // 2
+                if b == a or phy[j] == phy[i]:
+                    continue
+                la = (peak - share[phy[i]]) + share[phy[j]]
+                lb = (loads[b] - share[phy[j]]) + share[phy[i]]
+                delta = (_excess(la, T, unit) - _excess(peak, T, unit)) + (
+                    _excess(lb, T, unit) - _excess(loads[b], T, unit)
+                )
+                after = moved - (phy[i] != old[i]) - (phy[j] != old[j]) + (phy[j] != old[i]) + (phy[i] != old[j])
+                if delta >= 0 or after > k:
+                    continue
+                cost = after - moved
+                key = delta * (1 if cost >= 2 else 2 if cost == 1 else 4)  # delta per slot of budget, times 2
+                if best is None or key < best[0]:
+                    best = (key, i, j)
+        if best is None:
+            return
+        _, i, j = best
+        phy[i], phy[j] = phy[j], phy[i]
+
+
+def _repair_layer(
+    w32: list[np.float32], phy: list[int], rank: list[int], cnt: list[int], old: list[int], target: list[int], k: int
+) -> tuple[list[int], list[int], list[int]]:
+    """10.8 for one layer: targets ``T`` by bisection; from ``old`` each time, the counts toward
+    ``target`` then excess-lowering swaps; the result with the smallest largest load if it is strictly
+    below the start's."""
+    R, E = len(phy), len(w32)
+    P = R // 2
+    w = [float(v) for v in w32]
+    hi = max(_pair_loads(w, phy, cnt))
+    total = 0.0
+    for e in range(E):  # float64, in expert order
+        total += w[e]
+    lo = total / P
+    if k <= 0 or not 0.0 < lo < hi:
+        return phy, rank, cnt
+    best_v, best = hi, None
+    old_cnt = [0] * E
+    for e in old:
+        old_cnt[e] += 1
+    for _ in range(REPAIR_PASSES):
+        T = (lo + hi) * 0.5
+        unit = T / 2.0**REPAIR_UNIT_BITS
+        p, c = list(old), list(old_cnt)
+        _repair_force(w, p, c, old, target, k, T, unit)
+        _repair_swaps(w, p, c, old, k, T, unit)
+        v = max(_pair_loads(w, p, c))
+        if v < best_v:  # strict: an equal peak keeps the earlier result
+            best_v, best = v, (p, c)
+        if v <= T:
+            hi = T
+        else:
+            lo = T
+    if best is None:
+        return phy, rank, cnt
+    p, c = best
+    seen = [0] * E
+    new_rank = []
+    for e in p:  # replicas numbered in slot order
+        new_rank.append(seen[e])
+        seen[e] += 1
+    return p, new_rank, c
+
+
+def repair(
+    weight: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor,
+    old_phy2log: torch.Tensor, target: torch.Tensor, max_moves: int, skip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The count repair of a budgeted replan with two slots per GPU (docs/algorithm.md 10.8), from the
+    budgeted search's plan ``(phy2log, phyrank, logcnt)``: per layer, a placement at most ``max_moves``
+    slots from ``old_phy2log`` that moves the replica counts toward ``target [L, E]``, where its largest
+    GPU load is strictly below the plan's, else the plan. Layers marked in ``skip [L]`` (bool) are
+    returned as they are. Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors."""
+    out = []
+    for layer, w in enumerate(_rows(weight)):
+        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
+        if skip is not None and bool(skip[layer]):
+            out.append(start)
+        else:
+            out.append(_repair_layer(w, *start, old_phy2log[layer].tolist(), target[layer].tolist(), max_moves))
     return _plans(out, *phy2log.shape, logcnt.shape[1])
 
 
