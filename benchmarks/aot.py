@@ -31,7 +31,8 @@ POINTERS = {  # the type of each non-constexpr kernel argument, by name
     "n_entries": "i32", "stride_l2p_e": "i32", "stride_l2p_x": "i32", "stride_cnt": "i32", "stride_counts": "i32",
     "phy_in_ptr": "*i64", "rank_in_ptr": "*i64", "cnt_in_ptr": "*i64", "old_ptr": "*i64", "budget": "i32",
     "skip_ptr": "*i32", "share_ptr": "*fp64", "enode_ptr": "*i32", "overlap_ptr": "*i64", "col_ptr": "*i64",
-    "max_rounds": "i32", "quota_ptr": "*i64", "rounds_ptr": "*i64", "scr_ptr": "*i32",
+    "max_rounds": "i32", "quota_ptr": "*i64", "rounds_ptr": "*i64", "scr_ptr": "*i32", "target_ptr": "*i64",
+    "changed_ptr": "*i32",
 }  # fmt: skip
 
 # kernel name -> "module.function" under eplb_triton.kernels
@@ -44,6 +45,7 @@ KERNELS = {
     "assign": "_assign._assign_kernel",
     "split": "_split._balanced_split_kernel",
     "pairs": "_pairs._pairs_kernel",
+    "repair": "_repair._repair_kernel",
 }
 
 

@@ -291,9 +291,8 @@ class CpuBackend(_HostBackend):
 
 class TritonBackend:
     """The Triton kernels (:mod:`eplb_triton.launch`): all layers per launch, no host synchronisation
-    except where a drop-in call must raise on bad loads or read ``X = max(logcnt)``, and where a
-    step has no kernel form: the count repair of a budgeted replan with two slots per GPU
-    (docs/algorithm.md 10.8) and assignments wider than one program run on the host."""
+    except where a drop-in call must raise on bad loads or read ``X = max(logcnt)`` (and assignments
+    wider than one program, which run on the host)."""
 
     name = "triton"
     host_reads_are_free = False
@@ -337,8 +336,7 @@ class TritonBackend:
         return Plan(*launch.pairs(weight, *start, skip))
 
     def repair(self, weight, start, old_phy2log, target, max_moves, *, skip=None):
-        # no kernel form yet: one host round trip to the NumPy one (docs/algorithm.md 10.8)
-        return CPU.repair(weight, start, old_phy2log, target, max_moves, skip=skip)
+        return Plan(*launch.repair(weight, *start, old_phy2log, target, max_moves, skip))
 
     def assign(self, overlap, skip=None):
         if overlap.shape[1] > launch.MAX_ASSIGN:  # more GPUs than one program holds: one host round trip

@@ -16,7 +16,15 @@ from types import ModuleType
 
 import torch
 
-from ._validation import PAIR_PASSES, PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, Config, EplbArgumentError
+from ._validation import (
+    PAIR_PASSES,
+    PAIR_SWAP_MAX_REPLICAS,
+    PAIR_SWAP_MAX_SLOTS,
+    REPAIR_PASSES,
+    Config,
+    EplbArgumentError,
+)
+from .placement import slot_order_ranks
 from .split import MAX_ROUNDS
 
 MAX_EXPERTS = 1024  # logical experts per layer: a row lives in one program's registers
@@ -178,7 +186,7 @@ def _kernels() -> ModuleType:
     """The Triton kernels package with its launchers, imported at the first launch (the only place
     that imports it: Triton's import is slow and optional until a kernel runs)."""
     from . import kernels
-    from .kernels import assign, dispatch, pairs, rebalance, search, split  # noqa: F401  (submodules become attributes)
+    from .kernels import assign, dispatch, pairs, rebalance, repair, search, split  # noqa: F401  (submodules become attributes)
 
     return kernels
 
@@ -364,6 +372,66 @@ def pairs(
     scratch_f = torch.empty((L, E), dtype=torch.float64, device=dev)
     scratch_i = torch.empty((L, 2 * E), dtype=torch.int32, device=dev)
     _kernels().pairs.pairs(w, phy_in, rank_in, cnt_in, skip_rows, phy, rank, cnt, scratch_f, scratch_i, ln)
+    return phy, rank, cnt
+
+
+# ----------------------------------------------------------------------------------------------
+# Two slots per GPU under a budget: the count repair (docs/algorithm.md 10.8)
+# ----------------------------------------------------------------------------------------------
+
+
+def repair_launch(L: int, E: int, R: int) -> SearchLaunch:
+    """The count repair kernel: one program per layer of ``R = 2 P`` slots; lanes are experts
+    (``BLOCK_E``) or GPUs (``BLOCK_P``, a GPU's two slots as two halves), a few values each: 4
+    warps, 8 from 1024 lanes (with 4 the limits spilled). As for the search, ptxas is kept from
+    trimming to an occupancy tier (one program per layer gains nothing from it; left alone at 8
+    warps it chose 128 registers for E = R = 1024 and spilled): capped at 255, 256 threads still fit
+    an SM's 64K registers, and every shape of tests/test_compile_targets.py compiles without spills
+    with Triton 3.6 (184-254 registers) and 3.9 (144-240)."""
+    check_limits(E, R)
+    if R % 2:
+        raise EplbArgumentError(f"the count repair kernel needs two slots per GPU (an even R), got R = {R}")
+    block_e, block_p = _pow2(E), _pow2(R // 2)
+    constexprs = dict(E=E, R=R, PASSES=REPAIR_PASSES, BLOCK_E=block_e, BLOCK_P=block_p)
+    num_warps = 4 if max(block_e, block_p) < 1024 else 8
+    return SearchLaunch((L,), constexprs, num_warps, 255)
+
+
+def repair(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    phyrank: torch.Tensor,
+    logcnt: torch.Tensor,
+    old_phy2log: torch.Tensor,
+    target: torch.Tensor,
+    max_moves: int,
+    skip: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The count repair of every layer of the budgeted search's plan ``(phy2log, phyrank, logcnt)``
+    (``R = 2 P``), one launch, no host synchronisation: a placement at most ``max_moves`` slots from
+    ``old_phy2log`` with counts moved toward ``target [L, E]`` where it is strictly better, replicas
+    numbered in slot order, else the plan. Layers marked in ``skip [L]`` (bool) come back as they
+    went in. Returns new ``int64`` tensors ``(phy2log [L, R], phyrank [L, R], logcnt [L, E])``; the
+    inputs are not modified.
+    """
+    L, R = phy2log.shape
+    E = logcnt.shape[1]
+    ln = repair_launch(L, E, R)
+    w = _float32_rows(weight)
+    dev = w.device
+    phy_in, rank_in, cnt_in, old, tgt = (_int64_rows(t, dev) for t in (phy2log, phyrank, logcnt, old_phy2log, target))
+    skip_rows = _skip_flags(skip, L, dev)
+    if L == 0 or max_moves <= 0:
+        return phy_in.clone(), rank_in.clone(), cnt_in.clone()
+    phy, cnt = torch.empty_like(phy_in), torch.empty_like(cnt_in)
+    changed = torch.empty(L, dtype=torch.int32, device=dev)
+    scratch_f = torch.empty((L, 2 * E), dtype=torch.float64, device=dev)
+    scratch_i = torch.empty((L, R + E), dtype=torch.int32, device=dev)
+    budget = min(int(max_moves), R)  # int32 in range
+    _kernels().repair.repair(
+        w, phy_in, cnt_in, old, tgt, budget, skip_rows, phy, cnt, changed, scratch_f, scratch_i, ln
+    )
+    rank = torch.where(changed[:, None] != 0, slot_order_ranks(phy, E)[0], rank_in)
     return phy, rank, cnt
 
 

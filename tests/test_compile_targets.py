@@ -29,7 +29,7 @@ import aot  # noqa: E402  (the one ahead-of-time harness: benchmarks/aot.py)
 from eplb_triton import launch  # noqa: E402
 from eplb_triton._validation import PAIR_SWAP_MAX_REPLICAS, PAIR_SWAP_MAX_SLOTS, Config  # noqa: E402
 from eplb_triton.configs import DEEPSEEK_V3, MODELS  # noqa: E402
-from eplb_triton.kernels import _pairs, _rebalance, _search, _split  # noqa: E402
+from eplb_triton.kernels import _pairs, _rebalance, _repair, _search, _split  # noqa: E402
 
 ARCHS = [80, 90]
 
@@ -70,6 +70,9 @@ def _jobs() -> dict[str, tuple]:
         for E, R in PAIRS_SHAPES:
             ln = launch.pairs_launch(58, E, R)
             jobs[f"pairs-E{E}-R{R}-sm{arch}"] = ("pairs", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
+        for E, R in REPAIR_SHAPES:
+            ln = launch.repair_launch(58, E, R)
+            jobs[f"repair-E{E}-R{R}-sm{arch}"] = ("repair", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
         for E, R, P in SPLIT_SHAPES:  # the tile for log2phy's fixed width R - E + 1 (the balancer's)
             ln = launch.split_launch(58, E, R, P, R - E + 1)
             jobs[f"split-E{E}-R{R}-P{P}-sm{arch}"] = ("split", ln.constexprs, ln.num_warps, arch, ln.maxnreg)
@@ -92,6 +95,8 @@ SEARCH_SHAPES.append((512, PAIR_SWAP_MAX_REPLICAS, 64, 4))
 ASSIGN_SIZES = [8, 18, 32, 64, 144, launch.MAX_ASSIGN]
 # (E, R) of the pairing with two slots per GPU: DeepSeek-V3 decode on 144 GPUs, a small one, the limits
 PAIRS_SHAPES = [(256, 288), (12, 16), (launch.MAX_EXPERTS, launch.MAX_REPLICAS)]
+# (E, R) of the count repair, two slots per GPU: the same, and the first shape of its 8-warp tier
+REPAIR_SHAPES = [*PAIRS_SHAPES, (launch.MAX_EXPERTS, 1024)]
 # (E, R, P) of the per-step split: the DeepSeek-V3 deployments
 SPLIT_SHAPES = [(256, 288, 32), (256, 320, 64), (256, 288, 144)]
 
@@ -287,3 +292,21 @@ def test_pairs_kernel(compiled, job_id):
     # shares, counts and first positions are stored by some threads and read one by one by all
     assert_barrier_between(ptx, _pairs._publish, "tl.store(c_row + o_e, b_c", "tl.load(s_row + j)", _pairs._build)
     assert_barrier_between(ptx, _pairs._pair_up, "tl.store(off_row + o_e", "tl.load(off_row + e)")
+
+
+@pytest.mark.parametrize("job_id", [j for j in JOBS if j.startswith("repair-")])
+def test_repair_kernel(compiled, job_id):
+    ptx, usage = _result(compiled, job_id)
+    assert_fits(usage)
+    # float64 as in the reference: IEEE division; the only products are the bisection's halvings
+    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
+    products = re.findall(r"\b(?:fma|mad|mul)\.\w*\.?f64\s+[^;]*;", ptx)
+    assert all("0d3FE0000000000000" in p for p in products), [p for p in products if "0d3FE0000000000000" not in p]
+    # shares, excess sums, counts and slots are stored by some threads and gathered by others
+    fn = _repair._repair_kernel
+    assert_barrier_between(ptx, fn, "tl.store(s_row + o_e, b_s", "tl.load(s_row + p_a")
+    assert_barrier_between(ptx, fn, "tl.store(fx_row + o_e", "tl.atomic_add(fx_row + p_a")
+    assert_barrier_between(ptx, fn, "tl.atomic_add(fx_row + p_b", "tl.load(fx_row + p_a")
+    assert_barrier_between(ptx, fn, "tl.atomic_add(c_row + o_b", "tl.load(c_row + o_e")
+    assert_barrier_between(ptx, fn, "tl.store(cur_row + key_j", "tl.load(cur_row + q_a")

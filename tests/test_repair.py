@@ -1,6 +1,7 @@
 """The count repair of a budgeted replan with two slots per GPU (docs/algorithm.md 10.8).
 
-The NumPy path must equal the literal reference exactly, ties included; the properties (the budget,
+The NumPy path and the kernel (on the interpreter without a GPU) must equal the literal reference
+exactly, ties included; the properties (the budget,
 valid counts, never worse than the budgeted search, strictly better where it changes a layer) are
 checked with loads and counts recomputed here. A test also shows that the repair does something:
 on layers where the budgeted search stops, it lowers the largest GPU load.
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb_triton as eplb
-from eplb_triton import cpu, reference
+from eplb_triton import cpu, launch, reference
 from eplb_triton.io import read_loads
 from eplb_triton.placement import slot_order_ranks
 
@@ -147,3 +148,95 @@ def test_real_loads_stale_pair_cpu_equals_reference():
     kw = dict(old_phy2log=old, max_moves=R * 15 // 100, method="refined")
     got = eplb.rebalance_experts(w1, R, G, N, P, backend="cpu", **kw)
     assert_same(got, eplb.rebalance_experts(w1, R, G, N, P, backend="reference", **kw))
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel (kernels/_repair.py) against the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def all_backends(w, start, old, target, k, skip=None):
+    """The reference's result; the NumPy path and the kernel must equal it, the inputs stay
+    untouched, and every output entry of the kernel is written (outputs poisoned with -1 first)."""
+    inputs = (*start, old, target)
+    before = [t.clone() for t in inputs]
+    want = reference.repair(w, *start, old, target, k, skip)
+    got_cpu = cpu.repair(
+        w.float().numpy(), *(t.numpy() for t in inputs), k, None if skip is None else skip.numpy()
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, -1, **kw))
+        got = launch.repair(w, *start, old, target, k, skip)
+    for t, b in zip(inputs, before, strict=True):
+        assert torch.equal(t, b), "the repair mutated its inputs"
+    for g, c, r, name in zip(got, got_cpu, want, ("phy2log", "phyrank", "logcnt"), strict=True):
+        assert g.dtype == torch.int64 and g.shape == r.shape, name
+        assert torch.equal(g.cpu(), r), f"{name}: kernel {g.tolist()} != reference {r.tolist()}"
+        assert np.array_equal(c, r.numpy()), f"{name}: cpu path {c.tolist()} != reference {r.tolist()}"
+    return want
+
+
+def kernel_case(seed: int):
+    """A small two-slots-per-GPU problem: loads of every kind, a random old placement, the refined
+    plan's counts as the target, a budget from 1 to R."""
+    rng = np.random.default_rng(seed)
+    P = int(rng.integers(2, 9))
+    R = 2 * P
+    E = int(rng.integers(max(1, P // 2), R + 1))
+    L = int(rng.integers(1, 4))
+    w = make_loads(L, E, LOAD_KINDS[seed % len(LOAD_KINDS)], seed)
+    old = random_placement(L, E, R, rng)
+    target = eplb.rebalance_experts(w, R, 1, 1, P, backend="cpu", method="refined")[2]
+    k = int(rng.integers(1, R + 1))
+    return w, budgeted_search(w, old, P, k), old, target, k
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_kernel_equals_reference(seed):
+    all_backends(*kernel_case(seed))
+
+
+def test_kernel_changes_layers_and_ranks_follow_slot_order():
+    # the drifting loads of the test above: many layers change, so the kernel's writes are exercised
+    L, E, P = 6, 12, 8
+    R, k = 2 * P, 4
+    w = make_loads(L, E, "skewed", 2)
+    old = eplb.rebalance_experts(make_loads(L, E, "skewed", 1), R, 1, 1, P, backend="cpu")[0]
+    target = eplb.rebalance_experts(w, R, 1, 1, P, backend="cpu", method="refined")[2]
+    start = budgeted_search(w, old, P, k)
+    phy, rank, _ = all_backends(w, start, old, target, k)
+    changed = (phy != start[0]).any(dim=1)
+    assert changed.sum() >= 2, "the case must exercise the kernel's result rows"
+    assert torch.equal(rank[changed], slot_order_ranks(phy[changed], E)[0])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy computes with the NaNs
+def test_kernel_skipped_and_nan_layers_come_back_as_they_went_in():
+    w, start, old, target, k = kernel_case(3)
+    L = w.shape[0]
+    skip = torch.zeros(L, dtype=torch.bool)
+    skip[0] = True
+    out = all_backends(w, start, old, target, k, skip)
+    assert all(torch.equal(o[0], s[0]) for o, s in zip(out, start, strict=True))
+    # NaN loads never reach it through the API (validation; the planner skips flagged layers), but
+    # the kernel alone stays in bounds and leaves such a layer as it is
+    w = w.clone()
+    w[0] = float("nan")
+    got = launch.repair(w, *start, old, target, k)
+    for g, s in zip(got, start, strict=True):
+        assert torch.equal(g[0], s[0])
+
+
+def test_planner_keeps_a_nan_layer_and_plans_the_others():
+    # the planner (Triton backend, no host read) flags a layer with a NaN load and keeps its
+    # placement; the repair skips it rather than checking the loads on the host and raising
+    planner = eplb.EplbPlanner(2, 6, 8, 1, 1, 4, device="cpu", max_moves=3)
+    start = eplb.EplbPlanner(2, 6, 8, 1, 1, 4, device="cpu")  # a first plan without a budget
+    old = start.plan(torch.tensor([[1.0, 2, 3, 4, 5, 6], [6.0, 5, 4, 3, 2, 1]]))[0].clone()
+    planner.plan(torch.tensor([[1.0, 2, 3, 4, 5, 6], [6.0, 5, 4, 3, 2, 1]]), old)
+    old = planner.phy2log.clone()
+    w = torch.tensor([[1.0, 1, 1, 1, 1, 9], [float("nan"), 1, 1, 1, 1, 1]])
+    phy, _, _ = planner.plan(w, old)
+    assert planner.invalid.tolist() == [0, 1]
+    assert torch.equal(phy[1], old[1])
+    assert (phy[0] != old[0]).sum() <= 3
