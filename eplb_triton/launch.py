@@ -169,7 +169,6 @@ def _float32_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float32).contiguous()
 
 
-@functools.cache
 def _int64_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A plan's rows as the kernels read them: int64, contiguous, on ``device`` (a copy where needed)."""
     return t.to(device=device, dtype=torch.int64).contiguous()
@@ -182,6 +181,7 @@ def _skip_flags(skip: torch.Tensor | None, n: int, device: torch.device) -> torc
     return skip.to(device=device, dtype=torch.int32).contiguous()
 
 
+@functools.cache
 def _kernels() -> ModuleType:
     """The Triton kernels package with its launchers, imported at the first launch (the only place
     that imports it: Triton's import is slow and optional until a kernel runs)."""

@@ -312,3 +312,21 @@ def test_packing_kernel_full_pack_ranks_after_an_overflowed_pack():
     pack, rank = eplb.balanced_packing(w, 2, backend="triton")
     assert pack.tolist() == [[0, 1, 0, 1, 0, 1]]
     assert rank.tolist() == [[0, 0, 1, 1, 2, 2]]
+
+
+def test_plan_rows_are_converted_per_call_and_not_kept_alive():
+    # the search, pairing and repair launchers convert a plan's rows to int64 for every call: a
+    # cache keyed by the tensor returned a stale copy of an int32 plan changed in place, and kept
+    # every plan it had seen alive (a decorator meant for the kernels' import had slipped onto it)
+    import gc
+    import weakref
+
+    t = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    assert launch._int64_rows(t, t.device).tolist() == [[1, 2, 3]]
+    t[0, 0] = 7
+    assert launch._int64_rows(t, t.device).tolist() == [[7, 2, 3]]
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None
+    assert launch._kernels() is launch._kernels()
