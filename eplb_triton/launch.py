@@ -383,11 +383,12 @@ def pairs(
 def repair_launch(L: int, E: int, R: int) -> SearchLaunch:
     """The count repair kernel: one program per layer of ``R = 2 P`` slots; lanes are experts
     (``BLOCK_E``) or GPUs (``BLOCK_P``, a GPU's two slots as two halves), a few values each: 4
-    warps, 8 from 1024 lanes (with 4 the limits spilled). As for the search, ptxas is kept from
-    trimming to an occupancy tier (one program per layer gains nothing from it; left alone at 8
-    warps it chose 128 registers for E = R = 1024 and spilled): capped at 255, 256 threads still fit
-    an SM's 64K registers, and every shape of tests/test_compile_targets.py compiles without spills
-    with Triton 3.6 (184-254 registers) and 3.9 (144-240)."""
+    warps, 8 from 1024 lanes (with 4, an earlier form of the kernel spilled at the limits). As for
+    the search, ptxas is kept from trimming to an occupancy tier (one program per layer gains
+    nothing from it; left alone at 8 warps that earlier form got 128 registers for E = R = 1024 and
+    spilled): capped at 255, 256 threads still fit an SM's 64K registers, and every shape of
+    tests/test_compile_targets.py compiles without spills with Triton 3.6 (184-254 registers) and
+    3.9 (144-240)."""
     check_limits(E, R)
     if R % 2:
         raise EplbArgumentError(f"the count repair kernel needs two slots per GPU (an even R), got R = {R}")
