@@ -680,29 +680,31 @@ def _repair_force(w, phy, cnt, old, target, k, T, unit):  # noqa: ANN001, ANN202
         if not live.size:
             return
         n = live.size
+        flat = p + np.arange(n)[:, None] * ww.shape[1]  # each slot's expert, in the rows' flat [n * E]
         share = ww / c
-        s = _take(share, p)
+        s = share.reshape(-1)[flat]
         loads = s[:, 0::2] + s[:, 1::2]
         now = _excess(loads, t, u)
         y = np.where(gaining, share, -np.inf).argmax(axis=1)  # the first maximum: the lowest expert
         sy2 = ww[np.arange(n), y] / (c[np.arange(n), y] + 1)
         shy = np.where(p == y[:, None], sy2[:, None], s)  # slot shares once y has one more copy
         ly = shy[:, 0::2] + shy[:, 1::2]
-        fy = (_excess(ly, t, u) - now).sum(axis=1)
-        cs = _take(c, p)
-        sx2 = _take(ww, p) / np.maximum(cs - 1, 1)  # a slot's expert's share once it gives a copy
+        x_ly = _excess(ly, t, u)
+        fy = (x_ly - now).sum(axis=1)
+        cs = c.reshape(-1)[flat]
+        sx2 = ww.reshape(-1)[flat] / np.maximum(cs - 1, 1)  # a slot's expert's share once it gives a copy
         same = p == p[:, mate]
         other = np.where(same, sx2, shy[:, mate])  # the mate's share once the slot's expert gives a copy
         lx = sx2 + other  # the GPU's load then (a + b == b + a in IEEE arithmetic)
-        gpu_x = _excess(lx, t, u) - np.repeat(_excess(ly, t, u), 2, axis=1)
+        x_lx = _excess(lx, t, u)
+        gpu_x = x_lx - np.repeat(x_ly, 2, axis=1)
         once = even | ~same  # a GPU holding the expert twice counts once
-        fx = np.bincount(
-            (p + np.arange(n)[:, None] * ww.shape[1]).ravel(), np.where(once, gpu_x, 0).ravel(), n * ww.shape[1]
-        ).reshape(n, -1)  # integers below 2**53: exact in float64, whatever the order
-        delta = fy[:, None] + _take(fx, p).astype(np.int64) - _excess(lx, t, u) + _excess(sy2[:, None] + other, t, u)
+        fx = np.bincount(flat.ravel(), np.where(once, gpu_x, 0).ravel(), n * ww.shape[1])
+        # (integers below 2**53: exact in float64, whatever the order)
+        delta = fy[:, None] + fx[flat].astype(np.int64) - x_lx + _excess(sy2[:, None] + other, t, u)
         diff = p != o
         after = diff.sum(axis=1)[:, None] - diff + (y[:, None] != o)
-        ok = (cs > _take(tg, p)) & (after <= k)
+        ok = (cs > tg.reshape(-1)[flat]) & (after <= k)
         q = np.where(ok, delta, _NO_MOVE).argmin(axis=1)  # the first minimum: the lowest slot
         found = ok[np.arange(n), q]
         live, y, q = live[found], y[found], q[found]
