@@ -120,8 +120,12 @@ def _repair_kernel(
                 # the pass starts from old: its experts, and its counts by atomic increments. Rows
                 # that every round reads (old, the loads, the target) are reloaded where they are
                 # used rather than carried through the loops, which keeps 2048 slots in registers.
-                o_a = tl.load(old_row + q_a, mask=m_p, other=-1).to(tl.int32)
-                o_b = tl.load(old_row + q_b, mask=m_p, other=-1).to(tl.int32)
+                # Its experts become addresses: ids outside [0, E) (a planner caller's broken
+                # contract, unchecked there) are clamped, so that they cannot reach other rows.
+                o_a = tl.load(old_row + q_a, mask=m_p, other=0).to(tl.int32)
+                o_b = tl.load(old_row + q_b, mask=m_p, other=0).to(tl.int32)
+                o_a = tl.minimum(tl.maximum(o_a, 0), E - 1)
+                o_b = tl.minimum(tl.maximum(o_b, 0), E - 1)
                 tl.debug_barrier()  # the previous pass's reads are done
                 tl.store(cur_row + q_a, o_a, mask=m_p)
                 tl.store(cur_row + q_b, o_b, mask=m_p)

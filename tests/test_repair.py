@@ -240,3 +240,16 @@ def test_planner_keeps_a_nan_layer_and_plans_the_others():
     assert planner.invalid.tolist() == [0, 1]
     assert torch.equal(phy[1], old[1])
     assert (phy[0] != old[0]).sum() <= 3
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # a missing expert's share divides by zero
+def test_kernel_stays_in_bounds_on_an_old_placement_that_breaks_the_contract():
+    # EplbPlanner does not read old_phy2log's values (no host synchronisation): ids outside [0, E)
+    # or a missing expert are the caller's broken contract. The kernel, which gathers by the old
+    # experts, must still stay inside its rows (the interpreter's bounds check fails the test if not).
+    w, start, old, target, k = kernel_case(2)  # skewed loads: every layer runs its passes
+    E = w.shape[1]
+    bad = old.clone()
+    bad[-1, 0], bad[-1, 1] = E + 3, -1  # the last layer: past the ends of its rows, into nothing
+    got = launch.repair(w, *start, bad, target, k)
+    assert all(t.shape == s.shape for t, s in zip(got, start, strict=True))
