@@ -1,10 +1,10 @@
 """The count repair of a budgeted replan with two slots per GPU (docs/algorithm.md 10.8).
 
 The NumPy path and the kernel (on the interpreter without a GPU) must equal the literal reference
-exactly, ties included; the properties (the budget,
-valid counts, never worse than the budgeted search, strictly better where it changes a layer) are
-checked with loads and counts recomputed here. A test also shows that the repair does something:
-on layers where the budgeted search stops, it lowers the largest GPU load.
+exactly, ties included; the properties (the budget, valid counts, never worse than the budgeted
+search, strictly better where it changes a layer) are checked with loads and counts recomputed
+here. A test also shows that the repair does something: on layers where the budgeted search
+stops, it lowers the largest GPU load.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def problems(draw):
 @given(problem=problems())
 def test_cpu_equals_reference_and_keeps_the_rules(problem):
     w, old, target, P, k = problem
-    E, R = w.shape[1], old.shape[1]
+    E = w.shape[1]
     start = budgeted_search(w, old, P, k)
     want = reference.repair(w, *start, old, target, k)
     got = cpu.repair(w.float().numpy(), *(t.numpy() for t in start), old.numpy(), target.numpy(), k)
@@ -92,7 +92,6 @@ def test_cpu_equals_reference_and_keeps_the_rules(problem):
             assert torch.equal(rank[layer], slot_order_ranks(phy[layer : layer + 1], E)[0][0])
     if k == 0:
         assert all(torch.equal(a, b) for a, b in zip(got, start, strict=True))
-    assert R == 2 * P
 
 
 def test_repair_lowers_the_peak_where_the_budgeted_search_stops():
