@@ -14,6 +14,7 @@ tensors, with the same meaning as the public functions of :mod:`eplb_triton`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -330,15 +331,24 @@ def search(
     Layers marked in ``skip [L]`` (bool) are returned as they are. Returns ``(phy2log, phyrank,
     logcnt)`` int64 CPU tensors.
     """
-    rows = _rows(weight)
-    out = []
-    for layer, w in enumerate(rows):
-        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
-        if skip is not None and bool(skip[layer]):
-            out.append(start)
-            continue
+
+    def layer_search(layer: int, w: list[np.float32], *start: list[int]) -> tuple[list[int], list[int], list[int]]:
         old = None if old_phy2log is None else old_phy2log[layer].tolist()
-        out.append(_search_layer(w, *start, num_gpus, num_nodes, old, max_moves))
+        return _search_layer(w, *start, num_gpus, num_nodes, old, max_moves)
+
+    return _per_layer(weight, phy2log, phyrank, logcnt, skip, layer_search)
+
+
+def _per_layer(
+    weight: torch.Tensor, phy2log: torch.Tensor, phyrank: torch.Tensor, logcnt: torch.Tensor,
+    skip: torch.Tensor | None, step: Callable[..., tuple[list[int], list[int], list[int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``step(layer, w, phy, rank, cnt)`` on every layer of the plan not marked in ``skip``; the
+    marked ones as they are. Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors."""
+    out = []
+    for layer, w in enumerate(_rows(weight)):
+        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
+        out.append(start if skip is not None and bool(skip[layer]) else step(layer, w, *start))
     return _plans(out, *phy2log.shape, logcnt.shape[1])
 
 
@@ -468,14 +478,7 @@ def pairs(
     placement where its largest GPU load is strictly below the plan's, else the plan. Layers marked in
     ``skip [L]`` (bool) are returned as they are. Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors.
     """
-    out = []
-    for layer, w in enumerate(_rows(weight)):
-        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
-        if skip is not None and bool(skip[layer]):
-            out.append(start)
-        else:
-            out.append(_pairs_layer(w, *start))
-    return _plans(out, *phy2log.shape, logcnt.shape[1])
+    return _per_layer(weight, phy2log, phyrank, logcnt, skip, lambda _layer, w, *start: _pairs_layer(w, *start))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,9 +492,8 @@ def _excess(load: float, T: float, unit: float) -> int:
 
 
 def _pair_loads(w: list[float], phy: list[int], cnt: list[int]) -> list[float]:
-    """10.1 with two slots per GPU."""
-    share = [w[e] / cnt[e] for e in range(len(w))]
-    return [share[phy[2 * p]] + share[phy[2 * p + 1]] for p in range(len(phy) // 2)]
+    """10.1 with two slots per GPU, from the counts."""
+    return _gpu_loads64([w[e] / cnt[e] for e in range(len(w))], phy, len(phy) // 2)
 
 
 def _repair_force(w: list[float], phy: list[int], cnt: list[int], old: list[int], target: list[int],
@@ -533,7 +535,7 @@ def _repair_swaps(w: list[float], phy: list[int], cnt: list[int], old: list[int]
     R = len(phy)
     for _ in range(2 * R):
         share = [w[e] / cnt[e] for e in range(len(w))]
-        loads = _pair_loads(w, phy, cnt)
+        loads = _gpu_loads64(share, phy, R // 2)
         peak = max(loads)
         if peak <= T:
             return
@@ -616,14 +618,11 @@ def repair(
     slots from ``old_phy2log`` that moves the replica counts toward ``target [L, E]``, where its largest
     GPU load is strictly below the plan's, else the plan. Layers marked in ``skip [L]`` (bool) are
     returned as they are. Returns ``(phy2log, phyrank, logcnt)`` int64 CPU tensors."""
-    out = []
-    for layer, w in enumerate(_rows(weight)):
-        start = (phy2log[layer].tolist(), phyrank[layer].tolist(), logcnt[layer].tolist())
-        if skip is not None and bool(skip[layer]):
-            out.append(start)
-        else:
-            out.append(_repair_layer(w, *start, old_phy2log[layer].tolist(), target[layer].tolist(), max_moves))
-    return _plans(out, *phy2log.shape, logcnt.shape[1])
+
+    def layer_repair(layer: int, w: list[np.float32], *start: list[int]) -> tuple[list[int], list[int], list[int]]:
+        return _repair_layer(w, *start, old_phy2log[layer].tolist(), target[layer].tolist(), max_moves)
+
+    return _per_layer(weight, phy2log, phyrank, logcnt, skip, layer_repair)
 
 
 # ----------------------------------------------------------------------------------------------
