@@ -200,15 +200,7 @@ def _repair_kernel(
                 rnd = 0
                 go = True
                 while tl.condition(go, disable_licm=True):
-                    c = tl.load(c_row + o_e, mask=m_e, other=1)
-                    b_w = tl.load(w_row + o_e, mask=m_e, other=0.0).to(tl.float64)
-                    tl.debug_barrier()
-                    tl.store(s_row + o_e, b_w / c.to(tl.float64), mask=m_e)
-                    tl.debug_barrier()
-                    p_a = tl.load(cur_row + q_a, mask=m_p, other=0)
-                    p_b = tl.load(cur_row + q_b, mask=m_p, other=0)
-                    s_a = tl.load(s_row + p_a, mask=m_p, other=0.0)
-                    s_b = tl.load(s_row + p_b, mask=m_p, other=0.0)
+                    p_a, p_b, s_a, s_b = _slot_shares(w_row, c_row, s_row, cur_row, o_e, m_e, q_a, q_b, m_p)
                     b_load = tl.where(m_p, s_a + s_b, -INF)
                     peak = tl.max(b_load)
                     a = tl.min(tl.where(b_load == peak, o_p, NO_INDEX))
@@ -255,27 +247,31 @@ def _repair_kernel(
                         tl.debug_barrier()
                     go = go & (rnd < 2 * R)
                 # step 2.3: the pass's result against the best so far, the next bracket
-                c = tl.load(c_row + o_e, mask=m_e, other=1)
-                b_w = tl.load(w_row + o_e, mask=m_e, other=0.0).to(tl.float64)
-                tl.debug_barrier()
-                tl.store(s_row + o_e, b_w / c.to(tl.float64), mask=m_e)
-                tl.debug_barrier()
-                p_a = tl.load(cur_row + q_a, mask=m_p, other=0)
-                p_b = tl.load(cur_row + q_b, mask=m_p, other=0)
-                v = tl.max(
-                    tl.where(
-                        m_p, tl.load(s_row + p_a, mask=m_p, other=0.0) + tl.load(s_row + p_b, mask=m_p, other=0.0), -INF
-                    )
-                )
+                p_a, p_b, s_a, s_b = _slot_shares(w_row, c_row, s_row, cur_row, o_e, m_e, q_a, q_b, m_p)
+                v = tl.max(tl.where(m_p, s_a + s_b, -INF))
                 if v < best_v:  # strict: an equal peak keeps the earlier result
                     best_v = v
                     tl.store(phy_row + q_a, p_a.to(tl.int64), mask=m_p)
                     tl.store(phy_row + q_b, p_b.to(tl.int64), mask=m_p)
-                    tl.store(cnt_row + o_e, c.to(tl.int64), mask=m_e)
+                    tl.store(cnt_row + o_e, tl.load(c_row + o_e, mask=m_e, other=1).to(tl.int64), mask=m_e)
                 hi = tl.where(v <= T, T, hi)
                 lo = tl.where(v <= T, lo, T)
             changed = (best_v < start_v).to(tl.int32)
     tl.store(changed_ptr + layer, changed)
+
+
+@triton.jit
+def _slot_shares(w_row, c_row, s_row, cur_row, o_e, m_e, q_a, q_b, m_p):
+    """The shares of the pass's counts, published to ``s_row`` for the gathers by other threads, and
+    the pass's ``(expert, share)`` of each GPU's first and second slot (``[BLOCK_P]`` each)."""
+    c = tl.load(c_row + o_e, mask=m_e, other=1)
+    b_w = tl.load(w_row + o_e, mask=m_e, other=0.0).to(tl.float64)
+    tl.debug_barrier()  # the previous readers of s_row are done
+    tl.store(s_row + o_e, b_w / c.to(tl.float64), mask=m_e)
+    tl.debug_barrier()
+    p_a = tl.load(cur_row + q_a, mask=m_p, other=0)
+    p_b = tl.load(cur_row + q_b, mask=m_p, other=0)
+    return p_a, p_b, tl.load(s_row + p_a, mask=m_p, other=0.0), tl.load(s_row + p_b, mask=m_p, other=0.0)
 
 
 @triton.jit

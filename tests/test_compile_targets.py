@@ -140,6 +140,16 @@ def assert_ieee_division(ptx: str, divides: bool = True) -> None:
     assert not re.search(r"\.ftz\.f32", ptx), "float32 arithmetic that flushes subnormals to zero"
 
 
+def assert_float64_halvings_only(ptx: str) -> list[str]:
+    """Float64 as in the reference: IEEE division, and the only products are halvings ``* 0.5``
+    (exact, so a multiply-add that fuses one computes the same value). Returns the products."""
+    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
+    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
+    products = re.findall(r"\b(?:fma|mad|mul)\.\w*\.?f64\s+[^;]*;", ptx)
+    assert all("0d3FE0000000000000" in p for p in products), [p for p in products if "0d3FE0000000000000" not in p]
+    return products
+
+
 def _lines_of(fn, pattern: str) -> list[int]:
     """Source line numbers (in the kernel's file) of the lines of ``fn`` that contain ``pattern``."""
     lines, start = inspect.getsourcelines(fn.fn)
@@ -282,13 +292,7 @@ def test_split_kernel(compiled, job_id):
 def test_pairs_kernel(compiled, job_id):
     ptx, usage = _result(compiled, job_id)
     assert_fits(usage)
-    # float64 as in the reference: IEEE division, and the only products are halvings (exact, so a
-    # multiply-add that fuses one computes the same value)
-    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
-    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
-    products = re.findall(r"\b(?:fma|mad|mul)\.\w*\.?f64\s+[^;]*;", ptx)
-    assert products, "the halvings of 13.1 are products by 0.5"
-    assert all("0d3FE0000000000000" in p for p in products), [p for p in products if "0d3FE0000000000000" not in p]
+    assert assert_float64_halvings_only(ptx), "the halvings of 13.1 are products by 0.5"
     # shares, counts and first positions are stored by some threads and read one by one by all
     assert_barrier_between(ptx, _pairs._publish, "tl.store(c_row + o_e, b_c", "tl.load(s_row + j)", _pairs._build)
     assert_barrier_between(ptx, _pairs._pair_up, "tl.store(off_row + o_e", "tl.load(off_row + e)")
@@ -298,15 +302,12 @@ def test_pairs_kernel(compiled, job_id):
 def test_repair_kernel(compiled, job_id):
     ptx, usage = _result(compiled, job_id)
     assert_fits(usage)
-    # float64 as in the reference: IEEE division; the only products are the bisection's halvings
-    assert "div.rn.f64" in ptx, "the shares must be IEEE float64 divisions"
-    assert not re.search(r"div\.(full|approx)", ptx), "approximate division in the kernel"
-    products = re.findall(r"\b(?:fma|mad|mul)\.\w*\.?f64\s+[^;]*;", ptx)
-    assert all("0d3FE0000000000000" in p for p in products), [p for p in products if "0d3FE0000000000000" not in p]
+    assert_float64_halvings_only(ptx)  # the bisection's halvings
     # shares, excess sums, counts and slots are stored by some threads and gathered by others
     fn = _repair._repair_kernel
     assert_barrier_between(ptx, fn, "tl.store(s_row + o_e, b_s", "tl.load(s_row + p_a")
     assert_barrier_between(ptx, fn, "tl.store(fx_row + o_e", "tl.atomic_add(fx_row + p_a")
     assert_barrier_between(ptx, fn, "tl.atomic_add(fx_row + p_b", "tl.load(fx_row + p_a")
     assert_barrier_between(ptx, fn, "tl.atomic_add(c_row + o_b", "tl.load(c_row + o_e")
-    assert_barrier_between(ptx, fn, "tl.store(cur_row + key_j", "tl.load(cur_row + q_a")
+    assert_barrier_between(ptx, fn, "tl.store(cur_row + key_j", "tl.load(cur_row + q_a", _repair._slot_shares)
+    assert_barrier_between(ptx, _repair._slot_shares, "tl.store(s_row + o_e, b_w", "tl.load(s_row + p_a")
