@@ -683,12 +683,12 @@ def _repair_force(w, phy, cnt, old, target, k, T, unit):  # noqa: ANN001, ANN202
         flat = p + np.arange(n)[:, None] * ww.shape[1]  # each slot's expert, in the rows' flat [n * E]
         share = ww / c
         s = share.reshape(-1)[flat]
-        loads = s[:, 0::2] + s[:, 1::2]
+        loads = _slot_sums(s, 2)
         now = _excess(loads, t, u)
         y = np.where(gaining, share, -np.inf).argmax(axis=1)  # the first maximum: the lowest expert
         sy2 = ww[np.arange(n), y] / (c[np.arange(n), y] + 1)
         shy = np.where(p == y[:, None], sy2[:, None], s)  # slot shares once y has one more copy
-        ly = shy[:, 0::2] + shy[:, 1::2]
+        ly = _slot_sums(shy, 2)
         x_ly = _excess(ly, t, u)
         fy = (x_ly - now).sum(axis=1)
         cs = c.reshape(-1)[flat]
@@ -726,7 +726,7 @@ def _repair_swaps(w, phy, cnt, old, k, T, unit):  # noqa: ANN001, ANN202 - array
         t, u = T[live, None, None], unit[live, None, None]
         n = live.size
         s = _take(w[live] / c, p)
-        loads = s[:, 0::2] + s[:, 1::2]
+        loads = _slot_sums(s, 2)
         a = loads.argmax(axis=1)  # the first maximum: the lowest GPU
         peak = loads[np.arange(n), a]
         over = peak > T[live]
@@ -778,7 +778,7 @@ def repair(
         return tuple(out)
     w64 = w.astype(np.float64)
     s = _take(w64 / cnt, phy)
-    hi = (s[:, 0::2] + s[:, 1::2]).max(axis=1)
+    hi = _slot_sums(s, 2).max(axis=1)
     lo = np.add.accumulate(w64, axis=1)[:, -1] / P  # float64, in expert order
     run = (lo > 0.0) & (lo < hi)
     if skip is not None:
@@ -798,7 +798,7 @@ def repair(
         _repair_force(wr, p, c, o, tg, k, T, unit)
         _repair_swaps(wr, p, c, o, k, T, unit)
         s = _take(wr / c, p)
-        v = (s[:, 0::2] + s[:, 1::2]).max(axis=1)
+        v = _slot_sums(s, 2).max(axis=1)
         better = v < best_v  # strict: an equal peak keeps the earlier result
         best_v = np.where(better, v, best_v)
         best_p[better], best_c[better] = p[better], c[better]
