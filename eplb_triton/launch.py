@@ -387,8 +387,8 @@ def repair_launch(L: int, E: int, R: int) -> SearchLaunch:
     the search, ptxas is kept from trimming to an occupancy tier (one program per layer gains
     nothing from it; left alone at 8 warps that earlier form got 128 registers for E = R = 1024 and
     spilled): capped at 255, 256 threads still fit an SM's 64K registers, and every shape of
-    tests/test_compile_targets.py compiles without spills with Triton 3.6 (184-254 registers) and
-    3.9 (144-240)."""
+    tests/test_compile_targets.py compiles without spills with Triton 3.6 (109-254 registers) and
+    3.9 (108-232)."""
     check_limits(E, R)
     if R % 2:
         raise EplbArgumentError(f"the count repair kernel needs two slots per GPU (an even R), got R = {R}")
