@@ -49,9 +49,13 @@ from eplb_triton.io import read_loads
 DEPLOYMENT = DEEPSEEK_V3["decode-EP144"]
 
 
-def lp_feasible(w: np.ndarray, R: int, T: float) -> bool:
-    """Whether the LP relaxation of the model above is feasible for the float64 loads ``w [E]``."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+def count_model(w: np.ndarray, R: int, T: float):
+    """The count variables and constraints of the model above for a target ``T``.
+
+    Returns ``(var_e, var_c, share, A, lo, hi)``: variable ``k`` is "expert ``var_e[k]`` has
+    ``var_c[k]`` copies" (share ``share[k]``), and ``lo <= A y <= hi`` are the one-count-per-expert,
+    ``R``-slots and pairing rows; ``None`` when even the fewest copies exceed ``R``.
+    """
     from scipy.sparse import csr_matrix
 
     E = w.shape[0]
@@ -63,7 +67,7 @@ def lp_feasible(w: np.ndarray, R: int, T: float) -> bool:
     a = a.astype(np.int64)
     spare = R - int(a.sum())
     if spare < 0:
-        return False
+        return None
     var_e = np.repeat(np.arange(E), spare + 1)  # variable k: expert var_e[k] with var_c[k] copies
     var_c = (a[:, None] + np.arange(spare + 1)).reshape(-1)
     share = w[var_e] / var_c
@@ -79,9 +83,18 @@ def lp_feasible(w: np.ndarray, R: int, T: float) -> bool:
         vals.append(np.concatenate([var_c[above], -var_c[below]]).astype(np.float64))
     lo.append(np.full(heavy.size, -np.inf)), hi.append(np.zeros(heavy.size))
     A = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(E + 1 + heavy.size, n))
-    res = milp(
-        np.zeros(n), constraints=LinearConstraint(A, np.concatenate(lo), np.concatenate(hi)), bounds=Bounds(0, 1)
-    )
+    return var_e, var_c, share, A, np.concatenate(lo), np.concatenate(hi)
+
+
+def lp_feasible(w: np.ndarray, R: int, T: float) -> bool:
+    """Whether the LP relaxation of the model above is feasible for the float64 loads ``w [E]``."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    model = count_model(w, R, T)
+    if model is None:
+        return False
+    var_e, _, _, A, lo, hi = model
+    res = milp(np.zeros(var_e.size), constraints=LinearConstraint(A, lo, hi), bounds=Bounds(0, 1))
     if res.status not in (0, 2):
         raise RuntimeError(f"HiGHS returned status {res.status} ({res.message}) at T = {T!r}")
     return res.status == 0
