@@ -1,0 +1,123 @@
+"""benchmarks/budget_bound.py: the budgeted ceiling with two slots per GPU is a bound (never below
+the best placement within the budget, found exhaustively), admits that placement, is exact with no
+budget, and the script reports it above the incremental replan."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eplb_triton as eplb
+
+pytest.importorskip("scipy", reason="the budgeted bound solves with SciPy's HiGHS (the test extra)")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_bound.py"
+spec = importlib.util.spec_from_file_location("budget_bound", SCRIPT)
+bb = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bb
+spec.loader.exec_module(bb)
+
+
+def _peak(w: np.ndarray, phy: tuple[int, ...] | np.ndarray) -> float:
+    phy = np.asarray(phy)
+    cnt = np.bincount(phy, minlength=w.size)
+    s = w[phy] / cnt[phy]
+    return float((s[0::2] + s[1::2]).max())
+
+
+def best_within(w: np.ndarray, old: np.ndarray, k: int) -> float:
+    """The smallest largest GPU load over every placement with every expert that differs from
+    ``old`` in at most ``k`` slots (exhaustive)."""
+    E, R = w.size, old.size
+    best = float("inf")
+    for phy in itertools.product(range(E), repeat=R):
+        if len(set(phy)) == E and sum(a != b for a, b in zip(phy, old, strict=True)) <= k:
+            best = min(best, _peak(w, phy))
+    return best
+
+
+def _cases():
+    rng = np.random.default_rng(11)
+    for i in range(24):
+        P = int(rng.integers(2, 4))
+        R = 2 * P
+        E = int(rng.integers(2, 5))
+        w = np.round(rng.pareto(rng.choice([0.7, 1.5, 3.0]), E) * 100 + 1).astype(np.float32).astype(np.float64)
+        if i % 4 == 0:
+            w[0] = w.sum() * 2  # one expert dominates
+        old = np.concatenate([np.arange(E), rng.integers(0, E, R - E)])
+        rng.shuffle(old)
+        yield w, old, int(rng.integers(0, 4))
+    # Two heavy experts share GPU 0; the best single move (slot 0 to expert 4) keeps one of them there.
+    yield np.array([10.0, 10.0, 1.0, 1.0, 1.0]), np.array([0, 1, 2, 3, 4, 0]), 1
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"E{c[0].size}-R{c[1].size}-k{c[2]}")
+def test_budget_bound_never_above_the_best_within_the_budget_and_admits_it(case):
+    w, old, k = case
+    opt = best_within(w, old, k)
+    # That placement satisfies the model (a relative hair above: the float64 sums are rounded).
+    assert bb.budget_feasible(w, old, k, opt * (1 + 1e-9)) is True, "the model excludes a placement within the budget"
+    w32 = torch.from_numpy(w.astype(np.float32))[None]
+    certified = float(eplb.metrics.lower_bound(w32, old.size, old.size // 2)[0])
+    lo, undecided = bb.budget_bound(w, old, k, certified, opt, 12)
+    assert certified <= lo <= opt and undecided == 0, (certified, lo, opt)
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=lambda c: f"E{c[0].size}-R{c[1].size}")
+def test_with_no_budget_the_bound_is_the_old_placement(case):
+    w, old, _ = case
+    peak = _peak(w, old)
+    assert bb.budget_feasible(w, old, 0, peak * (1 + 1e-9)) is True
+    assert bb.budget_feasible(w, old, 0, peak * (1 - 1e-6)) is False, "with k = 0 nothing may change"
+
+
+def test_the_budget_binds_somewhere():
+    """The budget rows do something: for some case the bound within the budget is above the best
+    unbudgeted placement (which the count model alone cannot see)."""
+    binds = []
+    for w, old, k in CASES:
+        free = best_within(w, old, old.size)
+        binds.append(not bb.budget_feasible(w, old, k, free * (1 + 1e-9)))
+    assert any(binds)
+
+
+def test_the_script_reports_the_ceiling_above_the_incremental_replan(tmp_path):
+    rng = np.random.default_rng(5)
+    paths = []
+    for name in ("old", "new"):
+        paths.append(tmp_path / f"{name}.npy")
+        np.save(paths[-1], (rng.pareto(1.2, (1, bb.DEPLOYMENT.experts)) * 50 + 1).astype(np.float32))
+    out = tmp_path / "out"
+    assert bb.main(["--pair", *map(str, paths), "--steps", "2", "--time-limit", "5", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["layers"] == 1 and row["max_moves"] == int(0.15 * bb.DEPLOYMENT.replicas)
+    assert row["incremental"] <= row["ceiling"] * (1 + 1e-9)
+    assert "ceil/gr" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["--share", "2"], "--share"),
+        (["--time-limit", "0"], "--time-limit"),
+        ([], "no such file"),
+    ],
+)
+def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit) as e:
+        bb.main(["--pair", missing, missing, *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
