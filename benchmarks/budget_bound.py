@@ -26,7 +26,14 @@ The model for one layer and a target ``T`` (loads ``w[e]`` in float64):
 * the kept slots of an expert are among its copies: ``sum_c c y[e, c] >= #{q: old[q] = e, u[q] = 0}``;
 * a GPU that keeps both of its slots keeps their experts, whose shares under the new counts must fit:
   ``share(old[2p]) + share(old[2p + 1]) <= T + T (u[2p] + u[2p + 1])`` (each share is at most
-  ``T``, so a GPU with a changed slot is unconstrained here).
+  ``T``, so a GPU with a changed slot is unconstrained here);
+* for up to ``WASTE_ROWS`` heavy shares ``h`` (evenly by rank), the pairing row again, less the
+  small replicas (share ``<= T - h``) that no big one (share ``>= h``) can take as its partner:
+  those on a GPU that keeps both slots and holds no big replica. With ``waste[h, p] >= 0`` and
+  ``waste[h, p] >= small(p) - big(p) - 2 (u[2p] + u[2p + 1])`` (``small(p)``, ``big(p)``: how many
+  of GPU ``p``'s old experts have a small, a big share under the new counts), the row is
+  ``#big - #small + sum_p waste[h, p] <= 0``. A big replica's partner on a kept GPU is that GPU's
+  other replica, so a kept GPU with a big one wastes none; without one, all its small ones.
 
 Every placement within the budget whose largest GPU load is at most ``T`` satisfies all of it (its
 counts, its changed slots), so the relaxation is never infeasible where such a placement exists, up
@@ -57,8 +64,12 @@ from eplb_triton import metrics  # noqa: E402
 from eplb_triton.bench import provenance  # noqa: E402
 from eplb_triton.io import read_loads  # noqa: E402
 
+WASTE_ROWS = 16  # heavy shares whose pairing row also counts the small replicas kept GPUs hold
 
-def budget_feasible(w: np.ndarray, old: np.ndarray, k: int, T: float, time_limit: float = 60.0) -> bool | None:
+
+def budget_feasible(
+    w: np.ndarray, old: np.ndarray, k: int, T: float, time_limit: float = 60.0, waste_rows: int = WASTE_ROWS
+) -> bool | None:
     """Whether the relaxation above is feasible for the float64 loads ``w [E]``, the placement in
     service ``old [R]`` (two slots per GPU) and the budget ``k``; ``None`` if HiGHS gave up."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -82,16 +93,37 @@ def budget_feasible(w: np.ndarray, old: np.ndarray, k: int, T: float, time_limit
     g_vals = np.concatenate([share[slot_of[old[q]]] for q in range(R)])
     pair = csr_matrix((g_vals, (g_rows, g_cols)), shape=(R // 2, n))  # duplicates add up (same expert twice)
     pair_u = csr_matrix((np.full(R, -T), (gpu, np.arange(R))), shape=(R // 2, R))
+    # The pairing rows again for up to WASTE_ROWS heavy shares h, now with the small replicas that a
+    # GPU keeping both slots holds without a big one: waste[h, p] >= small - big - 2 (changed slots).
+    heavy = np.unique(share[share > T * 0.5])
+    if heavy.size > waste_rows:
+        heavy = heavy[np.linspace(0, heavy.size - 1, waste_rows).round().astype(np.int64)]
+    H, nz = heavy.size, heavy.size * (R // 2)
+    h_rows, h_cols, h_vals, w_rows, w_cols, w_vals = [], [], [], [], [], []
+    for i, h in enumerate(heavy):
+        above, below = np.flatnonzero(share >= h), np.flatnonzero(share <= T - h)
+        h_rows.append(np.full(above.size + below.size + R // 2, i))
+        h_cols.append(np.concatenate([above, below, n + R + i * (R // 2) + np.arange(R // 2)]))
+        h_vals.append(np.concatenate([var_c[above], -var_c[below], np.ones(R // 2)]).astype(np.float64))
+        sign = (share[g_cols] <= T - h).astype(np.float64) - (share[g_cols] >= h)
+        w_rows += [i * (R // 2) + g_rows, i * (R // 2) + gpu, i * (R // 2) + np.arange(R // 2)]
+        w_cols += [g_cols, n + np.arange(R), n + R + i * (R // 2) + np.arange(R // 2)]
+        w_vals += [sign, np.full(R, -2.0), np.full(R // 2, -1.0)]
+    cat = np.concatenate
+    hall = csr_matrix((cat(h_vals), (cat(h_rows), cat(h_cols))), shape=(H, n + R + nz)) if H else None
+    waste = csr_matrix((cat(w_vals), (cat(w_rows), cat(w_cols))), shape=(nz, n + R + nz)) if H else None
     M = vstack([
-        hstack([A, csr_matrix((A.shape[0], R))]),
-        hstack([kept, kept_u]),
-        hstack([csr_matrix((1, n)), budget]),
-        hstack([pair, pair_u]),
+        hstack([A, csr_matrix((A.shape[0], R + nz))]),
+        hstack([kept, kept_u, csr_matrix((E, nz))]),
+        hstack([csr_matrix((1, n)), budget, csr_matrix((1, nz))]),
+        hstack([pair, pair_u, csr_matrix((R // 2, nz))]),
+        *([hall, waste] if H else []),
     ]).tocsr()  # fmt: skip
-    lo = np.concatenate([lo, by_expert.astype(np.float64), [-np.inf], np.full(R // 2, -np.inf)])
-    hi = np.concatenate([hi, np.full(E, np.inf), [float(k)], np.full(R // 2, T)])
+    lo = cat([lo, by_expert.astype(np.float64), [-np.inf], np.full(R // 2 + H + nz, -np.inf)])
+    hi = cat([hi, np.full(E, np.inf), [float(k)], np.full(R // 2, T), np.zeros(H + nz)])
     res = milp(
-        np.zeros(n + R), constraints=LinearConstraint(M, lo, hi), integrality=np.ones(n + R), bounds=Bounds(0, 1),
+        np.zeros(n + R + nz), constraints=LinearConstraint(M, lo, hi),
+        integrality=cat([np.ones(n + R), np.zeros(nz)]), bounds=Bounds(0, cat([np.ones(n + R), np.full(nz, 2.0)])),
         options={"time_limit": time_limit},
     )  # fmt: skip
     if res.status == 0:
@@ -104,14 +136,21 @@ def budget_feasible(w: np.ndarray, old: np.ndarray, k: int, T: float, time_limit
 
 
 def budget_bound(
-    w: np.ndarray, old: np.ndarray, k: int, lo: float, hi: float, steps: int, time_limit: float = 60.0
+    w: np.ndarray,
+    old: np.ndarray,
+    k: int,
+    lo: float,
+    hi: float,
+    steps: int,
+    time_limit: float = 60.0,
+    waste_rows: int = WASTE_ROWS,
 ) -> tuple[float, int]:
     """The last ``T`` of a bisection on ``[lo, hi]`` where the relaxation is proven infeasible (``lo``
     if none), and how many tests HiGHS left undecided (counted as feasible)."""
     undecided = 0
     for _ in range(steps):
         T = 0.5 * (lo + hi)
-        f = budget_feasible(w, old, k, T, time_limit)
+        f = budget_feasible(w, old, k, T, time_limit, waste_rows)
         if f is False:
             lo = T
         else:
@@ -121,11 +160,19 @@ def budget_bound(
 
 
 def _layer(job: tuple) -> tuple[float, int]:
-    w, old, k, lo, hi, steps, time_limit = job
-    return budget_bound(w, old, k, lo, hi, steps, time_limit) if lo < hi else (lo, 0)
+    w, old, k, lo, hi, steps, time_limit, waste_rows = job
+    # The incremental replan is a placement within the budget: the model must admit its largest load.
+    if budget_feasible(w, old, k, hi * (1 + 1e-9), time_limit, waste_rows) is False:
+        raise RuntimeError(f"the model excludes the incremental replan's largest load {hi!r} (a bug)")
+    t0 = time.perf_counter()
+    found = budget_bound(w, old, k, lo, hi, steps, time_limit, waste_rows) if lo < hi else (lo, 0)
+    print(f"  a layer: bound {found[0]:.6g} ({found[1]} undecided), {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return found
 
 
-def measure(before: Path, after: Path, share: float, steps: int, jobs: int, time_limit: float) -> dict:
+def measure(
+    before: Path, after: Path, share: float, steps: int, jobs: int, time_limit: float, waste_rows: int = WASTE_ROWS
+) -> dict:
     w = read_loads(after).weight
     R, G, N, P = DEPLOYMENT.args
     k = int(share * R)
@@ -139,13 +186,14 @@ def measure(before: Path, after: Path, share: float, steps: int, jobs: int, time
     certified = metrics.lower_bound(w, R, P, num_groups=G, num_nodes=N).double()
     w64 = w.to(torch.float32).double().numpy()  # the float32 loads every backend plans on
     layer_jobs = [
-        (w64[i], old[i].numpy(), k, float(certified[i]), float(peak["inc"][i]), steps, time_limit)
+        (w64[i], old[i].numpy(), k, float(certified[i]), float(peak["inc"][i]), steps, time_limit, waste_rows)
         for i in range(w.shape[0])
     ]
     with ProcessPoolExecutor(jobs) as pool:
         found = list(pool.map(_layer, layer_jobs))
     bound = torch.tensor([f[0] for f in found], dtype=torch.float64)
     g, i, c = mean / peak["greedy"], mean / peak["inc"], mean / bound
+    per_layer = dict(greedy=g.tolist(), incremental=i.tolist(), ceiling=c.tolist(), undecided=[f[1] for f in found])
     return dict(
         before=before.name, after=after.name, layers=w.shape[0], max_moves=k,
         moved=float(metrics.migration_count(old, inc[0]).double().mean()) / R,
@@ -153,6 +201,7 @@ def measure(before: Path, after: Path, share: float, steps: int, jobs: int, time
         incremental_vs_greedy=float(i.mean() / g.mean()), ceiling_vs_greedy=float(c.mean() / g.mean()),
         layers_below_greedy=int((c < g * (1 - 1e-12)).sum()), undecided=sum(f[1] for f in found),
         ceiling_below_incremental_layers=int((c < i * (1 - 1e-9)).sum()), seconds=time.perf_counter() - t0,
+        per_layer=per_layer,
     )  # fmt: skip
 
 
@@ -170,11 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", type=float, default=0.15, help="max_moves = int(share * R) (default 0.15)")
     p.add_argument("--steps", type=int, default=8, help="bisection steps per layer (default 8)")
     p.add_argument("--time-limit", type=float, default=20.0, help="seconds per HiGHS test (default 20)")
+    p.add_argument(
+        "--waste-rows",
+        type=int,
+        default=WASTE_ROWS,
+        help=f"heavy shares whose pairing row counts the wasted small replicas (default {WASTE_ROWS}; 0: none)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     p.add_argument("--out", type=Path, default=Path("bench-out/budget-bound"))
     args = p.parse_args(argv)
     if args.steps < 1 or args.jobs < 1:
         p.error("--steps and --jobs must be at least 1")
+    if args.waste_rows < 0:
+        p.error(f"--waste-rows must be >= 0, got {args.waste_rows}")
     if not 0.0 <= args.share <= 1.0:
         p.error(f"--share must be in [0, 1], got {args.share}")
     if args.time_limit <= 0:
@@ -190,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ceil/gr':>7s} {'below':>5s} {'undec':>5s} {'s':>5s}")  # fmt: skip
     lines = [f"decode EP144 {DEPLOYMENT.args}, max_moves = int({args.share} * R): mean balancedness over layers; "
              f"ceiling: mean / the proven budgeted bound ({args.steps} bisection steps, {args.time_limit:g} s per "
-             "test); below: layers whose ceiling is under the greedy replan's balancedness; undec: tests HiGHS left "
-             "undecided (counted as feasible)", head]  # fmt: skip
+             f"test, {args.waste_rows} waste rows); below: layers whose ceiling is under the greedy replan's "
+             "balancedness; undec: tests HiGHS left undecided (counted as feasible)", head]  # fmt: skip
     print("\n".join(lines), flush=True)
     rows = []
     for before, after in args.pair:
-        r = measure(before, after, args.share, args.steps, args.jobs, args.time_limit)
+        r = measure(before, after, args.share, args.steps, args.jobs, args.time_limit, args.waste_rows)
         rows.append(r)
         line = (f"{r['before'] + ' -> ' + r['after']:56s} {r['greedy']:7.4f} {r['incremental']:7.4f} "
                 f"{r['ceiling']:7.4f} {r['incremental_vs_greedy']:7.3f} {r['ceiling_vs_greedy']:7.3f} "
@@ -215,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/budget_bound.py " + " ".join(sys.argv[1:] if argv is None else argv)
     }
     doc = {"provenance": info, "steps": args.steps, "time_limit": args.time_limit, "share": args.share,
+           "waste_rows": args.waste_rows,
            "deployment": DEPLOYMENT.name, "rows": rows}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (args.out / "summary.txt").write_text(
