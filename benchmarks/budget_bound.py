@@ -46,7 +46,6 @@ to the rounding of float64 sums and HiGHS's feasibility tolerance. A changed slo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,11 +56,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # pairing_lp, next to this script
 
-from pairing_lp import DEPLOYMENT, count_model  # noqa: E402
+from pairing_lp import DEPLOYMENT, count_model, write_results  # noqa: E402
 
 import eplb_triton as eplb  # noqa: E402
 from eplb_triton import metrics  # noqa: E402
-from eplb_triton.bench import provenance  # noqa: E402
 from eplb_triton.io import read_loads  # noqa: E402
 
 WASTE_ROWS = 16  # heavy shares whose pairing row also counts the small replicas kept GPUs hold
@@ -267,18 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                f"{sum(r['ceiling'] < r['greedy'] for r in rows)}")  # fmt: skip
     lines.append(verdict)
     print(verdict)
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = provenance() | {
-        "command": "python benchmarks/budget_bound.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    }
-    doc = {"provenance": info, "steps": args.steps, "time_limit": args.time_limit, "share": args.share,
-           "waste_rows": args.waste_rows,
+    doc = {"steps": args.steps, "time_limit": args.time_limit, "share": args.share, "waste_rows": args.waste_rows,
            "deployment": DEPLOYMENT.name, "rows": rows}  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / "summary.txt").write_text(
-        "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + "\n".join(lines) + "\n"
-    )
-    print(f"wrote {args.out}/summary.txt, results.json", file=sys.stderr)
+    write_results(args.out, "budget_bound.py", argv, doc, lines)
     return 0
 
 

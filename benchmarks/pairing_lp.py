@@ -183,17 +183,19 @@ def main(argv: list[str] | None = None) -> int:
              f"{(m['refined'] - m['greedy']) / (m['certified_ceiling'] - m['greedy']):11.1%}")  # fmt: skip
     lines.append(total)
     print(total)
-    args.out.mkdir(parents=True, exist_ok=True)
-    info = provenance() | {
-        "command": "python benchmarks/pairing_lp.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    }
-    doc = {"provenance": info, "steps": args.steps, "deployment": DEPLOYMENT.name, "rows": rows, "mean": m}
-    (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / "summary.txt").write_text(
-        "\n".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + "\n".join(lines) + "\n"
-    )
-    print(f"wrote {args.out}/summary.txt, results.json", file=sys.stderr)
+    doc = {"steps": args.steps, "deployment": DEPLOYMENT.name, "rows": rows, "mean": m}
+    write_results(args.out, "pairing_lp.py", argv, doc, lines)
     return 0
+
+
+def write_results(out: Path, script: str, argv: list[str] | None, doc: dict, lines: list[str]) -> None:
+    """``results.json`` (the provenance, then ``doc``) and ``summary.txt`` (the provenance, then
+    ``lines``) under ``out``; the command is ``python benchmarks/<script>`` with ``argv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = provenance() | {"command": f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)}
+    (out / "results.json").write_text(json.dumps({"provenance": info} | doc, indent=1) + "\n")
+    (out / "summary.txt").write_text("\n".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + "\n".join(lines) + "\n")
+    print(f"wrote {out}/summary.txt, results.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
