@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -149,6 +150,17 @@ def assert_same(got, want, names=("out0", "out1", "out2")) -> None:
 
 # A rank left waiting for a peer that never comes fails the test after this long instead of hanging it.
 TIMEOUT = timedelta(seconds=30)
+
+
+def load_script(name: str):
+    """``benchmarks/<name>.py`` as a module, registered in ``sys.modules`` under ``name`` (dataclasses
+    look their module up while it runs; ``budget_bound`` imports ``pairing_lp`` by that name)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

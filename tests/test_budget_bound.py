@@ -4,25 +4,19 @@ no budget, and the script reports its ceiling above the incremental replan."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 
 import eplb_triton as eplb
 
 pytest.importorskip("scipy", reason="the budgeted bound solves with SciPy's HiGHS (the test extra)")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_bound.py"
-spec = importlib.util.spec_from_file_location("budget_bound", SCRIPT)
-bb = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = bb
-spec.loader.exec_module(bb)
+bb = load_script("budget_bound")
 
 
 def _peak(w: np.ndarray, phy: tuple[int, ...] | np.ndarray) -> float:

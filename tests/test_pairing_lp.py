@@ -4,25 +4,19 @@ certified ceiling."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from test_bounds import optimum
 
 import eplb_triton as eplb
 
 pytest.importorskip("scipy", reason="the LP bound solves with SciPy's HiGHS (the test extra)")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pairing_lp.py"
-spec = importlib.util.spec_from_file_location("pairing_lp", SCRIPT)
-plp = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = plp
-spec.loader.exec_module(plp)
+plp = load_script("pairing_lp")
 
 
 def _cases():
