@@ -143,6 +143,10 @@ def test_the_script_reports_the_ceiling_above_the_incremental_replan(tmp_path):
     assert row["layers"] == 1 and row["max_moves"] == int(0.15 * bb.DEPLOYMENT.replicas)
     assert row["incremental"] <= row["ceiling"] * (1 + 1e-9)
     assert "ceil/gr" in (out / "summary.txt").read_text()
+    assert row["incremental"] <= row["found"] <= row["ceiling"] * (1 + 1e-9)
+    with pytest.raises(SystemExit) as e:  # the files have one layer
+        bb.main(["--pair", *map(str, paths), "--layers", "0,1", "--out", str(out)])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize(
