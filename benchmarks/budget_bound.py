@@ -255,9 +255,10 @@ def _changed_part_rows(
 
 
 def realize(w: np.ndarray, old: np.ndarray, counts: np.ndarray, changed: np.ndarray, time_limit: float = 60.0):
-    """The placement with the relaxation's ``counts`` that changes exactly the ``changed`` slots of
-    ``old`` (keeping the others) and has the smallest largest GPU load (an assignment MIP of the new
-    replicas to the changed slots), or ``None`` where there is none or HiGHS finds none in time."""
+    """The placement with the relaxation's ``counts`` that keeps the slots of ``old`` not marked
+    ``changed``, refills the marked ones (a refilled slot may get its old expert back, so at most
+    ``changed.sum()`` slots change) and has the smallest largest GPU load (an assignment MIP), or
+    ``None`` where there is none or HiGHS finds none in time."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_matrix
 
