@@ -118,9 +118,10 @@ def budget_solve(
     budget = csr_matrix(np.ones((1, R)))
     gpu = np.arange(R) // 2
     slot_of = [np.flatnonzero(var_e == e) for e in range(E)]
-    g_rows = np.concatenate([np.full(slot_of[old[q]].size, gpu[q]) for q in range(R)])
-    g_cols = np.concatenate([slot_of[old[q]] for q in range(R)])
-    g_vals = np.concatenate([share[slot_of[old[q]]] for q in range(R)])
+    # Every (slot, count variable of the slot's old expert) pair: slot g_slot[i], variable g_cols[i].
+    g_slot = np.concatenate([np.full(slot_of[old[q]].size, q) for q in range(R)])
+    g_rows, g_cols = gpu[g_slot], np.concatenate([slot_of[old[q]] for q in range(R)])
+    g_vals = share[g_cols]
     pair = csr_matrix((g_vals, (g_rows, g_cols)), shape=(R // 2, n))  # duplicates add up (same expert twice)
     pair_u = csr_matrix((np.full(R, -T), (gpu, np.arange(R))), shape=(R // 2, R))
     # The pairing rows again for up to WASTE_ROWS heavy shares h, now with the small replicas that a
@@ -153,7 +154,8 @@ def budget_solve(
     hi = cat([hi, np.full(E, np.inf), [float(k)], np.full(R // 2, T), np.zeros(H + nz)])
     integrality, upper = cat([np.ones(n + R), np.zeros(nz)]), cat([np.ones(n + R), np.full(nz, 2.0)])
     if changed_rows:
-        extra, e_lo, e_hi, n_aux = _changed_part_rows(share, var_c, slot_of, old, T, heavy, changed_rows, n, M.shape[1])
+        width = M.shape[1]
+        extra, e_lo, e_hi, n_aux = _changed_part_rows(share, var_c, g_slot, g_cols, R, T, heavy, changed_rows, n, width)
         M = vstack([hstack([M, csr_matrix((M.shape[0], n_aux))]), extra]).tocsr()
         lo, hi = cat([lo, e_lo]), cat([hi, e_hi])
         integrality, upper = cat([integrality, np.zeros(n_aux)]), cat([upper, np.ones(n_aux)])
@@ -176,8 +178,9 @@ def budget_solve(
 def _changed_part_rows(
     share: np.ndarray,
     var_c: np.ndarray,
-    slot_of: list[np.ndarray],
-    old: np.ndarray,
+    q_idx: np.ndarray,
+    j_idx: np.ndarray,
+    R: int,
     T: float,
     heavy: np.ndarray,
     m: int,
@@ -192,13 +195,11 @@ def _changed_part_rows(
     and the ``F`` replicas of share ``>= h`` can pair with none of each other, so they need as many
     distinct partners: ``KH(>= a) + F(>= h) <= F(<= T - a) + KH(<= T - h)``. The products of a
     slot's share test and its ``u`` are bounded by continuous ``[0, 1]`` variables on the side that
-    keeps the row valid (lower bounds on the left, upper bounds on the right). Returns the rows over
+    keeps the row valid (lower bounds on the left, upper bounds on the right). ``q_idx``, ``j_idx``: the
+    slot and the count variable of each (slot, count of its old expert) pair. Returns the rows over
     ``[model columns | aux]``, their bounds and the number of aux columns."""
     from scipy.sparse import csr_matrix, hstack, vstack
 
-    R = old.shape[0]
-    q_idx = np.concatenate([np.full(slot_of[old[q]].size, q) for q in range(R)])
-    j_idx = np.concatenate([slot_of[old[q]] for q in range(R)])
     values = np.unique(share[share <= T])
     small = values if values.size <= m else values[np.linspace(0, values.size - 1, m).round().astype(np.int64)]
     na, nh = small.size, heavy.size
