@@ -117,16 +117,18 @@ class EplbPlanner:
             )
         self.method = check_method(method)
         self.max_moves = check_max_moves(max_moves)
-        self._buffers = launch.RebalanceBuffers.allocate(self._policy, self.device)
-        launch.rebalance(torch.ones((L, E), dtype=torch.float32, device=self.device), self._policy, out=self._buffers)
         if initial_phy2log is not None:  # the layout the model's expert weights were built in
-            b = self._buffers
-            phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, self.device)
-            phyrank, logcnt = slot_order_ranks(phy2log, E)
-            b.phy2log.copy_(phy2log)
+            initial_phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, self.device)
+        self._buffers = b = launch.RebalanceBuffers.allocate(self._policy, self.device)
+        if initial_phy2log is None:  # the plan for equal loads
+            launch.rebalance(torch.ones((L, E), dtype=torch.float32, device=self.device), self._policy, out=b)
+        else:  # no launch: every buffer the kernel would write is written here
+            phyrank, logcnt = slot_order_ranks(initial_phy2log, E)
+            b.phy2log.copy_(initial_phy2log)
             b.phyrank.copy_(phyrank)
             b.logcnt.copy_(logcnt)
             log2phy_from_rank(b.phy2log, b.phyrank, E, b.log2phy.shape[2], out=b.log2phy)
+            b.invalid.zero_()
 
     phy2log = property(lambda self: self._buffers.phy2log)
     phyrank = property(lambda self: self._buffers.phyrank)

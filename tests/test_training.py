@@ -202,9 +202,22 @@ def test_balancer_and_planner_start_from_the_given_placement():
     assert b.log2phy[0, 0, :2].tolist() == [0, 4] and b.log2phy[0, 2, :2].tolist() == [2, -1]
     planner = eplb.EplbPlanner(2, 4, 6, 1, 1, 2, device="cpu", initial_phy2log=initial)
     assert torch.equal(planner.phy2log, initial) and torch.equal(planner.log2phy, b.log2phy)
+    assert torch.equal(planner.phyrank, b.phyrank) and torch.equal(planner.logcnt, b.logcnt)
+    assert planner.invalid.tolist() == [0, 0]
     missing = initial.clone()
     missing[1, 3] = 0
+    with pytest.raises(ValueError, match="initial_phy2log must hold every expert in every layer: expert 3"):
+        eplb.EplbPlanner(2, 4, 6, 1, 1, 2, device="cpu", initial_phy2log=missing)
     with pytest.raises(ValueError, match="initial_phy2log must hold every expert in every layer: expert 3"):
         eplb.OnlineBalancer(2, 4, 6, 1, 1, 2, device="cpu", initial_phy2log=missing)
     with pytest.raises(ValueError, match=r"initial_phy2log must have shape \[num_layers, num_replicas\]"):
         eplb.EplbPlanner(2, 4, 6, 1, 1, 2, device="cpu", initial_phy2log=initial[0])
+
+
+def test_planner_given_a_placement_launches_nothing_until_its_first_plan(monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("EplbPlanner(initial_phy2log=...) launched the planning kernel")
+
+    monkeypatch.setattr("eplb_triton.launch.rebalance", no_launch)
+    planner = eplb.EplbPlanner(2, 4, 6, 1, 1, 2, device="cpu", initial_phy2log=eplb.initial_placement(2, 4, 6))
+    assert planner.invalid.tolist() == [0, 0]
