@@ -2,8 +2,9 @@
 
 :func:`accepts_arrays` wraps a public function so that the named tensor arguments may also be
 numpy arrays of real numbers or nested lists of numbers. Tensors pass through untouched; when
-any of them came as a numpy array, the function's tensor outputs come back as numpy arrays (the
-same dtypes), otherwise as tensors.
+the first of them (the loads, for the planning functions) came as a numpy array, the function's
+tensor outputs come back as numpy arrays (the same dtypes), otherwise as tensors: a numpy
+``old_phy2log`` next to a CUDA ``weight`` still gives CUDA outputs.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def accepts_arrays(*names: str) -> Callable[[Callable], Callable]:
             for name in names:
                 if name in bound.arguments:
                     bound.arguments[name], was_numpy = as_tensor(bound.arguments[name], name)
-                    numpy_in |= was_numpy
+                    numpy_in = was_numpy if name == names[0] else numpy_in
             out = fn(*bound.args, **bound.kwargs)
             return _to_numpy(out) if numpy_in else out
 

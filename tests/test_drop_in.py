@@ -63,6 +63,20 @@ def test_nested_lists_give_tensors():
     assert pack.tolist() == [[0, 1, 1, 0]] and rank.tolist() == [[0, 0, 1, 1]]
 
 
+def test_the_loads_decide_numpy_out_not_the_old_placement():
+    from eplb_triton import metrics
+
+    w = make_loads(2, 12, "skewed", 4)
+    old = eplb.rebalance_experts(w.flip(1), 16, 4, 2, 8)[0]
+    want = eplb.rebalance_experts(w, 16, 4, 2, 8, old_phy2log=old)
+    got = eplb.rebalance_experts(w, 16, 4, 2, 8, old_phy2log=old.numpy())
+    assert all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    got = eplb.rebalance_experts(w.numpy(), 16, 4, 2, 8, old_phy2log=old)
+    assert all(isinstance(a, np.ndarray) and np.array_equal(a, b.numpy()) for a, b in zip(got, want, strict=True))
+    loads = metrics.gpu_loads(w, want[0].numpy(), want[2].numpy(), 8)
+    assert isinstance(loads, torch.Tensor)
+
+
 def test_metrics_take_numpy_and_lists_too():
     from eplb_triton import metrics
 
