@@ -142,8 +142,8 @@ def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
     worker thread, and on a host whose other core is busy a descheduled worker made a 5 ms
     ``fill_`` of 58 layers' ``log2phy`` cost more than the whole greedy."""
     w = weight.detach().cpu()
-    if w.dtype == torch.bfloat16:  # no NumPy dtype; a small exact widening
-        w = w.to(torch.float32)
+    if w.is_floating_point() and w.dtype not in (torch.float16, torch.float32, torch.float64):
+        w = w.to(torch.float32)  # bfloat16, float8: no NumPy dtype; an exact widening
     a = w.numpy().astype(np.float32)  # C-contiguous, round to nearest as torch's .to(float32)
     cpu.check_values(a)
     return a

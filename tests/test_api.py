@@ -8,6 +8,7 @@ import eplb_triton as eplb
 from eplb_triton import reference
 
 CPU_BACKENDS = ["auto", "cpu", "reference"]
+ALL_BACKENDS = [*CPU_BACKENDS, "triton"]
 
 
 @pytest.mark.parametrize(
@@ -19,6 +20,18 @@ def test_any_real_dtype(dtype):
     got = eplb.rebalance_experts(w.to(dtype), 16, 4, 2, 8)
     assert_same(got, want)
     assert all(t.dtype == torch.int64 and t.device == w.device for t in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float8_loads(dtype, backend):
+    w = make_loads(3, 12, "uniform-int", 2) % 8  # exact in both float8 formats
+    want = reference.rebalance_experts(w.to(torch.float32), 16, 4, 2, 8)
+    assert_same(eplb.rebalance_experts(w.to(dtype), 16, 4, 2, 8, backend=backend), want)
+    bad = w.to(torch.float32)
+    bad[1, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"weight must be finite and >= 0 in float32, found nan at \[1, 5\]"):
+        eplb.rebalance_experts(bad.to(dtype), 16, 4, 2, 8, backend=backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
