@@ -135,7 +135,7 @@ class Backend(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
-def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
+def float32_numpy(weight: torch.Tensor) -> np.ndarray:
     """The float32 NumPy copy the CPU families work on, after the value check, without torch kernels.
 
     The CPU path runs on one thread from here on: torch's intra-op parallel regions wait for every
@@ -150,8 +150,8 @@ def _float32_numpy(weight: torch.Tensor) -> np.ndarray:
 
 
 def _float32_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """:func:`_float32_numpy` as a CPU tensor (the reference's input)."""
-    return torch.from_numpy(_float32_numpy(weight))
+    """:func:`float32_numpy` as a CPU tensor (the reference's input)."""
+    return torch.from_numpy(float32_numpy(weight))
 
 
 def _tensors(arrays, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -248,18 +248,18 @@ class CpuBackend(_HostBackend):
     name = "cpu"
 
     def pack(self, weight, num_packs):
-        return _tensors(cpu.balanced_packing(_float32_numpy(weight), num_packs), weight.device)
+        return _tensors(cpu.balanced_packing(float32_numpy(weight), num_packs), weight.device)
 
     def replicate(self, weight, num_phy):
-        return _tensors(cpu.replicate_experts(_float32_numpy(weight), num_phy)[:3], weight.device)
+        return _tensors(cpu.replicate_experts(float32_numpy(weight), num_phy)[:3], weight.device)
 
     def greedy(self, weight, cfg, *, validate=True):
         R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-        return Plan(*_tensors(cpu.rebalance_experts_hierarchical(_float32_numpy(weight), R, G, N, P), weight.device))
+        return Plan(*_tensors(cpu.rebalance_experts_hierarchical(float32_numpy(weight), R, G, N, P), weight.device))
 
     def greedy_with_log2phy(self, weight, cfg):
         R, G, N, P = cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-        arrays = cpu.rebalance_experts_hierarchical(_float32_numpy(weight), R, G, N, P)
+        arrays = cpu.rebalance_experts_hierarchical(float32_numpy(weight), R, G, N, P)
         log2phy = cpu.log2phy(arrays[0], arrays[1], cfg.num_experts, int(arrays[2].max()))
         *plan, log2phy = _tensors((*arrays, log2phy), weight.device)
         return Plan(*plan), log2phy
@@ -267,17 +267,17 @@ class CpuBackend(_HostBackend):
     def search(self, weight, start, num_gpus, num_nodes, *, old_phy2log=None, max_moves=None, skip=None):
         arrays = [_numpy(t) for t in start]
         out = cpu.search(
-            _float32_numpy(weight), *arrays, num_gpus, num_nodes, _numpy(old_phy2log), max_moves, _numpy(skip)
+            float32_numpy(weight), *arrays, num_gpus, num_nodes, _numpy(old_phy2log), max_moves, _numpy(skip)
         )
         return Plan(*_tensors(out, weight.device))
 
     def pairs(self, weight, start, *, skip=None):
-        out = cpu.pairs(_float32_numpy(weight), *(_numpy(t) for t in start), _numpy(skip))
+        out = cpu.pairs(float32_numpy(weight), *(_numpy(t) for t in start), _numpy(skip))
         return Plan(*_tensors(out, weight.device))
 
     def repair(self, weight, start, old_phy2log, target, max_moves, *, skip=None):
         arrays = (*(_numpy(t) for t in start), _numpy(old_phy2log), _numpy(target))
-        out = cpu.repair(_float32_numpy(weight), *arrays, max_moves, _numpy(skip))
+        out = cpu.repair(float32_numpy(weight), *arrays, max_moves, _numpy(skip))
         return Plan(*_tensors(out, weight.device))
 
     def log2phy(self, plan, width):
@@ -303,7 +303,7 @@ class TritonBackend:
         when a row was flagged (NaN, inf or negative loads)."""
         flagged, *host = torch.stack([invalid.max().to(torch.int64), *(v.to(torch.int64) for v in values)]).tolist()
         if flagged:
-            _float32_numpy(weight)  # raises, naming the first bad entry
+            float32_numpy(weight)  # raises, naming the first bad entry
             raise EplbArgumentError("weight must be finite and >= 0 in float32")  # flagged in float32 on the device
         return host
 

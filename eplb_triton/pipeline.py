@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from ._validation import Config, select_policy
-from .backends import Backend, Plan
+from .backends import Backend, Plan, float32_numpy
 from .metrics import gpu_loads
 from .placement import block_overlap, max_gpu_load, relabel, stable_order
 
@@ -198,6 +198,9 @@ def plan_live(
     L, E, R, P = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_gpus
     G, N = eff.num_groups, eff.num_nodes
     S, Pn, dev = R // P, P // N, weight.device
+    # The value check first (one host read; a lost GPU's replan is rare): the sub-problems below see
+    # group sums and a node's columns, whose errors would name entries that are not ``weight``'s.
+    float32_numpy(weight)
     phy2log = torch.full((L, R), -1, dtype=torch.int64, device=dev)
     phyrank = torch.full((L, R), -1, dtype=torch.int64, device=dev)
     logcnt = torch.zeros((L, E), dtype=torch.int64, device=dev)

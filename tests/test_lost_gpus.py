@@ -124,3 +124,14 @@ def test_argument_rules():
         eplb.rebalance_experts(w, 12, 2, 2, 4, active_gpus=[1, 1, 1, 0])
     all_live = eplb.rebalance_experts(w, 12, 1, 1, 4, active_gpus=torch.ones(4, dtype=torch.bool))
     assert all(torch.equal(a, b) for a, b in zip(all_live, eplb.rebalance_experts(w, 12, 1, 1, 4), strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_bad_loads_are_named_by_their_place_in_weight(backend, bad):
+    # the hierarchical sub-problems see group sums and a node's columns; the error names weight's entry
+    w = make_loads(2, 8, "skewed", seed=1).to(torch.float32)
+    w[1, 5] = bad
+    for mask in (None, [1, 1, 0, 1]):
+        with pytest.raises(ValueError, match=rf"weight must be finite and >= 0 in float32, found {bad} at \[1, 5\]"):
+            eplb.rebalance_experts(w, 16, 4, 2, 4, active_gpus=mask, backend=backend)
