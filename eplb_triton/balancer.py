@@ -278,7 +278,7 @@ class OnlineBalancer:
             dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=group)
         P = self.config.num_gpus
         old = Plan(self.phy2log.clone(), self.phyrank.clone(), self.logcnt.clone())
-        old_loads = metrics.gpu_loads(loads, old.phy2log, old.logcnt, P)
+        old_loads = metrics.gpu_loads(loads, old.phy2log, old.logcnt, P, check_ids=False)
         before = metrics.balancedness(old_loads)
         keep = None
         candidates = torch.ones_like(before, dtype=torch.bool)
@@ -288,7 +288,7 @@ class OnlineBalancer:
                 return self.last_replanned.zero_()
             keep = (~candidates, old)  # the other layers are neither searched nor relabelled
         new = self._plan(loads, old, keep)
-        new_loads = metrics.gpu_loads(loads, new.phy2log, new.logcnt, P)
+        new_loads = metrics.gpu_loads(loads, new.phy2log, new.logcnt, P, check_ids=False)
         take = candidates & pipeline.gain_of_peaks(old_loads.amax(dim=1), new_loads.amax(dim=1), self.min_gain)
         after = torch.where(take, metrics.balancedness(new_loads), before)
         new = Plan(*(torch.where(take.view(-1, 1), n, o) for n, o in zip(new, old, strict=True)))

@@ -16,6 +16,9 @@ from ._validation import EplbArgumentError, check_count, check_weight
 def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> int:
     L, E = check_weight(weight)
     P = check_count("num_gpus", num_gpus)
+    for name, t in (("phy2log", phy2log), ("logcnt", logcnt)):
+        if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if phy2log.dim() != 2 or phy2log.shape[0] != L:
         raise EplbArgumentError(f"phy2log must be [num_layers={L}, num_replicas], got shape {tuple(phy2log.shape)}")
     if tuple(logcnt.shape) != (L, E):
@@ -28,20 +31,33 @@ def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.
 
 
 @accepts_arrays("weight", "phy2log", "logcnt")
-def gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
+def gpu_loads(
+    weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int, *, check_ids: bool = True
+) -> torch.Tensor:
     """Load of each GPU: each replica takes an equal share of its expert's tokens.
 
     Args:
         weight: ``[L, E]`` loads.
-        phy2log: ``[L, R]`` expert of each slot; slot ``q`` lives on GPU ``q // (R / num_gpus)``;
-            ``-1``: an empty slot (a lost GPU's), no load.
-        logcnt: ``[L, E]`` replicas of each expert.
+        phy2log: ``[L, R]`` integer expert of each slot; slot ``q`` lives on GPU
+            ``q // (R / num_gpus)``; ``-1``: an empty slot (a lost GPU's), no load.
+        logcnt: ``[L, E]`` integer replicas of each expert.
         num_gpus: ``P``.
+        check_ids: check that ``phy2log`` holds ids in ``[-1, E)`` (one host read; an id out of
+            range would otherwise index past ``weight``, a device-side assert on CUDA). The
+            library's own callers, whose placements are valid by construction, pass ``False`` to
+            stay free of host synchronisation.
 
     Returns:
         ``[L, P]`` float64 on ``weight.device``.
     """
     P = _check_placement(weight, phy2log, logcnt, num_gpus)
+    if check_ids and phy2log.numel():
+        E = weight.shape[1]
+        low, high = (int(v) for v in torch.stack([phy2log.min(), phy2log.max()]).tolist())
+        if low < -1 or high >= E:
+            raise EplbArgumentError(
+                f"phy2log must hold expert ids in [0, {E}) or -1 (an empty slot), found {low if low < -1 else high}"
+            )
     dev = weight.device
     share = weight.detach().to(torch.float64) / logcnt.to(dev, torch.float64)
     phy = phy2log.to(dev, torch.int64)
@@ -68,7 +84,8 @@ def identity_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
 
 @accepts_arrays("loads")
 def balancedness(loads: torch.Tensor) -> torch.Tensor:
-    """Mean over max GPU load of each layer (1.0 is perfect; an all-zero layer counts as 1.0).
+    """Mean over max GPU load of each layer (1.0 is perfect; an all-zero layer counts as 1.0; a layer
+    with a NaN or negative load has no balancedness: NaN).
 
     Args:
         loads: ``[L, P]`` GPU loads (see :func:`gpu_loads`).
@@ -83,7 +100,8 @@ def balancedness(loads: torch.Tensor) -> torch.Tensor:
     loads = loads.to(torch.float64)
     peak = loads.max(dim=1).values
     mean = loads.mean(dim=1)
-    return torch.where(peak > 0, mean / peak.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(mean))
+    out = torch.where(peak > 0, mean / peak.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(mean))
+    return torch.where((loads >= 0).all(dim=1), out, torch.full_like(out, float("nan")))  # NaN >= 0 is False
 
 
 @accepts_arrays("per_layer")

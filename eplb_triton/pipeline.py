@@ -106,8 +106,8 @@ def gains(weight: torch.Tensor, current: Plan, new: Plan, num_gpus: int, min_gai
     on ``weight`` by at least ``min_gain`` (relative): ``new_max <= (1 - min_gain) * current_max`` and
     ``new_max < current_max`` (an equal load is no gain, whatever ``min_gain``). GPU loads as
     :func:`eplb_triton.metrics.gpu_loads` sums them (float64); no host synchronisation."""
-    now = gpu_loads(weight, current.phy2log, current.logcnt, num_gpus).amax(dim=1)
-    then = gpu_loads(weight, new.phy2log, new.logcnt, num_gpus).amax(dim=1)
+    now = gpu_loads(weight, current.phy2log, current.logcnt, num_gpus, check_ids=False).amax(dim=1)
+    then = gpu_loads(weight, new.phy2log, new.logcnt, num_gpus, check_ids=False).amax(dim=1)
     return gain_of_peaks(now, then, min_gain)
 
 

@@ -66,6 +66,12 @@ def test_balancedness_of_idle_layer_is_one():
     assert metrics.balancedness(torch.zeros(2, 4)).tolist() == [1.0, 1.0]
 
 
+def test_balancedness_of_a_layer_with_nan_or_negative_loads_is_nan():
+    loads = torch.tensor([[float("nan"), 2.0], [-1.0, -2.0], [0.0, -1.0], [1.0, 3.0]])
+    got = metrics.balancedness(loads)
+    assert got[:3].isnan().all() and got[3].item() == 2.0 / 3.0
+
+
 def test_summary_and_migration():
     assert metrics.summarize(torch.tensor([0.5, 1.0])) == {"mean": 0.75, "worst": 0.5}
     old = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
@@ -84,6 +90,17 @@ def test_metric_argument_errors():
         ValueError, match=r"num_replicas \(4, phy2log.shape\[1\]\) must be a multiple of num_gpus \(3\)"
     ):
         metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64), 3)
+    cnt = torch.tensor([[1, 1, 1, 1]] * 2)
+    for bad, words in ((4, "found 4"), (-2, "found -2")):
+        phy = torch.tensor([[0, 1, 2, 3]] * 2)
+        phy[1, 2] = bad
+        with pytest.raises(
+            ValueError, match=rf"phy2log must hold expert ids in \[0, 4\) or -1 \(an empty slot\), {words}"
+        ):
+            metrics.gpu_loads(w, phy, cnt, 2)
+    for name, args in (("phy2log", (torch.zeros(2, 4), cnt)), ("logcnt", (cnt, cnt.bool()))):
+        with pytest.raises(TypeError, match=f"{name} must have an integer dtype"):
+            metrics.gpu_loads(w, *args, 2)
     with pytest.raises(ValueError, match="must be 2-D of one shape"):
         metrics.migration_count(torch.zeros(2, 4), torch.zeros(2, 5))
 
@@ -97,7 +114,7 @@ def test_identity_gpu_loads():
 
 def test_a_wrong_call_names_the_function_and_its_signature():
     w = torch.ones(2, 4)
-    wrong = r"^gpu_loads\(weight, phy2log, logcnt, num_gpus\): too many positional arguments"
+    wrong = r"^gpu_loads\(weight, phy2log, logcnt, num_gpus, \*, check_ids=True\): too many positional arguments"
     with pytest.raises(TypeError, match=wrong):
         metrics.gpu_loads(w, torch.zeros(2, 4, dtype=torch.int64), torch.ones(2, 4), 2, 3)
     with pytest.raises(TypeError, match=r"^lower_bound\(.*\): missing a required argument: 'num_gpus'"):
