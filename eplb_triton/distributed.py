@@ -41,6 +41,15 @@ class RearrangeStats:
     bytes_received: int = 0
 
 
+_VALUE, _TYPE = 1, 2  # what a rank reports in the agreement all-gather: a bad value, a wrong type
+
+
+class RanksTypeError(EplbArgumentError, TypeError):
+    """A wrong argument type on some rank, raised on every rank by the agreement check: a
+    ``TypeError`` like any wrong type, and an :class:`EplbArgumentError` like every error of the
+    check."""
+
+
 def _digest(*parts: object) -> int:
     """A 64-bit signed digest, equal in every process for equal parts (unlike the salted ``hash``).
     Tensors count by dtype, shape and bytes; anything else by its ``repr``."""
@@ -115,9 +124,10 @@ def _agree(
     if any rank reported a problem or any digest differs between ranks. ``digests`` and ``names``
     must have the same length on every rank (it sets the size of the gathered tensor)."""
     text = "" if problem is None else str(problem)
-    if problem is not None and not isinstance(problem, ValueError):
+    if problem is not None and not isinstance(problem, (ValueError, TypeError)):
         text = f"{type(problem).__name__}: {text}"
-    row = list(digests) + [int(problem is not None)] + _encode(text)
+    kind = 0 if problem is None else _TYPE if isinstance(problem, TypeError) else _VALUE
+    row = list(digests) + [kind] + _encode(text)
     if _single_process(group):
         rows = [row]
     else:
@@ -127,7 +137,8 @@ def _agree(
         rows = [r.tolist() for r in gathered]
     message = _verdict(rows, names)
     if message is not None:
-        raise EplbArgumentError(message) from problem
+        kinds = {r[len(names)] for r in rows} - {0}
+        raise (RanksTypeError if kinds == {_TYPE} else EplbArgumentError)(message) from problem
 
 
 def check_ranks_agree(
@@ -216,11 +227,11 @@ def _transfers(old: list[int], new: list[int], world: int, S: int) -> list[tuple
 def _post(ops: list[dist.P2POp], group: dist.ProcessGroup | None) -> None:
     if not ops:
         return
-    backend = dist.get_backend(group)
-    if backend in ("nccl", "gloo", "ucc"):  # the backends batch_isend_irecv supports
-        reqs = dist.batch_isend_irecv(ops)
-    else:
-        reqs = [op.op(op.tensor, op.peer, op.group) for op in ops]
+    # Always batched: batch_isend_irecv coalesces where the group's backend for the tensors' device
+    # can (NCCL, also behind "cpu:gloo,cuda:nccl" or a backend left to torch's default, whose name
+    # reads "undefined") and posts them one by one where it cannot. Posting a send before its receive
+    # by hand, both peers at once, is the classic NCCL deadlock for large messages.
+    reqs = dist.batch_isend_irecv(ops)
     for req in reqs:
         req.wait()
 
@@ -229,21 +240,28 @@ def _layers(expert_weights: object, name: str) -> list[list[torch.Tensor]]:
     """Per layer, the list of this rank's slot-major tensors (one tensor, or a sequence of them)."""
     if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
         got = type(expert_weights).__name__
-        raise EplbArgumentError(f"{name} must be a sequence with one entry per layer, got {got}")
+        raise TypeError(f"{name} must be a sequence with one entry per layer, got {got}")
     layers = []
     for i, entry in enumerate(expert_weights):
         tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry) if isinstance(entry, Sequence) else None
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-            raise EplbArgumentError(f"{name}[{i}] must be a tensor or a non-empty sequence of tensors")
+            raise TypeError(f"{name}[{i}] must be a tensor or a non-empty sequence of tensors")
         layers.append(tensors)
     return layers
 
 
+def _per_slot(value: object, param: torch.Tensor) -> bool:
+    """An optimizer state tensor of ``param [S, ...]`` that holds one row per slot: at least 1-D with
+    ``S`` rows (Adam's moments, SGD's momentum, Adafactor's row and column factors of a 3-D
+    parameter). A scalar (Adam's ``step``) belongs to the whole parameter; a state with another
+    first dimension spans the slots (Adafactor's column factor ``[1, d]`` of a 2-D ``[S, d]``)."""
+    return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == param.shape[0]
+
+
 def _with_optimizer_state(layers: list[list[torch.Tensor]], optimizer) -> list[list[torch.Tensor]]:
-    """Each parameter followed by what moves with its slots: every optimizer state tensor shaped like
-    it (Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's ``momentum_buffer``, ...; in
-    key order) and its pending ``.grad``. Scalar state (``step``) is the parameter's, not a slot's:
-    it stays."""
+    """Each parameter followed by what moves with its slots: every optimizer state tensor with one
+    row per slot (:func:`_per_slot`; in key order) and its pending ``.grad``. State that is not per
+    slot is the whole parameter's: it stays."""
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
     out = []
     for i, tensors in enumerate(layers):
@@ -255,7 +273,7 @@ def _with_optimizer_state(layers: list[list[torch.Tensor]], optimizer) -> list[l
                     "every expert parameter, or none is passed"
                 )
             state = optimizer.state.get(t, {})
-            extra = [state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].shape == t.shape]
+            extra = [state[k] for k in sorted(state) if _per_slot(state[k], t)]
             moved += [t, *extra, *([t.grad] if t.grad is not None else [])]
         out.append(moved)
     return out
@@ -288,6 +306,7 @@ def rearrange_expert_weights(
     group: dist.ProcessGroup | None = None,
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    grads: str = "summed",
     max_inflight: int = 32,
 ) -> RearrangeStats:
     """Move expert weights in place so that this rank holds its slots of ``new_phy2log``.
@@ -301,19 +320,33 @@ def rearrange_expert_weights(
             Without ``torch.distributed`` initialised (and ``group=None``) the call runs in this
             process alone, as a group of one: every slot is rewritten by a local copy.
         optimizer: the optimizer that holds the expert parameters (all of them). Every state tensor
-            shaped like a parameter (Adam's moments, SGD's momentum, any such state) and the
-            parameter's pending ``.grad`` move with their slots, so training continues on each
-            expert with its own state; scalar state (Adam's ``step``) belongs to the whole parameter
-            and stays. Without it only the weights move (an optimizer with such state would then
-            continue with another expert's).
+            with one row per slot (first dimension ``S``: Adam's moments, SGD's momentum,
+            Adafactor's factors of a 3-D parameter) and the parameter's pending ``.grad`` move with
+            their slots, so training continues on each expert with its own state; scalar state
+            (Adam's ``step``) and state that spans the slots (a first dimension other than ``S``)
+            belong to the whole parameter and stay. Without it only the weights move (an optimizer
+            with such state would then continue with another expert's).
+        grads: what the pending ``.grad`` of the expert parameters hold (with ``optimizer``):
+            ``"summed"`` (the default): each slot its expert's whole gradient, as after
+            :func:`sync_replica_grads` (or spent by the step): they move like the state, a new
+            replica gets a copy. ``"partial"``: each slot only the tokens it served, as between
+            ``backward()`` and :func:`sync_replica_grads` (a replan between micro-batches of
+            gradient accumulation): each expert's copies are first summed over ``old_phy2log``
+            (one :func:`sync_replica_grads`), then the sum moves and stays on the expert's first
+            slot in ``new_phy2log``, the other copies get zeros; so the later
+            :func:`sync_replica_grads` gives every replica the expert's whole gradient, none
+            counted twice or lost. Every expert parameter must then have a ``.grad``. Copying
+            partial gradients as ``"summed"`` would count a share twice where an expert gains a
+            copy and drop it where it loses one.
         max_inflight: experts per batch of point-to-point operations (bounds in-flight requests).
 
     Before any weight is touched, every rank checks its own inputs (shapes, ids >= 0, every expert
     that ``new_phy2log`` needs is held by some rank in ``old_phy2log``, the optimizer holds every
     expert parameter), then one all-gather of a few digests checks that all ranks hold the same
     placements and the same layout of what moves (layers, tensors per layer with the optimizer's
-    state and pending gradients, shape and dtype of each). If any rank's inputs are wrong or the
-    ranks differ, every rank raises the same ``EplbArgumentError`` (a ``ValueError``) and no weight
+    state and pending gradients, shape and dtype of each) and the same ``grads``. If any rank's
+    inputs are wrong or the ranks differ, every rank raises the same ``EplbArgumentError`` (a
+    ``ValueError``; also a ``TypeError`` where every problem was a wrong type) and no weight
     changes anywhere.
 
     Peak extra memory is one layer's changed slots on this rank (received experts, and copies of
@@ -345,35 +378,61 @@ def rearrange_expert_weights(
     world = 1 if local else dist.get_world_size(group)
     me = 0 if local else dist.get_rank(group)
     problem = None
-    digests = [0, 0, 0]
+    digests = [0, 0, 0, 0]
     try:
         for name, p in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
             if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
                 got = getattr(p, "dtype", type(p).__name__)
-                raise EplbArgumentError(f"{name} must be an integer tensor, got {got}")
+                raise TypeError(f"{name} must be an integer tensor, got {got}")
         if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:
             raise EplbArgumentError(
                 f"old_phy2log and new_phy2log must be 2-D of one shape, got {tuple(old_phy2log.shape)} "
                 f"and {tuple(new_phy2log.shape)}"
             )
         old_all, new_all = old_phy2log.cpu().tolist(), new_phy2log.cpu().tolist()
-        layers = _layers(expert_weights, "expert_weights")
+        layers = params = _layers(expert_weights, "expert_weights")
+        if grads not in ("summed", "partial"):
+            raise EplbArgumentError(f"grads must be 'summed' or 'partial', got {grads!r}")
+        if grads == "partial":
+            if optimizer is None:
+                raise EplbArgumentError("grads='partial' needs optimizer=: only then do gradients move")
+            for i, tensors in enumerate(params):
+                for j, t in enumerate(tensors):
+                    if t.grad is None:
+                        raise EplbArgumentError(f"expert_weights[{i}][{j}] has no .grad (grads='partial')")
         if optimizer is not None:
             layers = _with_optimizer_state(layers, optimizer)
         layout = [[(str(t.dtype), tuple(t.shape)) for t in tensors] for tensors in layers]
-        digests = [_digest(old_all), _digest(new_all), _digest(layout)]
+        digests = [_digest(old_all), _digest(new_all), _digest(layout), _digest(grads)]
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
             raise EplbArgumentError(f"max_inflight ({max_inflight!r}) must be a positive int")
         S = _check_slot_layout(layers, "expert_weights", tuple(old_phy2log.shape), world, "old_phy2log")
         _check_placements(old_all, new_all)
     except Exception as exc:  # reported inside the all-gather: raising alone would hang the other ranks
         problem = exc
-    names = ("old_phy2log", "new_phy2log", "expert_weights layout" + (" (with optimizer state)" if optimizer else ""))
+    names = (
+        "old_phy2log",
+        "new_phy2log",
+        "expert_weights layout" + (" (with optimizer state)" if optimizer else ""),
+        "grads",
+    )
     _agree(digests, names, group, problem)
 
     peer = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
     with torch.no_grad():  # nn.Parameter weights: autograd must not record the in-place copies
-        return _move(layers, old_all, new_all, me, world, S, peer, group, max_inflight)
+        if grads == "partial":  # every old copy holds its expert's sum, which then moves
+            _sync(params, _replica_plan(old_all, me, world, S), peer, group)
+        stats = _move(layers, old_all, new_all, me, world, S, peer, group, max_inflight)
+        if grads == "partial":  # the sum stays on the expert's first new slot: back to one share per copy
+            for tensors, row in zip(params, new_all, strict=True):
+                first: dict[int, int] = {}
+                for q, e in enumerate(row):
+                    first.setdefault(e, q)
+                later = [q - me * S for q in range(me * S, (me + 1) * S) if first[row[q]] != q]
+                if later:
+                    for t in tensors:
+                        t.grad[later] = 0
+    return stats
 
 
 def _move(
@@ -551,7 +610,7 @@ def sync_replica_grads(
     digests = [0, 0]
     try:
         if not isinstance(phy2log, torch.Tensor) or phy2log.is_floating_point() or phy2log.dtype == torch.bool:
-            raise EplbArgumentError(f"phy2log must be an integer tensor, got {getattr(phy2log, 'dtype', phy2log)}")
+            raise TypeError(f"phy2log must be an integer tensor, got {getattr(phy2log, 'dtype', phy2log)}")
         if phy2log.dim() != 2:
             raise EplbArgumentError(f"phy2log must be 2-D [num_layers, num_replicas], got {tuple(phy2log.shape)}")
         table = phy2log.cpu().tolist()

@@ -10,7 +10,7 @@ from helpers import make_loads, spawn
 
 import eplb_triton as eplb
 from eplb_triton import OnlineBalancer, metrics, stable_slots
-from eplb_triton.distributed import _transfers, check_ranks_agree, rearrange_expert_weights
+from eplb_triton.distributed import _transfers, check_ranks_agree, rearrange_expert_weights, sync_replica_grads
 
 E, G, N, L = 16, 4, 2, 3
 
@@ -128,8 +128,13 @@ def test_rearrange_expert_weights(world, kind):
 
 def test_rearrange_argument_errors():
     # in one process (no process group) the inputs are checked as in a group
-    with pytest.raises(ValueError, match="old_phy2log must be an integer tensor, got torch.float32"):
+    with pytest.raises(TypeError, match="old_phy2log must be an integer tensor, got torch.float32") as info:
         rearrange_expert_weights([torch.zeros(2, 1)], torch.zeros(1, 2), torch.zeros(1, 2))
+    assert isinstance(info.value, ValueError), "still the agreement check's EplbArgumentError"
+    with pytest.raises(TypeError, match="expert_weights must be a sequence with one entry per layer, got Tensor"):
+        rearrange_expert_weights(torch.zeros(1, 2, 1), torch.zeros(1, 2).long(), torch.zeros(1, 2).long())
+    with pytest.raises(TypeError, match="phy2log must be an integer tensor, got torch.float32"):
+        sync_replica_grads([torch.zeros(2, 1)], torch.zeros(1, 2))
     with pytest.raises(ValueError, match=r"expert_weights\[0\]\[0\] must be \[slots_per_rank=2, ...\] for old_phy2log"):
         rearrange_expert_weights([torch.zeros(3, 1)], torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2).long())
 

@@ -125,6 +125,51 @@ def test_a_bad_input_stops_every_rank_and_changes_no_gradient():
     spawn(2, _sync_fault_worker)
 
 
+# A replan between backward() and sync_replica_grads (grads="partial"): the copies change, the sums don't
+REPLANNED = torch.tensor([
+    [1, 0, 3, 2, 4, 5, 0, 1, 2, 0, 3, 5],
+    [0, 0, 0, 1, 2, 3, 4, 5, 5, 5, 1, 2],
+])  # fmt: skip
+
+
+def _partial_worker(rank: int, world: int) -> None:
+    S = R // world
+    params = _params(rank, S, exact=True)  # each slot's own share of PLACEMENT's gradients
+    opt = torch.optim.SGD([p for ps in params for p in ps], lr=0.1)
+    rearrange_expert_weights(params, PLACEMENT, REPLANNED, optimizer=opt, grads="partial")
+    sync_replica_grads(params, REPLANNED)
+    for layer in range(L):
+        old, new = PLACEMENT[layer].tolist(), REPLANNED[layer].tolist()
+        for i, q in enumerate(range(rank * S, (rank + 1) * S)):
+            for j in range(2):
+                want = sum(_grad_value(layer, s, j, True) for s in range(R) if old[s] == new[q])
+                assert torch.equal(params[layer][j].grad[i], want), (rank, layer, q, j)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_partial_grads_keep_each_experts_sum_through_a_replan(world):
+    if world == 1:
+        _partial_worker(0, 1)
+    else:
+        spawn(world, _partial_worker)
+
+
+def test_partial_grads_argument_rules():
+    w = torch.nn.Parameter(torch.zeros(4, 2))
+    old, new = torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 0, 1, 2]])
+    opt = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match="grads must be 'summed' or 'partial', got 'sum'"):
+        rearrange_expert_weights([w], old, new, optimizer=opt, grads="sum")
+    with pytest.raises(ValueError, match="grads='partial' needs optimizer="):
+        rearrange_expert_weights([w], old, new, grads="partial")
+    with pytest.raises(ValueError, match=r"expert_weights\[0\]\[0\] has no .grad \(grads='partial'\)"):
+        rearrange_expert_weights([w], old, new, optimizer=opt, grads="partial")
+    w.grad = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])  # e0: 1, e1: 2 + 3, e2: 4
+    rearrange_expert_weights([w], old, new, optimizer=opt, grads="partial")
+    sync_replica_grads([w], new)
+    assert w.grad[:, 0].tolist() == [1.0, 1.0, 5.0, 4.0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer state moves with the weights
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +224,30 @@ def _optimizer_worker(rank: int, world: int, optimizer_name: str) -> None:
 @pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
 def test_optimizer_state_and_pending_grads_move_with_their_slots(optimizer_name):
     spawn(2, _optimizer_worker, optimizer_name)
+
+
+def test_per_slot_optimizer_state_of_any_shape_moves_and_state_spanning_the_slots_stays():
+    old, new = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[3, 1, 0, 0]])
+    tag = torch.tensor([1.0, 2.0, 3.0, 4.0])  # expert e's rows hold e + 1
+    for shape in ((4, 2, 3), (4, 3)):
+        w = torch.nn.Parameter(torch.ones(shape))
+        opt = torch.optim.Adafactor([w])
+        w.grad = torch.ones_like(w)
+        opt.step()  # row_var [4, 2, 1] and col_var [4, 1, 3]; for [4, 3]: row_var [4, 1], col_var [1, 3]
+        state = opt.state[w]
+        for name in ("row_var", "col_var"):
+            v = state[name]
+            if v.shape[0] == 4:
+                v.copy_(tag.view(-1, *[1] * (v.dim() - 1)).expand_as(v))
+        spanning = {k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.dim() and v.shape[0] != 4}
+        rearrange_expert_weights([w], old, new, optimizer=opt)
+        want = tag[new[0]]
+        for name in ("row_var", "col_var"):
+            v = state[name]
+            if v.shape[0] == 4:
+                assert torch.equal(v, want.view(-1, *[1] * (v.dim() - 1)).expand_as(v)), (shape, name)
+        assert all(torch.equal(state[k], v) for k, v in spanning.items()), "state spanning the slots stays"
+        assert list(spanning) == ([] if len(shape) == 3 else ["col_var"])
 
 
 # ----------------------------------------------------------------------------------------------
