@@ -149,8 +149,13 @@ class OnlineBalancer:
         else:
             self.window = check_count("window", window if window is not None else self.rebalance_interval)
         self.ema_decay = ema_decay
-        if balancedness_threshold is not None and not (0.0 < float(balancedness_threshold) <= 1.0):
-            raise EplbArgumentError(f"balancedness_threshold ({balancedness_threshold!r}) must be in (0, 1]")
+        if balancedness_threshold is not None:
+            b = balancedness_threshold
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise TypeError(f"balancedness_threshold must be a number or None, got {type(b).__name__}")
+            if not 0.0 < b <= 1.0:
+                raise EplbArgumentError(f"balancedness_threshold ({b!r}) must be in (0, 1]")
+            balancedness_threshold = float(b)
         self.balancedness_threshold = balancedness_threshold
         horizon = self.window if self.window is not None else self.rebalance_interval
         self.min_window = horizon if min_window is None else check_count("min_window", min_window)
@@ -188,6 +193,8 @@ class OnlineBalancer:
         self.last_balancedness = torch.ones(L, dtype=torch.float64, device=dev)
         self.last_replanned = torch.zeros(L, dtype=torch.bool, device=dev)
         self.steps = 0
+        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
+            raise EplbArgumentError(f"history_size ({history_size!r}) must be an int >= 0")
         self.history: deque[dict] = deque(maxlen=history_size)
         if initial_phy2log is not None:  # the layout the model's weights were built in
             phy2log = check_placement(initial_phy2log, "initial_phy2log", self.config, dev)
@@ -406,6 +413,12 @@ class OnlineBalancer:
         counted.scatter_add_(1, out["phy2log"], torch.ones_like(out["phy2log"]))
         if not torch.equal(counted, out["logcnt"]):
             raise EplbArgumentError("state_dict['logcnt'] must count the slots of each expert in state_dict['phy2log']")
+        if not bool((counted > 0).all()):  # record() maps tokens modulo the count
+            layer, expert = (int(i) for i in (counted == 0).nonzero()[0])
+            raise EplbArgumentError(
+                f"state_dict['phy2log'] must hold every expert in every layer: expert {expert} is missing "
+                f"from layer {layer}"
+            )
         # replicas of 0.1 checkpoints were numbered in slot order
         phyrank = tensor("phyrank", (L, R), "int") if "phyrank" in state else occurrence(out["phy2log"])
         # every (expert, rank) with rank < logcnt exactly once: ranks below the count, and no repeats

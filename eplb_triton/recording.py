@@ -31,6 +31,9 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
         )
     if counts.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"counts must be int64 (or int32, which wraps past 2**31 - 1), got {counts.dtype}")
+    for name, t in (("log2phy", log2phy), ("logcnt", logcnt)):
+        if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     devices = {t.device for t in (topk_ids, log2phy, logcnt, counts)}
     if len(devices) != 1:
         raise EplbArgumentError(
@@ -193,7 +196,8 @@ def record_dispatch(
         logcnt: ``[E]`` replicas of each expert.
         counts: ``[E]`` int64, accumulated in place (int32 is accepted and wraps past ``2**31 - 1``).
         invalid: optional ``[1]`` int64 (or int32) device counter of invalid ids, accumulated in place.
-        check: raise ``ValueError`` on invalid ids (synchronises with the host).
+        check: raise ``ValueError`` on invalid ids and on an expert without a replica
+            (``logcnt < 1``) (synchronises with the host; on the CPU ``logcnt`` is checked always).
         backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"triton"``, or
             ``"cpu"`` / ``"reference"`` (both: :func:`eplb_triton.reference.record_dispatch`, torch on
             any device).
@@ -230,6 +234,9 @@ def _record_dispatch(
     """:func:`record_dispatch`; ``counted``: this batch's ``(counts [E], invalid ids)`` when the caller
     has them already (``OnlineBalancer.record`` counts them for the all-gather), else counted here."""
     _check_dispatch_args(topk_ids, log2phy, logcnt, counts)
+    if (check or topk_ids.device.type == "cpu") and logcnt.numel() and int(logcnt.min()) < 1:  # free on the host
+        e = int(torch.argmin(logcnt))
+        raise EplbArgumentError(f"logcnt[{e}] ({int(logcnt[e])}) must be >= 1: every expert needs a replica")
     split = check_split(split)
     served = backends.resolve(backend, topk_ids.device)
     if invalid is None:
@@ -243,6 +250,8 @@ def _record_dispatch(
             raise EplbArgumentError("split='balanced' needs the layer's phy2log and num_gpus")
         if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 1 or phy2log.device != dev:
             raise EplbArgumentError(f"phy2log must be the layer's [num_replicas] placement on {dev}")
+        if phy2log.dtype.is_floating_point or phy2log.is_complex() or phy2log.dtype == torch.bool:
+            raise TypeError(f"phy2log must be an integer tensor, got {phy2log.dtype}")
         P = check_count("num_gpus", num_gpus)
         if phy2log.numel() % P:
             raise EplbArgumentError(f"num_replicas ({phy2log.numel()}) must be a multiple of num_gpus ({P})")

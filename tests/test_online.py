@@ -67,6 +67,17 @@ def test_dispatch_argument_errors():
         record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt, counts.float())
     with pytest.raises(ValueError, match="log2phy must be"):
         record_dispatch(torch.zeros(4, 2, dtype=torch.int64), log2phy, logcnt[:5], counts)
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    for name, args in (("log2phy", (log2phy.float(), logcnt)), ("logcnt", (log2phy, logcnt.float()))):
+        with pytest.raises(TypeError, match=f"{name} must be an integer tensor"):
+            record_dispatch(ids, *args, counts)
+    none = logcnt.clone()
+    none[3] = 0
+    with pytest.raises(ValueError, match=r"logcnt\[3\] \(0\) must be >= 1"):
+        record_dispatch(ids, log2phy, none, counts)
+    phy2log = torch.zeros(log2phy.shape[0] + 4, dtype=torch.int64)  # any [R]: its dtype is checked first
+    with pytest.raises(TypeError, match="phy2log must be an integer tensor"):
+        record_dispatch(ids, log2phy, logcnt, counts, split="balanced", phy2log=phy2log.float(), num_gpus=2)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -265,6 +276,15 @@ def test_state_dict_round_trip():
         OnlineBalancer(2, 8, 16, 4, 2, 4, device="cpu").load_state_dict(state)
     with pytest.raises(ValueError, match="state_dict has window=3"):
         OnlineBalancer(2, 8, 12, 4, 2, 4, window=4, device="cpu").load_state_dict(state)
+    missing = dict(state, phy2log=state["phy2log"].clone(), logcnt=state["logcnt"].clone())
+    e = int(missing["phy2log"][1, 0])
+    missing["phy2log"][1] = torch.where(missing["phy2log"][1] == e, (e + 1) % 8, missing["phy2log"][1])
+    missing["logcnt"][1] = torch.bincount(missing["phy2log"][1], minlength=8)
+    missing.pop("phyrank")  # numbered in slot order, as a 0.1 checkpoint
+    with pytest.raises(
+        ValueError, match=rf"state_dict\['phy2log'\] must hold every expert .* expert {e} is missing from layer 1"
+    ):
+        c.load_state_dict(missing)
 
 
 def test_balancer_argument_errors():
@@ -276,6 +296,11 @@ def test_balancer_argument_errors():
         OnlineBalancer(1, 4, 4, 1, 1, 1, rebalance_interval=0)
     with pytest.raises(ValueError, match=r"balancedness_threshold \(0\) must be in \(0, 1\]"):
         OnlineBalancer(1, 4, 4, 1, 1, 1, balancedness_threshold=0)
+    for bad in ("0.5", True, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="balancedness_threshold must be a number or None"):
+            OnlineBalancer(1, 4, 4, 1, 1, 1, balancedness_threshold=bad)
+    with pytest.raises(ValueError, match=r"history_size \(-1\) must be an int >= 0"):
+        OnlineBalancer(1, 4, 4, 1, 1, 1, history_size=-1)
     with pytest.raises(ValueError, match=r"num_replicas \(5\) must be a multiple of num_gpus \(2\)"):
         OnlineBalancer(1, 4, 5, 1, 1, 2)
     b = OnlineBalancer(2, 4, 4, 1, 1, 1, device="cpu")
