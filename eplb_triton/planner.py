@@ -145,8 +145,8 @@ class EplbPlanner:
             weight: ``[L, E]`` loads of any real dtype on the planner's device. Only metadata is
                 checked here (no synchronisation); a layer with NaN, inf or negative loads keeps
                 its previous placement and is flagged in :attr:`invalid`.
-            old_phy2log: ``[L, R]`` integer placement in service (for example a clone of
-                :attr:`phy2log` before the call): the plan is relabelled to it, or with
+            old_phy2log: ``[L, R]`` integer placement in service (for example :attr:`phy2log`
+                itself, which is then copied before the kernel rewrites it): the plan is relabelled to it, or with
                 ``max_moves`` replanned incrementally from it. Only its shape and dtype are
                 checked here (its values are the caller's contract: ids in ``[0, E)``, every expert
                 present). Still no host synchronisation.
@@ -165,6 +165,8 @@ class EplbPlanner:
             raise EplbArgumentError(f"weight must be on the planner's device {self.device}, got {weight.device}")
         old, max_moves = check_old_placement(old_phy2log, self.max_moves, cfg, self.device, check_data=False)
         b, p = self._buffers, self._policy
+        if old is not None and old.untyped_storage().data_ptr() == b.phy2log.untyped_storage().data_ptr():
+            old = old.clone()  # the planner's own phy2log: the kernel below rewrites it before it is read
         beyond = self.method != "greedy" or old is not None
         if beyond:
             previous = Plan(b.phy2log.clone(), b.phyrank.clone(), b.logcnt.clone())

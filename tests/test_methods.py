@@ -332,6 +332,15 @@ def test_planner_plans_refined_and_incremental_like_the_api():
     assert torch.equal(log2phy[:, :, :X], want[1]) and (log2phy[:, :, X:] == -1).all()
     with pytest.raises(ValueError, match="max_moves needs old_phy2log"):
         planner.plan(w)
+    # the planner's own buffer as the placement in service: read before the kernel rewrites it
+    w2 = w.flip(1).contiguous()
+    in_service = planner.phy2log.clone()
+    want = eplb.rebalance_experts(
+        w2, c.R, c.G, c.N, c.P, backend="cpu", method="refined", old_phy2log=in_service, max_moves=3
+    )
+    phy2log, _, logcnt = planner.plan(w2, planner.phy2log)
+    assert torch.equal(phy2log, want[0]) and torch.equal(logcnt, want[2])
+    assert int((phy2log != in_service).sum(dim=1).max()) <= 3
 
 
 @settings(max_examples=40, deadline=None)
