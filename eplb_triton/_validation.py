@@ -293,11 +293,12 @@ def check_active_gpus(active_gpus: object, cfg: Config) -> list[int] | None:
 
 
 def check_placement(
-    value: object, name: str, cfg: Config, device: torch.device, *, check_data: bool = True
+    value: object, name: str, cfg: Config, device: torch.device, *, check_data: bool = True, allow_empty: bool = False
 ) -> torch.Tensor:
     """``value`` as an int64 ``[L, R]`` tensor on ``device``: integers in ``[0, E)`` holding every
     expert in every layer. ``check_data=False`` skips the rules that read the values (no host
-    synchronisation)."""
+    synchronisation). ``allow_empty``: also ``-1`` (an empty slot, as a plan around lost GPUs
+    leaves), and experts may be missing (a placement only relabelled to)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or numpy array / nested list), got {type(value).__name__}")
     if value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
@@ -310,6 +311,17 @@ def check_placement(
     out = value.to(device=device, dtype=torch.int64)
     if check_data and out.numel():
         low, high = (int(v) for v in torch.stack([out.min(), out.max()]).tolist())
+        if allow_empty:
+            if low < -1 or high >= E:
+                raise EplbArgumentError(
+                    f"{name} must hold expert ids in [0, {E}) or -1 (an empty slot), found {low if low < -1 else high}"
+                )
+            return out
+        if low == -1 and high < E:
+            raise EplbArgumentError(
+                f"{name} has empty slots (-1): a placement with empty slots (a plan around lost GPUs) can only be "
+                "relabelled to, without max_moves or min_gain"
+            )
         if low < 0 or high >= E:
             raise EplbArgumentError(f"{name} must hold expert ids in [0, {E}), found {low if low < 0 else high}")
         present = torch.zeros((L, E), dtype=torch.bool, device=device).scatter_(1, out, True)
@@ -322,18 +334,20 @@ def check_placement(
 
 
 def check_old_placement(
-    old_phy2log: object, max_moves: object, cfg: Config, device: torch.device, *, check_data: bool = True
-) -> tuple[torch.Tensor | None, int | None]:
+    old_phy2log: object, max_moves: object, cfg: Config, device: torch.device, *, check_data: bool = True,
+    allow_empty: bool = False,
+) -> tuple[torch.Tensor | None, int | None]:  # fmt: skip
     """``old_phy2log`` as an int64 tensor on ``device`` (or ``None``) and ``max_moves`` as an int (or ``None``).
 
     ``old_phy2log`` must be ``[L, R]`` of integers in ``[0, E)`` holding every expert in every
     layer (:func:`check_placement`); ``max_moves`` a non-negative int and only with ``old_phy2log``.
     ``check_data=False`` skips the rules that read the values (no host synchronisation; the
-    planner's hot path).
+    planner's hot path). ``allow_empty``: see :func:`check_placement` (never with ``max_moves``).
     """
     max_moves = check_max_moves(max_moves)
     if max_moves is not None and old_phy2log is None:
         raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
     if old_phy2log is None:
         return None, None
-    return check_placement(old_phy2log, "old_phy2log", cfg, device, check_data=check_data), max_moves
+    empty = allow_empty and max_moves is None
+    return check_placement(old_phy2log, "old_phy2log", cfg, device, check_data=check_data, allow_empty=empty), max_moves

@@ -97,8 +97,9 @@ def _check_plan_args(method, old_phy2log, max_moves, min_gain, active_gpus, cfg,
     """The planning arguments beyond DeepSeek's, validated and combined:
     ``(method, old, max_moves, min_gain, live)``."""
     method = check_method(method)
-    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, device)
     min_gain = check_min_gain(min_gain)
+    # a placement with empty slots (a plan around lost GPUs) can be relabelled to, not kept
+    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, device, allow_empty=min_gain is None)
     if min_gain is not None and old is None:
         raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
     live = check_active_gpus(active_gpus, cfg)
@@ -194,7 +195,11 @@ def rebalance_experts(
             than the greedy (docs/algorithm.md section 10).
         old_phy2log: ``[L, R]`` the placement in service. The result is relabelled (nodes, then
             GPUs, by an exact maximum-overlap assignment, then slots) to keep experts where they
-            are: same GPU loads, fewer slots to move.
+            are: same GPU loads, fewer slots to move. Without ``max_moves`` and ``min_gain`` it may
+            have empty slots (``-1``, a plan around lost GPUs), which match nothing. Under the
+            hierarchical policy an old placement that splits a group's copies over nodes (vLLM's
+            round-robin start) keeps them split with ``max_moves`` or ``min_gain``: those results
+            hold the groups-to-nodes rule only where ``old_phy2log`` does.
         max_moves: with ``old_phy2log``, an incremental replan: at most ``max_moves`` slots per
             layer differ from ``old_phy2log``; the search starts from the old placement, and the
             relabelled full plan is taken instead where it fits the budget and is better.

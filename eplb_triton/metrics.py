@@ -121,7 +121,9 @@ def lower_bound(
     ``rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)`` runs the
     hierarchical policy when ``num_groups % num_nodes == 0`` (the default ``1, 1``: one node holding
     every expert, the global problem), else the global one; the bound holds for every placement
-    that policy could return, by any method (docs/algorithm.md section 8,
+    that policy could return, by any method (for the hierarchical policy: placements that keep each
+    group's copies on one node, which an incremental replan from an old placement that splits them
+    need not; docs/algorithm.md section 8,
     :mod:`eplb_triton.bounds`): the mean GPU load and the smallest possible largest share; with
     2 to 4 slots per GPU, a pairing certificate (a GPU holds at most one replica above half the
     load); for the hierarchical policy, the smallest over the splits of the groups among the nodes

@@ -225,7 +225,8 @@ def plan_live(
         if old_phy2log is not None:  # the old placement of these GPUs, in this problem's expert ids
             local = torch.full((L, E), En, dtype=torch.int64, device=dev)  # En: foreign, matches nothing
             local.scatter_(1, experts, torch.arange(En, device=dev).expand(L, En))
-            old = local.gather(1, old_phy2log[:, slots])
+            held = old_phy2log[:, slots]
+            old = torch.where(held < 0, En, local.gather(1, held.clamp_min(0)))  # -1: an empty slot
         sub = Config(L, En, len(slots), 1, 1, len(gpus))
         part = plan(backend, weight.gather(1, experts), sub, method=method, old_phy2log=old)
         phy2log[:, slots] = experts.gather(1, part.phy2log)

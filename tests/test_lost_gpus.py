@@ -135,3 +135,32 @@ def test_bad_loads_are_named_by_their_place_in_weight(backend, bad):
     for mask in (None, [1, 1, 0, 1]):
         with pytest.raises(ValueError, match=rf"weight must be finite and >= 0 in float32, found {bad} at \[1, 5\]"):
             eplb.rebalance_experts(w, 16, 4, 2, 4, active_gpus=mask, backend=backend)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_plan_around_lost_gpus_is_the_next_plans_old_placement(case):
+    # while the GPUs stay lost, and once they are back: its -1 slots match nothing
+    L, E, R, G, N, P, lost = case
+    mask = _mask(P, lost)
+    degraded = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=5), R, G, N, P, active_gpus=mask)[0]
+    w = make_loads(L, E, "skewed", seed=6)
+    for active in (mask, None):
+        fresh = eplb.rebalance_experts(w, R, G, N, P, active_gpus=active)
+        got = {b: eplb.rebalance_experts(w, R, G, N, P, backend=b, active_gpus=active, old_phy2log=degraded)
+               for b in BACKENDS}  # fmt: skip
+        for b in BACKENDS[1:]:
+            assert all(torch.equal(x, y) for x, y in zip(got[b], got["reference"], strict=True)), (b, active)
+        kept = got["reference"]
+        assert torch.equal(kept[2], fresh[2]), "relabelling changes no count"
+        if active is not None:
+            _check_invariants(*kept, E, R, G, N, P, lost)
+        held = lambda p: int(((p == degraded) & (p >= 0)).sum())  # noqa: E731
+        assert held(kept[0]) >= held(fresh[0]), active
+    with pytest.raises(ValueError, match=r"old_phy2log has empty slots \(-1\): .* without max_moves or min_gain"):
+        eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded, max_moves=3)
+    with pytest.raises(ValueError, match=r"old_phy2log has empty slots \(-1\)"):
+        eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded, min_gain=0.1)
+    with pytest.raises(
+        ValueError, match=rf"old_phy2log must hold expert ids in \[0, {E}\) or -1 \(an empty slot\), found -2"
+    ):
+        eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded - 1)
