@@ -158,8 +158,14 @@ def _read_old(path: Path, layers: list[int], replicas: int) -> torch.Tensor:
         raise ValueError(f"--old {path}: not a plan written by 'eplb-triton plan --out' (no phy2log)")
     if plan.get("model_layers", layers) != layers:
         raise ValueError(f"--old {path}: planned for model layers {plan.get('model_layers')}, the loads have {layers}")
+    rows = plan["phy2log"]
+    whole = isinstance(rows, list) and all(
+        isinstance(row, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in row) for row in rows
+    )  # a float id (3.9) or a boolean would otherwise be truncated to an expert silently
     try:
-        old = torch.tensor(plan["phy2log"], dtype=torch.int64)
+        if not whole:
+            raise TypeError
+        old = torch.tensor(rows, dtype=torch.int64)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"--old {path}: phy2log must be a rectangular list of integers") from None
     if tuple(old.shape) != (len(layers), replicas):
@@ -243,12 +249,15 @@ def _plan(args: argparse.Namespace) -> int:
     before = metrics.identity_gpu_loads(w, args.gpus)
     after = metrics.gpu_loads(w, phy2log, logcnt, args.gpus)
 
-    if old is not None:  # "before" is the placement in service
-        old_cnt = torch.zeros_like(logcnt).scatter_add_(1, old, torch.ones_like(old))
-        before = metrics.gpu_loads(w, old, old_cnt, args.gpus)
-    b_before, b_after = metrics.balancedness(before), metrics.balancedness(after)
+    if old is not None:  # "before" is the placement in service (-1: an empty slot of a plan around lost GPUs)
+        held = old >= 0
+        old_cnt = torch.zeros_like(logcnt).scatter_add_(1, old.clamp_min(0), held.to(torch.int64))
+        before = metrics.gpu_loads(w, old, old_cnt.clamp_min(1), args.gpus)
+    # with lost GPUs, balance among the live ones: a lost GPU's load of 0 would cap it at (P - 1) / P
+    live = slice(None) if active is None else torch.tensor(active)
+    b_before, b_after = metrics.balancedness(before[:, live]), metrics.balancedness(after[:, live])
     ceiling = None  # the proven ceiling on balancedness (all GPUs live: the bound is for the whole problem)
-    if active is None:
+    if active is None or all(active):
         ceiling = metrics.ceiling(w, args.replicas, args.gpus, num_groups=groups, num_nodes=nodes)
     print(f"{'layer':>5s} {'before':>7s} {'after':>7s} " + ("  bound " if ceiling is not None else "")
           + ("moved " if moved is not None else "") + " hottest experts (replicas)")  # fmt: skip
@@ -261,7 +270,9 @@ def _plan(args: argparse.Namespace) -> int:
         )
     s_before, s_after = metrics.summarize(b_before), metrics.summarize(b_after)
     print(
-        f"balancedness (mean GPU load / max): before mean {s_before['mean']:.3f} worst {s_before['worst']:.3f}; "
+        "balancedness (mean GPU load / max"
+        + ("" if active is None else f", over the {sum(active)} live GPUs")
+        + f"): before mean {s_before['mean']:.3f} worst {s_before['worst']:.3f}; "
         f"after mean {s_after['mean']:.3f} worst {s_after['worst']:.3f}"
         + ("" if moved is None else f"; slots moved {int(moved.sum())} of {moved.numel() * args.replicas}")
     )
@@ -392,7 +403,7 @@ def build_parser() -> _Parser:
     plan.add_argument(
         "--active-gpus", metavar="MASK",
         help="plan around lost GPUs: one 0/1 per GPU, e.g. 11101111; a lost GPU's slots get no expert "
-        "(-1) (default: every GPU)",
+        "(-1), balancedness is over the live GPUs, and the plan can be the next --old (default: every GPU)",
     )  # fmt: skip
     sub.add_parser("bench", help="run the benchmark (options: eplb-triton bench --help)", add_help=False)
     return parser

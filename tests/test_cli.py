@@ -542,7 +542,7 @@ def test_plan_from_an_old_plan_reports_moves(tmp_path, capsys):
         assert f"slots moved {sum(plan['moved'])} of 72" in printed and " moved " in printed.splitlines()[0]
 
 
-def test_plan_around_lost_gpus(tmp_path):
+def test_plan_around_lost_gpus(tmp_path, capsys):
     path = tmp_path / "loads.npy"
     np.save(path, make_loads(2, 16, "skewed", 3).numpy())
     out = tmp_path / "plan.json"
@@ -552,6 +552,23 @@ def test_plan_around_lost_gpus(tmp_path):
     mask = [True, True, True, False, True, True, True, True]
     want = eplb.rebalance_experts(make_loads(2, 16, "skewed", 3), 24, 4, 2, 8, active_gpus=mask)[0]
     assert plan["phy2log"] == want.tolist() and plan["config"]["active_gpus"] == mask
+    w = make_loads(2, 16, "skewed", 3).double()
+    live = torch.tensor(mask)
+    after = metrics.gpu_loads(w, want, torch.tensor(plan["logcnt"]), 8)[:, live]
+    assert plan["balancedness"]["after"] == metrics.balancedness(after).tolist(), "over the live GPUs"
+    # the plan, with its empty slots, is the next plan's placement in service
+    again = tmp_path / "again.json"
+    assert main([*base, "--active-gpus", "11101111", "--old", str(out), "--out", str(again)]) == 0
+    plan2 = json.loads(again.read_text())
+    kept = eplb.rebalance_experts(make_loads(2, 16, "skewed", 3), 24, 4, 2, 8, active_gpus=mask, old_phy2log=want)
+    assert plan2["phy2log"] == kept[0].tolist() and plan2["moved"] == [0, 0]
+    assert plan2["balancedness"]["before"] == plan2["balancedness"]["after"] == plan["balancedness"]["after"]
+    fractional = dict(plan, phy2log=[[v + 0.5 for v in row] for row in plan["phy2log"]])
+    bad = tmp_path / "fractional.json"
+    bad.write_text(json.dumps(fractional))
+    capsys.readouterr()
+    assert main([*base, "--old", str(bad)]) == 2
+    assert "phy2log must be a rectangular list of integers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
