@@ -3,8 +3,11 @@
 Formats, chosen by suffix:
 
 * ``.json``: SGLang's expert-distribution dump, ``{"logical_count": [[count] * E] * layers}``.
-* ``.pt`` / ``.pth``: a 2-D dense tensor saved with ``torch.save`` (or a dict holding one under
-  ``"logical_count"``).
+* ``.pt`` / ``.pth``: a 2-D dense tensor saved with ``torch.save``, or a dict holding one under
+  ``"logical_count"`` (SGLang's recorder dump).
+
+SGLang's ``logical_count`` may also be ``[steps, layers, E]`` (its recorder's per-step buffer):
+the steps are summed, as SGLang's planner does, with a note.
 * ``.npy``: a 2-D NumPy array of integers or floats.
 * ``.csv``: one layer per line, comma-separated decimal numbers (lines starting with ``#`` are skipped).
 
@@ -42,7 +45,7 @@ class LoadFileError(ValueError):
 @dataclass
 class Loads:
     """Loads read from a file: ``weight`` is ``[L, E]`` float64 without all-zero layers, ``layers[i]``
-    the model layer index of row ``i`` (its row in the file), ``notes`` what was dropped."""
+    the model layer index of row ``i`` (its row in the file), ``notes`` what was dropped or summed."""
 
     weight: torch.Tensor
     path: Path
@@ -89,7 +92,10 @@ def _check_numbers(value: object, path: Path, name: str) -> None:
             raise _error(path, f"{where} must be a number, got {type(v).__name__} {one_line(repr(v), 40)}")
 
 
-def _matrix(value: object, path: Path) -> torch.Tensor:
+def _matrix(value: object, path: Path, steps: list[str] | None = None) -> torch.Tensor:
+    """The loads as a float64 ``[layers, experts]`` tensor. ``steps``: SGLang's ``logical_count`` may
+    be ``[steps, layers, experts]`` (its recorder's per-step buffer); it is summed over the steps,
+    as SGLang's own planner does, and a note is appended to ``steps``."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized:
             kind = "quantized" if value.is_quantized else str(value.layout).removeprefix("torch.")
@@ -107,11 +113,18 @@ def _matrix(value: object, path: Path) -> torch.Tensor:
             raise _error(path, "loads must be finite and >= 0, found a number too large for a float") from None
         except (TypeError, ValueError) as exc:
             raise _error(path, f"loads must be a rectangular 2-D array of numbers ({one_line(exc)})") from None
-    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise _error(path, f"loads must be 2-D [num_layers, num_experts] and non-empty, got {tuple(t.shape)}")
+    stacked = steps is not None and t.dim() == 3 and t.shape[0] > 0
+    if (t.dim() != 2 and not stacked) or 0 in t.shape[-2:]:
+        steps_too = " (or 3-D [steps, num_layers, num_experts])" if steps is not None else ""
+        raise _error(
+            path, f"loads must be 2-D [num_layers, num_experts]{steps_too} and non-empty, got {tuple(t.shape)}"
+        )
     t = t.to(torch.float64)
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise _error(path, "loads must be finite and >= 0")
+    if stacked:
+        steps.append(f"logical_count holds {t.shape[0]} recorded steps; their counts are summed, as SGLang does")
+        t = t.sum(dim=0)
     return t
 
 
@@ -153,18 +166,19 @@ def read_loads(path: str | Path) -> Loads:
             if not isinstance(data, dict) or "logical_count" not in data:
                 raise _error(path, "expected a JSON object with a 'logical_count' list (SGLang format)")
             _check_numbers(data["logical_count"], path, "logical_count")
-            weight = _matrix(data["logical_count"], path)
+            weight = _matrix(data["logical_count"], path, notes)
         elif suffix in (".pt", ".pth"):
             with warnings.catch_warnings():  # deprecation notes about old storage formats: not the user's to act on
                 warnings.simplefilter("ignore")
                 obj = torch.load(path, map_location="cpu", weights_only=True)
+            stacked = None
             if isinstance(obj, dict):
                 if "logical_count" not in obj:
                     raise _error(path, "expected a tensor or a dict with 'logical_count'")
-                obj = obj["logical_count"]
+                obj, stacked = obj["logical_count"], notes  # SGLang's recorder dump: maybe per step
             if not isinstance(obj, torch.Tensor):
                 _check_numbers(obj, path, "loads")
-            weight = _matrix(obj, path)
+            weight = _matrix(obj, path, stacked)
         elif suffix == ".npy":
             array = np.load(path, allow_pickle=False)
             if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy

@@ -35,6 +35,25 @@ def test_tensor_numpy_and_csv_formats(tmp_path):
         assert loads.notes == []
 
 
+def test_sglang_per_step_counts_are_summed(tmp_path):
+    steps = torch.tensor([ROWS, [[0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 2, 0, 0]]], dtype=torch.float64)
+    want = steps.sum(dim=0)[[1, 3]]
+    (tmp_path / "a.json").write_text(json.dumps({"logical_count": steps.int().tolist()}))
+    torch.save(
+        {"rank": 0, "logical_count": steps.int(), "average_utilization_rate_over_window": None}, tmp_path / "b.pt"
+    )
+    for name in ("a.json", "b.pt"):
+        loads = read_loads(tmp_path / name)
+        assert torch.equal(loads.weight, want) and loads.layers == [1, 3], name
+        assert loads.notes[0] == "logical_count holds 2 recorded steps; their counts are summed, as SGLang does"
+    torch.save(steps, tmp_path / "c.pt")  # a bare tensor is the loads themselves: 2-D only
+    with pytest.raises(LoadFileError, match=r"must be 2-D \[num_layers, num_experts\] and non-empty, got \(2, 4, 4\)"):
+        read_loads(tmp_path / "c.pt")
+    (tmp_path / "d.json").write_text(json.dumps({"logical_count": [steps.int().tolist()]}))
+    with pytest.raises(LoadFileError, match=r"\(or 3-D \[steps, num_layers, num_experts\]\) and non-empty, got \(1, 2"):
+        read_loads(tmp_path / "d.json")
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
