@@ -319,8 +319,8 @@ def check_placement(
             return out
         if low == -1 and high < E:
             raise EplbArgumentError(
-                f"{name} has empty slots (-1): a placement with empty slots (a plan around lost GPUs) can only be "
-                "relabelled to, without max_moves or min_gain"
+                f"{name} has empty slots (-1): a plan around lost GPUs is kept (max_moves, min_gain) only with "
+                "active_gpus, which refills them; without it, it can only be relabelled to"
             )
         if low < 0 or high >= E:
             raise EplbArgumentError(f"{name} must hold expert ids in [0, {E}), found {low if low < 0 else high}")
@@ -342,12 +342,12 @@ def check_old_placement(
     ``old_phy2log`` must be ``[L, R]`` of integers in ``[0, E)`` holding every expert in every
     layer (:func:`check_placement`); ``max_moves`` a non-negative int and only with ``old_phy2log``.
     ``check_data=False`` skips the rules that read the values (no host synchronisation; the
-    planner's hot path). ``allow_empty``: see :func:`check_placement` (never with ``max_moves``).
+    planner's hot path). ``allow_empty``: see :func:`check_placement`.
     """
     max_moves = check_max_moves(max_moves)
     if max_moves is not None and old_phy2log is None:
         raise EplbArgumentError("max_moves needs old_phy2log: the budget counts slots that differ from it")
     if old_phy2log is None:
         return None, None
-    empty = allow_empty and max_moves is None
-    return check_placement(old_phy2log, "old_phy2log", cfg, device, check_data=check_data, allow_empty=empty), max_moves
+    out = check_placement(old_phy2log, "old_phy2log", cfg, device, check_data=check_data, allow_empty=allow_empty)
+    return out, max_moves

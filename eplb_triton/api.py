@@ -98,15 +98,13 @@ def _check_plan_args(method, old_phy2log, max_moves, min_gain, active_gpus, cfg,
     ``(method, old, max_moves, min_gain, live)``."""
     method = check_method(method)
     min_gain = check_min_gain(min_gain)
-    # a placement with empty slots (a plan around lost GPUs) can be relabelled to, not kept
-    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, device, allow_empty=min_gain is None)
+    live = check_active_gpus(active_gpus, cfg)
+    # Empty slots (-1) and missing experts: a placement only relabelled to, or one that active_gpus
+    # refills first (docs/algorithm.md 12.1); one kept as it is (max_moves, min_gain) must be whole.
+    whole = live is None and (max_moves is not None or min_gain is not None)
+    old, max_moves = check_old_placement(old_phy2log, max_moves, cfg, device, allow_empty=not whole)
     if min_gain is not None and old is None:
         raise EplbArgumentError("min_gain needs old_phy2log: the gate compares the new plan with it")
-    live = check_active_gpus(active_gpus, cfg)
-    if live is not None and (max_moves is not None or min_gain is not None):
-        raise EplbArgumentError(
-            "active_gpus goes with neither max_moves nor min_gain: a placement on a lost GPU cannot be kept"
-        )
     return method, old, max_moves, min_gain, live
 
 
@@ -151,7 +149,11 @@ def rebalance_experts_hierarchical(
     if cfg.num_layers == 0:
         return _empty(weight.device, (0, cfg.num_replicas), (0, cfg.num_replicas), (0, cfg.num_experts))  # type: ignore[return-value]
     if live is not None:
-        return tuple(pipeline.plan_live(served, weight, cfg, live, method=method, old_phy2log=old))
+        return tuple(
+            pipeline.plan_live(
+                served, weight, cfg, live, method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain
+            )
+        )
     return tuple(
         pipeline.plan(served, weight, cfg, method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain)
     )
@@ -195,8 +197,9 @@ def rebalance_experts(
             than the greedy (docs/algorithm.md section 10).
         old_phy2log: ``[L, R]`` the placement in service. The result is relabelled (nodes, then
             GPUs, by an exact maximum-overlap assignment, then slots) to keep experts where they
-            are: same GPU loads, fewer slots to move. Without ``max_moves`` and ``min_gain`` it may
-            have empty slots (``-1``, a plan around lost GPUs), which match nothing. Under the
+            are: same GPU loads, fewer slots to move. It may have empty slots (``-1``, a plan around
+            lost GPUs), which match nothing, except with ``max_moves`` or ``min_gain`` and no
+            ``active_gpus`` (a placement kept as it is must be whole). Under the
             hierarchical policy an old placement that splits a group's copies over nodes (vLLM's
             round-robin start) keeps them split with ``max_moves`` or ``min_gain``: those results
             hold the groups-to-nodes rule only where ``old_phy2log`` does.
@@ -211,8 +214,10 @@ def rebalance_experts(
             ``log2phy``; ``logcnt`` counts the live replicas); every expert keeps a replica on a live
             GPU. The global policy plans the live slots as one problem; the hierarchical policy
             keeps its groups-to-nodes packing and plans every node on its live GPUs. With
-            ``old_phy2log`` each problem is relabelled to what the live GPUs hold. Not with
-            ``max_moves`` or ``min_gain`` (a placement on a lost GPU cannot be kept).
+            ``old_phy2log`` each problem is relabelled to what the live GPUs hold; with
+            ``max_moves`` or ``min_gain`` too, each problem's old placement is first refilled with
+            the fewest changes (every expert of a lost GPU, or of another node, gets a live slot),
+            and ``max_moves`` counts the moves beyond those (docs/algorithm.md 12.1).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])``, int64 on ``weight.device``:
@@ -235,7 +240,9 @@ def rebalance_experts(
     if L == 0:
         return _empty(weight.device, (0, R), (0, E, 0), (0, E))  # type: ignore[return-value]
     if live is not None:
-        plan = pipeline.plan_live(served, weight, cfg, live, method=method, old_phy2log=old)
+        plan = pipeline.plan_live(
+            served, weight, cfg, live, method=method, old_phy2log=old, max_moves=max_moves, min_gain=min_gain
+        )
         return plan.phy2log, served.log2phy(plan, int(plan.logcnt.max())), plan.logcnt
     if method == "greedy" and old is None:  # the fast path: the greedy builds log2phy as it plans
         plan, log2phy = served.greedy_with_log2phy(weight, cfg.effective())

@@ -59,7 +59,7 @@ from ._validation import check_shape_config
 from .api import rebalance_experts
 from .bench_dispatch import BATCHES as DISPATCH_BATCHES
 from .bench_dispatch import dispatch_report, format_dispatch, plot_dispatch
-from .bench_serving import format_serving, load_vllm_policy, serving_report
+from .bench_serving import format_lost_gpu, format_serving, load_vllm_policy, lost_gpu_report, serving_report
 from .configs import DEEPSEEK_V3, MODELS, Deployment
 from .io import Loads, OneLineParser, one_line, read_loads
 
@@ -591,6 +591,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="with two or more --loads: rearrangements over the files in sequence, slots moved and "
                         "balancedness of vLLM's default policy, the relabelled replan, max_moves budgets and "
                         "the min_gain gate (default: off)")  # fmt: skip
+    p.add_argument("--lost-gpu", action="store_true",
+                   help="with two or more --loads: for each pair of consecutive files, the GPU carrying the most "
+                        "load is lost; slots moved and balancedness of replans around it (default: off)")  # fmt: skip
     p.add_argument("--vllm-policy", type=Path, metavar="PATH/default.py",
                    help="with --serving: vLLM's policy file to run as vllm-default (default: the installed vLLM, "
                         "else its rule computed here)")  # fmt: skip
@@ -635,6 +638,8 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         parser.error("--dispatch needs --loads FILE: steps are sampled from real loads")
     if args.serving and len(args.loads) < 2:
         parser.error("--serving needs two or more --loads FILE: a rearrangement goes from one to the next")
+    if args.lost_gpu and len(args.loads) < 2:
+        parser.error("--lost-gpu needs two or more --loads FILE: a GPU is lost as one file's loads follow another's")
     vllm_policy = load_vllm_policy(args.vllm_policy) if args.serving else None
     if args.busy < 0:
         parser.error(f"--busy ({args.busy}) must be >= 0")
@@ -757,6 +762,17 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             "Rearrangements over the files in sequence (each policy from its own placement in service): share of "
             "slots moved, balancedness of the new placement on the new loads (means over rearrangements)\n"
             + format_serving(rows, vllm_policy is not None)
+        )
+        print()
+        print(tables[-1])
+    if files and args.lost_gpu:
+        names = ("prefill-EP32", "prefill-EP32-global", "decode-EP64", "decode-EP144")
+        log("lost GPU: replans around the GPU carrying the most load, from the placement in service (CPU path)")
+        rows = lost_gpu_report(files, [DEEPSEEK_V3[n] for n in names], log=log)
+        result["lost_gpu"] = rows
+        tables.append(
+            "A GPU lost between consecutive files (the one carrying the most of the new loads): share of live "
+            "slots moved, balancedness over the live GPUs (means over file pairs)\n" + format_lost_gpu(rows)
         )
         print()
         print(tables[-1])

@@ -13,6 +13,13 @@ placement on the new loads. Policies:
 * ``max_moves=k%``: incremental replans with a budget of k% of the slots;
 * ``gated``: the relabelled replan behind the ``min_gain`` gate: layers that would gain less than
   ``min_gain`` keep their placement.
+
+The lost-GPU report (``--lost-gpu``): for each pair of consecutive files, the first file's greedy
+plan is in service, the next file's loads arrive and the GPU carrying the most of them is lost.
+Replans around it (``active_gpus``, docs/algorithm.md section 12) from the placement in service:
+``relabelled`` (the full plan relabelled to it), ``forced only`` (``max_moves=0``: only the experts
+the lost GPU held alone move) and ``max_moves=k%`` (12.1). Per row: the share of live slots
+whose expert changes and the balancedness over the live GPUs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .placement import stable_order
 
 BUDGETS = (0.10, 0.15, 0.25)
 MIN_GAIN = 0.02
+LOST_BUDGETS = (0.05, 0.15)
 
 
 def load_vllm_policy(path: Path | None = None):
@@ -66,9 +74,12 @@ def _vllm(policy, w: torch.Tensor, d: Deployment, old: torch.Tensor) -> torch.Te
     return (out if isinstance(out, torch.Tensor) else out[0]).cpu().to(torch.int64)
 
 
-def _balancedness(w: torch.Tensor, phy2log: torch.Tensor, gpus: int) -> float:
-    cnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, phy2log, torch.ones_like(phy2log))
-    return float(metrics.balancedness(metrics.gpu_loads(w, phy2log, cnt, gpus)).mean())
+def _balancedness(w: torch.Tensor, phy2log: torch.Tensor, gpus: int, live: torch.Tensor | None = None) -> float:
+    """Mean balancedness of ``phy2log`` on ``w``; with ``live [P]`` bools, over those GPUs (``-1``: an empty slot)."""
+    held = phy2log >= 0
+    cnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, phy2log.clamp_min(0), held.to(torch.int64))
+    loads = metrics.gpu_loads(w, phy2log, cnt.clamp_min(1), gpus)
+    return float(metrics.balancedness(loads if live is None else loads[:, live]).mean())
 
 
 def serving_report(files: list[Loads], deployments: list[Deployment], policy=None, log=print) -> list[dict]:
@@ -121,4 +132,51 @@ def format_serving(rows: list[dict], real_vllm: bool) -> str:
         after = sum(r["after"] for r in mine) / len(mine)
         changed = sum(r["layers_changed"] for r in mine) / sum(r["layers"] for r in mine)
         lines.append(f"{dep:20s} {pol:16s} {len(mine):6d} {moved:7.1%} {after:16.4f} {changed:14.1%}")
+    return "\n".join(lines)
+
+
+def lost_gpu_report(files: list[Loads], deployments: list[Deployment], log=print) -> list[dict]:
+    """One row per (deployment, file pair, policy); see the module doc. A deployment whose nodes
+    cannot lose a GPU (too few slots left for a node's experts) is skipped with a line in ``log``."""
+    rows = []
+    for d in deployments:
+        fitting = d.fitting(files)
+        S = d.replicas // d.gpus
+        for a, b in zip(fitting, fitting[1:], strict=False):
+            old = rebalance_experts(a.weight, *d.args, backend="cpu")[0]
+            w = b.weight
+            cnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, old, torch.ones_like(old))
+            lost = int(metrics.gpu_loads(w, old, cnt, d.gpus).sum(dim=0).argmax())
+            mask = torch.tensor([g != lost for g in range(d.gpus)])
+            live_slots = mask.repeat_interleave(S)
+            budgets = {"relabelled": None, "forced only": 0}
+            budgets.update({f"max_moves={round(100 * x)}%": moves_in_slots(x, d.replicas) for x in LOST_BUDGETS})
+            try:
+                plans = {
+                    name: rebalance_experts(w, *d.args, old_phy2log=old, active_gpus=mask, max_moves=k)[0]
+                    for name, k in budgets.items()
+                }  # fmt: skip (CPU tensors: the CPU path)
+            except ValueError as exc:  # e.g. a node left with fewer slots than its experts
+                log(f"{d.name:20s} lost GPU: skipped ({exc})")
+                break
+            for name, new in plans.items():
+                changed = (new != old) & live_slots
+                rows.append({
+                    "deployment": d.name, "from": a.path.name, "to": b.path.name, "lost_gpu": lost,
+                    "policy": name, "moved": float(changed.double().sum() / (live_slots.sum() * w.shape[0])),
+                    "before": _balancedness(w, old, d.gpus), "after": _balancedness(w, new, d.gpus, mask),
+                })  # fmt: skip
+            log(f"{d.name:20s} lost GPU {lost} ({a.path.name} -> {b.path.name}): "
+                + ", ".join(f"{r['policy']} {r['moved']:.1%}" for r in rows[-len(plans):]))  # fmt: skip
+    return rows
+
+
+def format_lost_gpu(rows: list[dict]) -> str:
+    """Mean over the file pairs, per deployment and policy."""
+    lines = [f"{'deployment':20s} {'policy':16s} {'pairs':>6s} {'moved':>7s} {'balanced (live GPUs)':>20s}"]
+    for dep, pol in dict.fromkeys((r["deployment"], r["policy"]) for r in rows):
+        mine = [r for r in rows if r["deployment"] == dep and r["policy"] == pol]
+        moved = sum(r["moved"] for r in mine) / len(mine)
+        after = sum(r["after"] for r in mine) / len(mine)
+        lines.append(f"{dep:20s} {pol:16s} {len(mine):6d} {moved:7.1%} {after:20.4f}")
     return "\n".join(lines)

@@ -176,6 +176,73 @@ def _may_fit(
 # ----------------------------------------------------------------------------------------------
 
 
+def refill(old: torch.Tensor, weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """docs/algorithm.md 12.1: the fewest changes that make ``old [L, R']`` (ids in ``[0, E']``;
+    ``E'`` marks a slot to refill: a lost GPU's expert, another node's, an empty slot) a placement
+    of ``E' = num_experts`` experts: every expert at least once. ``weight [L, E']`` the loads.
+
+    Per layer, on the host (a replan around lost GPUs is rare), with ``w[e]`` the float64 of the
+    float32 load and ``c[e]`` the current copies: each expert without a copy, heaviest first (the
+    lowest id on ties), takes the first slot to refill, or when none is left the last slot of the
+    expert of the smallest ``w[e] / c[e]`` among those with two copies or more (the lowest id on
+    ties); the slots left to refill then go, in slot order, to the expert of the largest
+    ``w[e] / c[e]`` (the lowest id on ties), as the greedy replicates."""
+    E = num_experts
+    loads = weight.detach().to(torch.float32).to(torch.float64).cpu().tolist()
+    rows = []
+    for row, w in zip(old.cpu().tolist(), loads, strict=True):
+        cnt = [0] * E
+        slots_of: list[list[int]] = [[] for _ in range(E)]
+        refills = []
+        for q, e in enumerate(row):
+            if e < E:
+                cnt[e] += 1
+                slots_of[e].append(q)
+            else:
+                refills.append(q)
+        refills.reverse()  # popped from the end: the first slot first
+        for m in sorted((e for e in range(E) if cnt[e] == 0), key=lambda e: (-w[e], e)):
+            if refills:
+                q = refills.pop()
+            else:  # the copy whose loss raises a share least
+                x = min((e for e in range(E) if cnt[e] >= 2), key=lambda e: (w[e] / cnt[e], e))
+                q = slots_of[x].pop()
+                cnt[x] -= 1
+            row[q] = m
+            cnt[m] += 1
+            slots_of[m].append(q)
+        for q in reversed(refills):
+            y = max(range(E), key=lambda e: (w[e] / cnt[e], -e))
+            row[q] = y
+            cnt[y] += 1
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int64, device=old.device).view(old.shape)
+
+
+def _old_packing(old_phy2log: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(node [L, G], rank [L, G])`` of each group in ``old_phy2log`` where its slots keep the
+    hierarchical rule (every group's copies on one node, ``G / N`` groups per node; a group's rank
+    is its order by id among its node's), else ``-1`` rows."""
+    eff = cfg.effective()
+    G, N, E, R = eff.num_groups, eff.num_nodes, cfg.num_experts, cfg.num_replicas
+    gs, per_node = E // G, R // N
+    node = torch.full((old_phy2log.shape[0], G), -1, dtype=torch.int64)
+    rank = torch.full_like(node, -1)
+    for layer, row in enumerate(old_phy2log.cpu().tolist()):
+        at: list[set[int]] = [set() for _ in range(G)]
+        for q, e in enumerate(row):
+            if e >= 0:
+                at[e // gs].add(q // per_node)
+        if any(len(n) != 1 for n in at):
+            continue
+        home = [next(iter(n)) for n in at]
+        if any(home.count(n) != G // N for n in range(N)):
+            continue
+        node[layer] = torch.tensor(home)
+        rank[layer] = torch.tensor([home[:g].count(home[g]) for g in range(G)])
+    return node.to(old_phy2log.device), rank.to(old_phy2log.device)
+
+
 def plan_live(
     backend: Backend,
     weight: torch.Tensor,
@@ -184,6 +251,8 @@ def plan_live(
     *,
     method: str = "greedy",
     old_phy2log: torch.Tensor | None = None,
+    max_moves: int | None = None,
+    min_gain: float | None = None,
 ) -> Plan:
     """The plan with only the GPUs ``live`` (increasing GPU ids) usable: their slots get the experts,
     the other GPUs' slots none (``phy2log`` and ``phyrank`` ``-1`` there; ``logcnt`` counts the live
@@ -192,7 +261,13 @@ def plan_live(
     The global policy (``cfg.effective()`` with ``G = N = 1``) plans the ``S x len(live)`` live slots
     as one problem of ``len(live)`` GPUs. The hierarchical policy keeps its groups-to-nodes packing,
     and plans each node as a global problem of its groups' experts on its live GPUs. With
-    ``old_phy2log``, each problem is relabelled to the old placement of its live GPUs.
+    ``old_phy2log``, each problem is relabelled to the old placement of its live GPUs. With
+    ``max_moves`` or ``min_gain`` as well (docs/algorithm.md 12.1), each problem's old placement is
+    first refilled (:func:`refill`: the moves the lost GPUs force), and the problem is replanned
+    from it under the budget and the gate, as :func:`plan` does; the hierarchical policy then keeps
+    the old placement's groups-to-nodes packing in the layers where it follows the rule, splits
+    ``max_moves`` evenly among the nodes (the first ``max_moves % N`` take one more) and gates
+    each node's problem on its own.
     """
     eff = cfg.effective()
     L, E, R, P = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_gpus
@@ -214,6 +289,10 @@ def plan_live(
         for k in range(gs):
             gload += w3[:, :, k]
         gpack, grank = backend.pack(gload, N)
+        if old_phy2log is not None and (max_moves is not None or min_gain is not None):
+            node, rank = _old_packing(old_phy2log, cfg)  # keep the old layout where it has one
+            kept = (node[:, :1] >= 0).expand_as(node)
+            gpack, grank = torch.where(kept, node, gpack), torch.where(kept, rank, grank)
         log2mlog = (((gpack * gpn + grank) * gs)[:, :, None] + torch.arange(gs, device=dev)).view(L, E)
         mlog2log = torch.empty_like(log2mlog).scatter_(1, log2mlog, torch.arange(E, device=dev).expand(L, E))
         parts = [(n, [g for g in live if g // Pn == n]) for n in range(N)]
@@ -228,7 +307,12 @@ def plan_live(
             held = old_phy2log[:, slots]
             old = torch.where(held < 0, En, local.gather(1, held.clamp_min(0)))  # -1: an empty slot
         sub = Config(L, En, len(slots), 1, 1, len(gpus))
-        part = plan(backend, weight.gather(1, experts), sub, method=method, old_phy2log=old)
+        w_sub = weight.gather(1, experts)
+        if old is not None and (max_moves is not None or min_gain is not None):
+            old = refill(old, w_sub, En)
+        # the layer's budget, split among the nodes' problems (the first ones take the remainder)
+        k = None if max_moves is None else max_moves // len(parts) + (n < max_moves % len(parts))
+        part = plan(backend, w_sub, sub, method=method, old_phy2log=old, max_moves=k, min_gain=min_gain)
         phy2log[:, slots] = experts.gather(1, part.phy2log)
         phyrank[:, slots] = part.phyrank
         logcnt.scatter_(1, experts, part.logcnt)

@@ -220,7 +220,9 @@ def test_same_replicas_on_a_gpu_count_as_the_same_load_in_any_slot_order():
         return phy2log.flip(1), log2phy, logcnt
 
     ours = rebalance_experts(w, 4, 1, 1, 1)[0]
-    assert metrics.gpu_loads(w, ours, torch.ones(1, 4), 1) != metrics.gpu_loads(w, ours.flip(1), torch.ones(1, 4), 1)
+    assert metrics.gpu_loads(w, ours, torch.ones(1, 4, dtype=torch.int64), 1) != metrics.gpu_loads(
+        w, ours.flip(1), torch.ones(1, 4, dtype=torch.int64), 1
+    )
     (row,) = bench.deepseek_agreement([loads], [one_gpu], SimpleNamespace(rebalance_experts=reversed_slots))
     assert row["differ"] == 1 and row["same_max_gpu_load"] is True
 
@@ -317,6 +319,30 @@ def test_serving_and_dispatch_reports(tmp_path, capsys, loads_files):
     assert code == 0, err
     code, _, err = run_bench(capsys, *CUSTOM, "--no-latency", "--serving", "--loads", paths[0], "--out", tmp_path)
     assert code == 2 and "--serving needs two or more --loads" in err
+
+
+def test_lost_gpu_report(tmp_path, capsys, loads_files):
+    from eplb_triton.bench_serving import LOST_BUDGETS, lost_gpu_report
+    from eplb_triton.configs import Deployment
+    from eplb_triton.io import read_loads
+
+    paths, _ = loads_files
+    files = [read_loads(paths[0]), read_loads(paths[1])]
+    for d in (Deployment("custom", 16, 24, 4, 2, 8, 4), Deployment("custom-global", 16, 24, 1, 1, 8, 4)):
+        rows = lost_gpu_report(files, [d], log=lambda *_: None)
+        by = {r["policy"]: r for r in rows}
+        assert set(by) == {"relabelled", "forced only", *(f"max_moves={round(100 * b)}%" for b in LOST_BUDGETS)}
+        live = 24 - 3  # one GPU of three slots lost
+        for b in LOST_BUDGETS:
+            r = by[f"max_moves={round(100 * b)}%"]
+            assert r["moved"] <= by["forced only"]["moved"] + max(1, round(b * 24)) / live + 1e-9
+            assert r["after"] >= by["forced only"]["after"] - 1e-12
+        assert by["forced only"]["moved"] < by["relabelled"]["moved"]
+    code, stdout, err = run_bench(capsys, *CUSTOM, "--no-latency", "--lost-gpu", "--loads", paths[0], "--loads",
+                                  paths[1], "--out", tmp_path / "out")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_bench(capsys, *CUSTOM, "--no-latency", "--lost-gpu", "--loads", paths[0], "--out", tmp_path)
+    assert code == 2 and "--lost-gpu needs two or more --loads" in err
 
 
 def test_dispatch_report_on_small_loads(loads_files):

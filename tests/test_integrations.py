@@ -197,6 +197,7 @@ def test_vllm_options_from_register_and_the_environment(monkeypatch):
     opts = PlanOptions.from_env(env)
     assert opts == PlanOptions("refined", 0.25, 0.02) and opts.budget(288) == 72
     assert PlanOptions.from_env({"EPLB_TRITON_MAX_MOVES": "12"}).budget(288) == 12
+    assert PlanOptions.from_env({"EPLB_TRITON_MAX_MOVES": "+12"}).budget(288) == 12  # as --max-moves +12
     for name, value, words in (
         ("EPLB_TRITON_METHOD", "lp", "method must be one of"),
         ("EPLB_TRITON_MAX_MOVES", "1.5", "fraction of the slots must be in"),
@@ -464,3 +465,32 @@ def test_sglang_elastic_plans_around_lost_ranks(monkeypatch):
     every = eplb_sglang.rebalance_experts_elastic(w, R, G, N, P, True, torch.ones(P, dtype=torch.int32))
     plain = eplb_sglang.rebalance_experts(w, R, G, N, P, True)
     assert all(torch.equal(a, b) for a, b in zip(every, plain, strict=True))
+
+
+def test_sglang_elastic_applies_the_options_around_lost_ranks(monkeypatch):
+    """With a placement in service and max_moves, a lost rank moves only the experts it held alone
+    plus the budget: the API's replan around lost GPUs, filler 0 in the lost slots."""
+    import sys
+    import types
+
+    from eplb_triton.integrations._options import PlanOptions
+
+    L, E, R, G, N, P = 2, 16, 32, 4, 2, 8
+    old = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=30), R, 1, 1, P)[0]
+    w = make_loads(L, E, "skewed", seed=31)
+    meta = types.SimpleNamespace(physical_to_logical_map_cpu=old)
+    for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    location = types.ModuleType("sglang.srt.eplb.expert_location")
+    location.get_global_expert_location_metadata = lambda: meta
+    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.expert_location", location)
+    active = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.int32)
+    live = active.bool().repeat_interleave(R // P)
+    moved = {}
+    for k in (None, 0, 3):
+        monkeypatch.setattr(eplb_sglang, "OPTIONS", PlanOptions(max_moves=k, min_gain=None))
+        got = eplb_sglang.rebalance_experts_elastic(w, R, G, N, P, False, active)
+        want = eplb.rebalance_experts(w, R, 1, 1, P, old_phy2log=old, active_gpus=active.bool(), max_moves=k)
+        assert torch.equal(got[0], want[0].clamp_min(0)) and torch.equal(got[2], want[2]), k
+        moved[k] = ((got[0] != old) & live).sum(dim=1)
+    assert (moved[3] <= moved[0] + 3).all() and (moved[0] < moved[None]).all()

@@ -7,7 +7,7 @@ import torch
 from helpers import make_loads
 
 import eplb_triton as eplb
-from eplb_triton import pipeline
+from eplb_triton import metrics, pipeline
 from eplb_triton._validation import Config
 from eplb_triton.backends import CPU
 
@@ -107,15 +107,14 @@ def test_the_live_gpus_keep_what_they_hold_where_possible():
 
 def test_argument_rules():
     w = make_loads(1, 8, "skewed", seed=0)
-    old = torch.arange(12).remainder(8).view(1, 12)
     rules = [
         (dict(active_gpus=[1, 1, 1]), ValueError, r"one entry per GPU \(num_gpus=4\)"),
         (dict(active_gpus=[0, 0, 0, 0]), ValueError, "every GPU lost"),
         (dict(active_gpus=[1, 0, 0, 0]), ValueError, r"leaves 3 slots \(1 live GPUs x 3\) for the experts \(8\)"),
         (dict(active_gpus=[1, 2, 1, 1]), ValueError, "booleans"),
         (dict(active_gpus="1111"), TypeError, "active_gpus must be"),
-        (dict(active_gpus=[1, 1, 0, 1], old_phy2log=old, max_moves=2), ValueError, "neither max_moves nor min_gain"),
-        (dict(active_gpus=[1, 1, 0, 1], old_phy2log=old, min_gain=0.1), ValueError, "neither max_moves nor min_gain"),
+        (dict(active_gpus=[1, 1, 0, 1], max_moves=2), ValueError, "max_moves needs old_phy2log"),
+        (dict(active_gpus=[1, 1, 0, 1], min_gain=0.1), ValueError, "min_gain needs old_phy2log"),
     ]
     for kwargs, error, words in rules:
         with pytest.raises(error, match=words):
@@ -156,7 +155,7 @@ def test_a_plan_around_lost_gpus_is_the_next_plans_old_placement(case):
             _check_invariants(*kept, E, R, G, N, P, lost)
         held = lambda p: int(((p == degraded) & (p >= 0)).sum())  # noqa: E731
         assert held(kept[0]) >= held(fresh[0]), active
-    with pytest.raises(ValueError, match=r"old_phy2log has empty slots \(-1\): .* without max_moves or min_gain"):
+    with pytest.raises(ValueError, match=r"old_phy2log has empty slots \(-1\): .* only with active_gpus"):
         eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded, max_moves=3)
     with pytest.raises(ValueError, match=r"old_phy2log has empty slots \(-1\)"):
         eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded, min_gain=0.1)
@@ -164,3 +163,49 @@ def test_a_plan_around_lost_gpus_is_the_next_plans_old_placement(case):
         ValueError, match=rf"old_phy2log must hold expert ids in \[0, {E}\) or -1 \(an empty slot\), found -2"
     ):
         eplb.rebalance_experts(w, R, G, N, P, old_phy2log=degraded - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets around lost GPUs (docs/algorithm.md 12.1): the forced moves, then max_moves more
+# ----------------------------------------------------------------------------------------------
+
+
+def test_refill_by_hand():
+    w = torch.tensor([[10.0, 1.0, 6.0, 2.0]])
+    # 4 marks a slot to refill; experts 0 and 2 have no copy: 0 (heavier) takes the first refill slot,
+    # 2 the last slot of the smallest share among experts with two copies (1: 1/2 < 2/2)
+    old = torch.tensor([[4, 1, 3, 1, 3]])
+    assert pipeline.refill(old, w, 4).tolist() == [[0, 1, 3, 2, 3]]
+    # more refill slots than missing experts: the rest go to the largest share, in slot order
+    old = torch.tensor([[4, 1, 4, 2, 3, 4]])
+    assert pipeline.refill(old, w, 4).tolist() == [[0, 1, 0, 2, 3, 2]]  # then 0: 10/1, 2: 6/1 > 0: 10/2
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("method", ["greedy", "refined"])
+def test_a_budget_around_lost_gpus_counts_the_moves_beyond_the_forced_ones(case, method):
+    L, E, R, G, N, P, lost = case
+    mask = _mask(P, lost)
+    old = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=11), R, G, N, P)[0]
+    w = make_loads(L, E, "skewed", seed=12)
+    kept = lambda p: (p != old) & (p >= 0)  # noqa: E731  (live slots whose expert changed)
+    live = torch.tensor(mask).repeat_interleave(R // P)
+    bal = lambda out: metrics.balancedness(metrics.gpu_loads(w, out[0], out[2], P)[:, torch.tensor(mask)])  # noqa: E731
+    runs = {}
+    for k in (0, 2, R):
+        got = {b: eplb.rebalance_experts(w, R, G, N, P, backend=b, method=method, active_gpus=mask, old_phy2log=old,
+                                         max_moves=k) for b in BACKENDS}  # fmt: skip
+        for b in BACKENDS[1:]:
+            assert all(torch.equal(x, y) for x, y in zip(got[b], got["reference"], strict=True)), (b, k)
+        _check_invariants(*got["reference"], E, R, G, N, P, lost)
+        runs[k] = got["reference"]
+    forced = kept(runs[0][0]).sum(dim=1)
+    # one slot for each expert the lost GPUs held alone, nothing more: under the hierarchical policy
+    # too, as the old placement's groups stay on their nodes
+    copies = torch.zeros(L, E, dtype=torch.int64).scatter_add_(1, torch.where(live, old, 0), live.long().expand(L, R))
+    assert torch.equal(forced, (copies == 0).sum(dim=1))
+    for k, out in runs.items():
+        assert (kept(out[0]).sum(dim=1) <= forced + k).all(), k
+        assert (bal(out) >= bal(runs[0]) - 1e-12).all(), "never worse than the refilled placement"
+    gated = eplb.rebalance_experts(w, R, G, N, P, method=method, active_gpus=mask, old_phy2log=old, min_gain=0.999)
+    assert all(torch.equal(x, y) for x, y in zip(gated, runs[0], strict=True)), "no gain: the refilled placement"

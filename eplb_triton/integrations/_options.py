@@ -65,7 +65,7 @@ class PlanOptions:
                 elif field == "min_gain":
                     values[field] = float(raw)
                 else:
-                    values[field] = int(raw) if raw.lstrip("-").isdigit() else float(raw)
+                    values[field] = int(raw) if raw.lstrip("+-").isdigit() else float(raw)  # as --max-moves
                 cls(**values)  # validates what is there so far
             except (ValueError, TypeError) as exc:
                 raise EplbArgumentError(f"environment variable {name}={raw!r}: {exc}") from None
@@ -94,11 +94,13 @@ def full_placement(
 
 def replan(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, old: torch.Tensor,
-    options: PlanOptions, backend: str,
+    options: PlanOptions, backend: str, active_gpus: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`eplb_triton.rebalance_experts` from the placement in service ``old [L, R]``: relabelled
-    to it, incremental with ``max_moves``, gated by ``min_gain``."""
+    to it, incremental with ``max_moves``, gated by ``min_gain``; with ``active_gpus``, around the
+    lost GPUs (the moves they force, then the budget; docs/algorithm.md 12.1)."""
     return rebalance_experts(
         weight, num_replicas, num_groups, num_nodes, num_gpus, backend=backend, method=options.method,
         old_phy2log=old.to(weight.device), max_moves=options.budget(num_replicas), min_gain=options.min_gain,
+        active_gpus=active_gpus,
     )  # fmt: skip

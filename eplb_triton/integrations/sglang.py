@@ -114,8 +114,9 @@ def rebalance_experts_elastic(
     """SGLang's ``eplb_algorithms.elasticity_aware.rebalance_experts``, on ``eplb_triton``.
 
     Plans around the lost ranks (``active_ranks`` 0) with :func:`eplb_triton.rebalance_experts`'s
-    ``active_gpus`` (docs/algorithm.md section 12), relabelled to the placement in service when it
-    holds every expert, so the live ranks keep what they hold where they can. Unlike SGLang's, the
+    ``active_gpus`` (docs/algorithm.md section 12) from the placement in service when it holds
+    every expert: relabelled to it, and with the options' ``max_moves`` and ``min_gain``, only the
+    experts the lost ranks held alone move, plus at most ``max_moves`` slots per layer (12.1). Unlike SGLang's, the
     hierarchical policy stays hierarchical (groups on their nodes) as long as every node keeps
     enough live slots for its groups; otherwise, as SGLang does, the global policy plans the live
     slots. Only the first ``num_gpus`` entries of ``active_ranks`` count (its length is SGLang's rank
@@ -137,9 +138,13 @@ def rebalance_experts_elastic(
         except EplbArgumentError:
             groups, nodes = 1, 1
     old = full_placement(current_placement(L, num_replicas), L, E, num_replicas)
-    phy2log, log2phy, logcnt = _rebalance_experts(
-        weight, num_replicas, groups, nodes, num_gpus, method=OPTIONS.method, old_phy2log=old, active_gpus=active
-    )
+    if old is None:
+        out = _rebalance_experts(
+            weight, num_replicas, groups, nodes, num_gpus, method=OPTIONS.method, active_gpus=active
+        )
+    else:  # the moves the lost ranks force, then the options' budget and gate
+        out = replan(weight, num_replicas, groups, nodes, num_gpus, old, OPTIONS, "auto", active_gpus=active)
+    phy2log, log2phy, logcnt = out
     return phy2log.clamp_min(0).cpu(), log2phy.cpu(), logcnt.cpu()
 
 
