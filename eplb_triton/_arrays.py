@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -36,7 +37,13 @@ def as_tensor(value: object, name: str) -> tuple[object, bool]:
         raise TypeError(f"{name} must have a real dtype (integer or floating point), got numpy {array.dtype}")
     if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch has few unsigned kernels
         array = array.astype(np.float64 if array.dtype.itemsize == 8 else np.int64)
-    return torch.from_numpy(np.ascontiguousarray(array)), numpy_in
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: no torch dtype
+        array = array.astype(np.float64)
+    if not array.dtype.isnative:  # big-endian data: torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    with warnings.catch_warnings():  # a read-only array: nothing here writes to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array)), numpy_in
 
 
 def _to_numpy(out: object) -> object:

@@ -7,9 +7,11 @@ they never synchronise with a GPU. The value rule (finite, >= 0) needs to look a
 
 from __future__ import annotations
 
+import numbers
 import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "cpu", "reference", "triton")  # the one vocabulary; eplb_triton.backends resolves it
@@ -248,7 +250,7 @@ def check_min_gain(min_gain: object, name: str = "min_gain") -> float | None:
     """``None`` or a number with ``0 <= min_gain < 1`` (a relative gain of the largest GPU load)."""
     if min_gain is None:
         return None
-    if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)):
+    if isinstance(min_gain, (bool, np.bool_)) or not isinstance(min_gain, numbers.Real):
         raise TypeError(f"{name} must be a number or None, got {type(min_gain).__name__}")
     if not 0.0 <= float(min_gain) < 1.0:
         raise EplbArgumentError(f"{name} ({min_gain!r}) must satisfy 0 <= {name} < 1")

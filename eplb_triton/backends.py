@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -382,13 +383,24 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+TRITON_MIN = (3, 6)  # older releases flush subnormals in div_rn (div.rn.ftz.f32): not exact with the CPU path
+
+
 @functools.cache
-def triton_available() -> bool:
+def triton_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the installed Triton, or ``None`` without one."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    found = re.match(r"(\d+)\.(\d+)", str(getattr(triton, "__version__", "")))
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def triton_available() -> bool:
+    """Triton is installed, at least :data:`TRITON_MIN` (``"auto"`` picks it only then)."""
+    version = triton_version()
+    return version is not None and version >= TRITON_MIN
 
 
 def _check_name(backend: object) -> str:
@@ -413,6 +425,12 @@ def resolve(backend: object, device: torch.device, *, experts: int = 0, replicas
         raise EplbArgumentError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import to run the kernels "
             f"on the CPU interpreter), got tensors on {device}"
+        )
+    if name == "triton" and not triton_available():
+        found = triton_version()
+        raise EplbArgumentError(
+            f"backend='triton' needs triton >= {'.'.join(map(str, TRITON_MIN))}, found "
+            + ("none" if found is None else ".".join(map(str, found)))
         )
     return _BY_NAME[name]
 

@@ -17,8 +17,10 @@ weights.
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -151,7 +153,7 @@ class OnlineBalancer:
         self.ema_decay = ema_decay
         if balancedness_threshold is not None:
             b = balancedness_threshold
-            if isinstance(b, bool) or not isinstance(b, (int, float)):
+            if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Real):
                 raise TypeError(f"balancedness_threshold must be a number or None, got {type(b).__name__}")
             if not 0.0 < b <= 1.0:
                 raise EplbArgumentError(f"balancedness_threshold ({b!r}) must be in (0, 1]")

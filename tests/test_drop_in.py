@@ -53,6 +53,19 @@ def test_numpy_in_numpy_out(dtype):
     assert all(isinstance(a, np.ndarray) and a.dtype == np.int64 for a in (*hier, *rep, *pack))
 
 
+def test_big_endian_long_double_and_read_only_arrays(recwarn):
+    w = (make_loads(2, 12, "skewed", 8).numpy() % 1000).astype(np.float32)
+    want = eplb.rebalance_experts(w, 16, 4, 2, 8)
+    read_only = w.copy()
+    read_only.flags.writeable = False
+    for variant in (w.astype(">f4"), w.astype(np.longdouble), read_only):
+        got = eplb.rebalance_experts(variant, 16, 4, 2, 8)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), variant.dtype
+    assert not [r for r in recwarn if "not writable" in str(r.message)]
+    gated = eplb.rebalance_experts(w, 16, 4, 2, 8, old_phy2log=want[0], min_gain=np.float32(0.5))
+    assert np.array_equal(gated[0], want[0]), "a NumPy float is a number"
+
+
 def test_nested_lists_give_tensors():
     w = make_loads(2, 12, "skewed", 3)
     got = eplb.rebalance_experts(w.tolist(), 16, 4, 2, 8)

@@ -94,6 +94,19 @@ def test_unknown_backend():
         eplb.rebalance_experts(W, 16, 4, 2, 8, backend="gpu")
 
 
+def test_a_triton_older_than_the_floor_is_not_used(monkeypatch):
+    from eplb_triton import backends
+
+    for found, shown in (((3, 5), "3.5"), (None, "none")):
+        monkeypatch.setattr(backends, "triton_version", lambda found=found: found)
+        assert not backends.triton_available()
+        assert backends.resolve("auto", torch.device("cuda")).name == "cpu", "auto falls back to the CPU path"
+        with pytest.raises(ValueError, match=rf"backend='triton' needs triton >= 3.6, found {shown}"):
+            eplb.rebalance_experts(W, 16, 4, 2, 8, backend="triton")
+    monkeypatch.setattr(backends, "triton_version", lambda: (3, 6))
+    assert backends.triton_available()
+
+
 def test_numpy_integer_counts_are_accepted():
     got = eplb.rebalance_experts(W, np.int64(16), np.int32(4), 2, 8)
     assert got[0].shape == (2, 16)
