@@ -263,15 +263,15 @@ def check_active_gpus(active_gpus: object, cfg: Config) -> list[int] | None:
     hierarchical one ``S x live(node) >= E / N`` on every node."""
     if active_gpus is None:
         return None
-    if isinstance(active_gpus, torch.Tensor):
-        values = active_gpus.detach().cpu().reshape(-1).tolist() if active_gpus.dim() == 1 else None
-    elif isinstance(active_gpus, (list, tuple)) or hasattr(active_gpus, "tolist"):
-        values = list(active_gpus.tolist() if hasattr(active_gpus, "tolist") else active_gpus)
+    if isinstance(active_gpus, (torch.Tensor, np.ndarray)):  # 1-D only: a [P, 1] mask is a shape error
+        values = active_gpus.tolist() if active_gpus.ndim == 1 else None
+    elif isinstance(active_gpus, (list, tuple)):
+        values = list(active_gpus)
     else:
         raise TypeError(f"active_gpus must be a 1-D tensor, array or list of bools, got {type(active_gpus).__name__}")
     P, E, R = cfg.num_gpus, cfg.num_experts, cfg.num_replicas
     if values is None or len(values) != P:
-        shape = list(active_gpus.shape) if isinstance(active_gpus, torch.Tensor) else [len(values)]
+        shape = list(active_gpus.shape) if values is None else [len(values)]
         raise EplbArgumentError(f"active_gpus must have one entry per GPU (num_gpus={P}), got shape {shape}")
     if not all(v in (0, 1) and not isinstance(v, float) for v in values):
         raise EplbArgumentError("active_gpus entries must be booleans (or 0/1)")

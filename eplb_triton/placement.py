@@ -68,7 +68,7 @@ def log2phy_from_rank(
 
 def occurrence(keys: torch.Tensor) -> torch.Tensor:
     """For each entry of each row, how many earlier entries of the row have the same key."""
-    sorted_keys, order = torch.sort(keys, dim=1, stable=True)
+    sorted_keys, order = torch.sort(keys.contiguous(), dim=1, stable=True)  # searchsorted wants rows in memory order
     first = torch.searchsorted(sorted_keys, sorted_keys, right=False)
     occ_sorted = torch.arange(keys.shape[1], device=keys.device).expand_as(keys) - first
     return torch.empty_like(keys).scatter_(1, order, occ_sorted)
@@ -76,6 +76,7 @@ def occurrence(keys: torch.Tensor) -> torch.Tensor:
 
 def _count_in(keys: torch.Tensor, sorted_other: torch.Tensor) -> torch.Tensor:
     """How many entries of each row of ``sorted_other`` equal each key."""
+    sorted_other, keys = sorted_other.contiguous(), keys.contiguous()
     return torch.searchsorted(sorted_other, keys, right=True) - torch.searchsorted(sorted_other, keys, right=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_loads
@@ -113,6 +114,8 @@ def test_argument_rules():
         (dict(active_gpus=[1, 0, 0, 0]), ValueError, r"leaves 3 slots \(1 live GPUs x 3\) for the experts \(8\)"),
         (dict(active_gpus=[1, 2, 1, 1]), ValueError, "booleans"),
         (dict(active_gpus="1111"), TypeError, "active_gpus must be"),
+        (dict(active_gpus=np.array(True)), ValueError, r"one entry per GPU \(num_gpus=4\), got shape \[\]"),
+        (dict(active_gpus=np.ones((4, 1), bool)), ValueError, r"one entry per GPU \(num_gpus=4\), got shape \[4, 1\]"),
         (dict(active_gpus=[1, 1, 0, 1], max_moves=2), ValueError, "max_moves needs old_phy2log"),
         (dict(active_gpus=[1, 1, 0, 1], min_gain=0.1), ValueError, "min_gain needs old_phy2log"),
     ]
