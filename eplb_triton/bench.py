@@ -640,6 +640,8 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         parser.error("--serving needs two or more --loads FILE: a rearrangement goes from one to the next")
     if args.lost_gpu and len(args.loads) < 2:
         parser.error("--lost-gpu needs two or more --loads FILE: a GPU is lost as one file's loads follow another's")
+    if args.vllm_policy is not None and not args.serving:
+        parser.error("--vllm-policy goes with --serving: only the serving report runs vLLM's policy")
     vllm_policy = load_vllm_policy(args.vllm_policy) if args.serving else None
     if args.busy < 0:
         parser.error(f"--busy ({args.busy}) must be >= 0")

@@ -2,7 +2,8 @@
 
     eplb-triton plan --loads FILE --replicas R --groups G --nodes N --gpus P
                      [--policy auto|hierarchical|global] [--backend auto|cpu|reference|triton]
-                     [--out plan.json] [--plot plan.png] [--top K]
+                     [--method greedy|refined] [--old PLAN.json [--max-moves K] [--min-gain F]]
+                     [--active-gpus MASK] [--out plan.json] [--plot plan.png] [--top K]
     eplb-triton bench [benchmark options]   (see ``eplb-triton bench --help``)
     eplb-triton --version
 

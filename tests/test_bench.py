@@ -287,6 +287,7 @@ def test_deepseek_versions_are_the_published_files():
         (["--no-latency", "--methods"], "--no-latency needs --loads FILE"),
         (["--methods"], "--methods needs --loads FILE"),
         (["--busy", "-1"], "--busy (-1) must be >= 0"),
+        (["--vllm-policy", "default.py"], "--vllm-policy goes with --serving"),
     ],
 )
 def test_options_that_would_do_nothing_exit_2(tmp_path, capsys, args, message):
