@@ -13,8 +13,9 @@ Sections, each recorded (or its error recorded) without stopping the others:
   7. online rebalancing: record+dispatch of 58 layers x 8192 tokens x top-8 (checked against the
      torch reference) and a full rebalance step of OnlineBalancer, eager and in a CUDA graph;
   8. methods beyond the greedy (docs/algorithm.md section 10) on the real loads: method="refined",
-     relabelled to an old placement, and incremental (max_moves = 15% of R), each equal to the CPU
-     path and timed (drop-in API, and EplbPlanner.plan with old_phy2log, which stays sync-free);
+     relabelled to an old placement, incremental (max_moves = 15% of R) and incremental around a
+     lost GPU (section 12.1, where the deployment allows one), each equal to the CPU path; the
+     first three timed (drop-in API, and EplbPlanner.plan with old_phy2log, which stays sync-free);
   9. the per-step balanced split (section 11) on steps sampled from the real loads: equal to the
      NumPy path, timed for 58 layers in one launch and in a CUDA graph, and one layer's dispatch;
  10. a training loop's balancer pieces: record, a due plan, sync_replica_grads, and the weight and
@@ -311,6 +312,12 @@ def check_methods(rep: Report, data: Path) -> dict:
             "relabelled": dict(method="refined", old_phy2log=old),
             "incremental": dict(method="refined", old_phy2log=old, max_moves=k),
         }
+        lost = [g != 1 for g in range(P)]  # GPU 1 lost: the refill, then the budget (docs/algorithm.md 12.1)
+        try:
+            eplb.rebalance_experts(w1[:1], R, G, N, P, backend="cpu", active_gpus=lost)
+            variants["lost-gpu-incremental"] = dict(method="refined", old_phy2log=old, max_moves=k, active_gpus=lost)
+        except ValueError:  # a node left with fewer slots than its experts (hierarchical prefill EP32)
+            rep.say(f"{name}: no lost-GPU case (a node would keep too few slots)")
         for label, kw in variants.items():
             gpu_kw = {key: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
             ok = same(
