@@ -462,6 +462,8 @@ def test_sglang_elastic_plans_around_lost_ranks(monkeypatch):
     short = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1])
     got = eplb_sglang.rebalance_experts_elastic(w, 24, G, N, P, True, short)
     assert torch.equal(got[2], eplb.rebalance_experts(w, 24, 1, 1, P, active_gpus=short.bool())[2])
+    with pytest.raises(ValueError, match=r"enable_hierarchical needs num_groups \(None\)"):
+        eplb_sglang.rebalance_experts_elastic(w, R, None, N, P, True, active)
     every = eplb_sglang.rebalance_experts_elastic(w, R, G, N, P, True, torch.ones(P, dtype=torch.int32))
     plain = eplb_sglang.rebalance_experts(w, R, G, N, P, True)
     assert all(torch.equal(a, b) for a, b in zip(every, plain, strict=True))

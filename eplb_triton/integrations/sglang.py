@@ -132,6 +132,8 @@ def rebalance_experts_elastic(
         return rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, enable_hierarchical)
     L, E = weight.shape
     groups, nodes = (num_groups, num_nodes) if enable_hierarchical else (1, 1)
+    if enable_hierarchical and num_groups is None:  # as rebalance_experts says it
+        raise EplbArgumentError(f"enable_hierarchical needs num_groups ({num_groups}) to be a multiple of num_nodes")
     if enable_hierarchical:
         try:  # every node must keep enough live slots for its groups; else plan globally, as SGLang does
             check_active_gpus(active, check_config(weight, num_replicas, groups, nodes, num_gpus))
