@@ -216,7 +216,8 @@ def rebalance_experts(
             keeps its groups-to-nodes packing and plans every node on its live GPUs. With
             ``old_phy2log`` each problem is relabelled to what the live GPUs hold; with
             ``max_moves`` or ``min_gain`` too, each problem's old placement is first refilled with
-            the fewest changes (every expert of a lost GPU, or of another node, gets a live slot),
+            the fewest changes (every live slot that was empty or held another node's expert gets
+            one, every expert left without a live copy gets a slot),
             and ``max_moves`` counts the moves beyond those (docs/algorithm.md 12.1).
 
     Returns:

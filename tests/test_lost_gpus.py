@@ -212,3 +212,24 @@ def test_a_budget_around_lost_gpus_counts_the_moves_beyond_the_forced_ones(case,
         assert (bal(out) >= bal(runs[0]) - 1e-12).all(), "never worse than the refilled placement"
     gated = eplb.rebalance_experts(w, R, G, N, P, method=method, active_gpus=mask, old_phy2log=old, min_gain=0.999)
     assert all(torch.equal(x, y) for x, y in zip(gated, runs[0], strict=True)), "no gain: the refilled placement"
+
+
+def test_a_gpu_back_and_another_lost_fills_its_empty_slots_as_forced_moves():
+    # the old placement is a plan around GPU 2; GPU 2 is back and GPU 5 lost: GPU 2's empty slots
+    # must get experts too, so the forced moves are max(slots to refill, experts with no live copy)
+    L, E, R, P = 1, 8, 16, 8
+    old = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=1), R, 1, 1, P, active_gpus=_mask(P, [2]))[0]
+    mask = _mask(P, [5])
+    live = torch.tensor(mask).repeat_interleave(R // P)
+    held = old[0, live]
+    empty = int((held < 0).sum())
+    missing = E - len(set(held[held >= 0].tolist()))
+    for k in (0, 1, 3):
+        out = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=2), R, 1, 1, P, active_gpus=mask,
+                                     old_phy2log=old, max_moves=k)  # fmt: skip
+        _check_invariants(*out, E, R, 1, 1, P, [5])
+        new = out[0]
+        changed = int(((new != old) & live).sum())
+        assert changed <= max(empty, missing) + k, (k, changed, empty, missing)
+        if k == 0:
+            assert changed == max(empty, missing) == 2

@@ -116,7 +116,8 @@ def rebalance_experts_elastic(
     Plans around the lost ranks (``active_ranks`` 0) with :func:`eplb_triton.rebalance_experts`'s
     ``active_gpus`` (docs/algorithm.md section 12) from the placement in service when it holds
     every expert: relabelled to it, and with the options' ``max_moves`` and ``min_gain``, only the
-    experts the lost ranks held alone move, plus at most ``max_moves`` slots per layer (12.1). Unlike SGLang's, the
+    experts the lost ranks held alone (and live slots that were empty) move, plus at most ``max_moves``
+    slots per layer (12.1). Unlike SGLang's, the
     hierarchical policy stays hierarchical (groups on their nodes) as long as every node keeps
     enough live slots for its groups; otherwise, as SGLang does, the global policy plans the live
     slots. Only the first ``num_gpus`` entries of ``active_ranks`` count (its length is SGLang's rank
