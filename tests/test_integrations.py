@@ -415,23 +415,29 @@ def test_sglang_current_placement_never_imports_sglang(monkeypatch):
     assert "sglang.srt.eplb.expert_location" not in sys.modules
 
 
-def test_sglang_relabels_to_the_placement_in_service(monkeypatch):
-    """SGLang holds its current map while it plans: with every expert in it, the plan is relabelled to
-    it (and the options apply); a map of another shape is not used."""
+def _sglang_holds(monkeypatch, old: torch.Tensor):
+    """Stand-in sglang modules whose expert-location metadata holds ``old`` as the map in service."""
     import sys
     import types
 
-    from eplb_triton.integrations._options import PlanOptions
-
-    L, E, R, G, N, P = 2, 8, 12, 2, 1, 4
-    w = make_loads(L, E, "skewed", seed=11)
-    old = random_old(L, E, R, seed=12, holes=0)
     meta = types.SimpleNamespace(physical_to_logical_map_cpu=old)
     for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     location = types.ModuleType("sglang.srt.eplb.expert_location")
     location.get_global_expert_location_metadata = lambda: meta
     monkeypatch.setitem(sys.modules, "sglang.srt.eplb.expert_location", location)
+    return meta
+
+
+def test_sglang_relabels_to_the_placement_in_service(monkeypatch):
+    """SGLang holds its current map while it plans: with every expert in it, the plan is relabelled to
+    it (and the options apply); a map of another shape is not used."""
+    from eplb_triton.integrations._options import PlanOptions
+
+    L, E, R, G, N, P = 2, 8, 12, 2, 1, 4
+    w = make_loads(L, E, "skewed", seed=11)
+    old = random_old(L, E, R, seed=12, holes=0)
+    meta = _sglang_holds(monkeypatch, old)
     monkeypatch.setattr(eplb_sglang, "OPTIONS", PlanOptions())
     got = eplb_sglang.rebalance_experts(w, R, G, N, P, enable_hierarchical=True)
     want = eplb.rebalance_experts(w, R, G, N, P, old_phy2log=old)
@@ -472,20 +478,12 @@ def test_sglang_elastic_plans_around_lost_ranks(monkeypatch):
 def test_sglang_elastic_applies_the_options_around_lost_ranks(monkeypatch):
     """With a placement in service and max_moves, a lost rank moves only the experts it held alone
     plus the budget: the API's replan around lost GPUs, filler 0 in the lost slots."""
-    import sys
-    import types
-
     from eplb_triton.integrations._options import PlanOptions
 
     L, E, R, G, N, P = 2, 16, 32, 4, 2, 8
     old = eplb.rebalance_experts(make_loads(L, E, "skewed", seed=30), R, 1, 1, P)[0]
     w = make_loads(L, E, "skewed", seed=31)
-    meta = types.SimpleNamespace(physical_to_logical_map_cpu=old)
-    for name in ("sglang", "sglang.srt", "sglang.srt.eplb"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    location = types.ModuleType("sglang.srt.eplb.expert_location")
-    location.get_global_expert_location_metadata = lambda: meta
-    monkeypatch.setitem(sys.modules, "sglang.srt.eplb.expert_location", location)
+    _sglang_holds(monkeypatch, old)
     active = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.int32)
     live = active.bool().repeat_interleave(R // P)
     moved = {}
