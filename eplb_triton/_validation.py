@@ -33,6 +33,11 @@ def _as_int(name: str, value: object, or_none: str = "") -> int:
         raise TypeError(f"{name} must be an int{or_none}, got {type(value).__name__} ({value!r})") from None
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype: not floating point, not complex, not ``bool`` (ids, counts, placements)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_count(name: str, value: object) -> int:
     """A positive Python (or NumPy) integer; ``bool`` and floats are refused."""
     v = _as_int(name, value)
@@ -303,7 +308,7 @@ def check_placement(
     leaves), and experts may be missing (a placement only relabelled to)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or numpy array / nested list), got {type(value).__name__}")
-    if value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
+    if not is_integer_dtype(value.dtype):
         raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
     L, E, R = cfg.num_layers, cfg.num_experts, cfg.num_replicas
     if tuple(value.shape) != (L, R):

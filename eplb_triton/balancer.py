@@ -33,6 +33,7 @@ from ._validation import (
     check_placement,
     check_shape_config,
     check_split,
+    is_integer_dtype,
     resolve_device,
 )
 from .backends import Plan
@@ -388,8 +389,7 @@ class OnlineBalancer:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise EplbArgumentError(f"state_dict[{key!r}] must be a tensor of shape {shape}, got {got}")
-            integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
-            if kind == "int" and not integer:
+            if kind == "int" and not is_integer_dtype(t.dtype):
                 raise EplbArgumentError(f"state_dict[{key!r}] must have an integer dtype, got {t.dtype}")
             if kind == "float" and not t.dtype.is_floating_point:
                 raise EplbArgumentError(f"state_dict[{key!r}] must have a floating dtype, got {t.dtype}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ._validation import EplbArgumentError
+from ._validation import EplbArgumentError, is_integer_dtype
 
 # A rank's local error message travels inside the agreement all-gather, so that every rank can raise
 # the same error; longer messages are cut to this many bytes.
@@ -381,7 +381,7 @@ def rearrange_expert_weights(
     digests = [0, 0, 0, 0]
     try:
         for name, p in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
-            if not isinstance(p, torch.Tensor) or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            if not isinstance(p, torch.Tensor) or not is_integer_dtype(p.dtype):
                 got = getattr(p, "dtype", type(p).__name__)
                 raise TypeError(f"{name} must be an integer tensor, got {got}")
         if old_phy2log.shape != new_phy2log.shape or old_phy2log.dim() != 2:

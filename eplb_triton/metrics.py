@@ -10,14 +10,14 @@ import torch
 
 from . import bounds
 from ._arrays import accepts_arrays
-from ._validation import EplbArgumentError, check_count, check_weight
+from ._validation import EplbArgumentError, check_count, check_weight, is_integer_dtype
 
 
 def _check_placement(weight: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> int:
     L, E = check_weight(weight)
     P = check_count("num_gpus", num_gpus)
     for name, t in (("phy2log", phy2log), ("logcnt", logcnt)):
-        if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        if not is_integer_dtype(t.dtype):
             raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
     if phy2log.dim() != 2 or phy2log.shape[0] != L:
         raise EplbArgumentError(f"phy2log must be [num_layers={L}, num_replicas], got shape {tuple(phy2log.shape)}")

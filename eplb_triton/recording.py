@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validation import EplbArgumentError, check_count, check_split
+from ._validation import EplbArgumentError, check_count, check_split, is_integer_dtype
 
 
 def _check_topk_ids(topk_ids) -> None:
@@ -32,7 +32,7 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
     if counts.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"counts must be int64 (or int32, which wraps past 2**31 - 1), got {counts.dtype}")
     for name, t in (("log2phy", log2phy), ("logcnt", logcnt)):
-        if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        if not is_integer_dtype(t.dtype):
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     devices = {t.device for t in (topk_ids, log2phy, logcnt, counts)}
     if len(devices) != 1:
@@ -42,7 +42,7 @@ def _check_dispatch_args(topk_ids, log2phy, logcnt, counts) -> None:
 
 
 def _int_vector(name: str, t: object, E: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+    if not isinstance(t, torch.Tensor) or not is_integer_dtype(t.dtype):
         raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if tuple(t.shape) != (E,):
         raise EplbArgumentError(f"{name} must have shape [num_experts={E}], got {list(t.shape)}")
@@ -250,7 +250,7 @@ def _record_dispatch(
             raise EplbArgumentError("split='balanced' needs the layer's phy2log and num_gpus")
         if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 1 or phy2log.device != dev:
             raise EplbArgumentError(f"phy2log must be the layer's [num_replicas] placement on {dev}")
-        if phy2log.dtype.is_floating_point or phy2log.is_complex() or phy2log.dtype == torch.bool:
+        if not is_integer_dtype(phy2log.dtype):
             raise TypeError(f"phy2log must be an integer tensor, got {phy2log.dtype}")
         P = check_count("num_gpus", num_gpus)
         if phy2log.numel() % P:
