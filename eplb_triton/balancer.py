@@ -39,7 +39,7 @@ from ._validation import (
 from .backends import Plan
 from .distributed import check_ranks_agree
 from .launch import log2phy_width
-from .placement import occurrence
+from .placement import occurrence, replica_counts
 from .recording import _record_dispatch, record_dispatch
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same arguments); older torch
@@ -411,8 +411,7 @@ class OnlineBalancer:
         }
         if bool((out["phy2log"] >= E).any()):
             raise EplbArgumentError(f"state_dict['phy2log'] has expert ids outside [0, {E})")
-        counted = torch.zeros((L, E), dtype=torch.int64, device=self.device)
-        counted.scatter_add_(1, out["phy2log"], torch.ones_like(out["phy2log"]))
+        counted = replica_counts(out["phy2log"], E)
         if not torch.equal(counted, out["logcnt"]):
             raise EplbArgumentError("state_dict['logcnt'] must count the slots of each expert in state_dict['phy2log']")
         if not bool((counted > 0).all()):  # record() maps tokens modulo the count

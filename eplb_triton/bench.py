@@ -62,6 +62,7 @@ from .bench_dispatch import dispatch_report, format_dispatch, plot_dispatch
 from .bench_serving import format_lost_gpu, format_serving, load_vllm_policy, lost_gpu_report, serving_report
 from .configs import DEEPSEEK_V3, MODELS, Deployment
 from .io import Loads, OneLineParser, one_line, read_loads
+from .placement import replica_counts
 
 FULL_LAYERS = [1, 8, 16, 32, 58, 64, 128, 256]
 QUICK_LAYERS = [1, 8, 58]
@@ -383,7 +384,7 @@ def incremental_report(files: list[Loads], deployments: list[Deployment], repeat
             inc = run()
             g = _bal(w, greedy[0], greedy[2], d.gpus)
             i = _bal(w, inc[0], inc[2], d.gpus)
-            old_cnt = torch.zeros_like(greedy[2]).scatter_add_(1, old, torch.ones_like(old))
+            old_cnt = replica_counts(old, w.shape[1])
             rows.append({
                 "from": before.path.name, "to": after.path.name, "deployment": d.name, "policy": d.policy,
                 "max_moves": k,

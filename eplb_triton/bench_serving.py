@@ -36,7 +36,7 @@ from ._validation import moves_in_slots
 from .api import rebalance_experts
 from .configs import Deployment
 from .io import Loads
-from .placement import stable_order
+from .placement import replica_counts, stable_order
 
 BUDGETS = (0.10, 0.15, 0.25)
 MIN_GAIN = 0.02
@@ -76,9 +76,7 @@ def _vllm(policy, w: torch.Tensor, d: Deployment, old: torch.Tensor) -> torch.Te
 
 def _balancedness(w: torch.Tensor, phy2log: torch.Tensor, gpus: int, live: torch.Tensor | None = None) -> float:
     """Mean balancedness of ``phy2log`` on ``w``; with ``live [P]`` bools, over those GPUs (``-1``: an empty slot)."""
-    held = phy2log >= 0
-    cnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, phy2log.clamp_min(0), held.to(torch.int64))
-    loads = metrics.gpu_loads(w, phy2log, cnt.clamp_min(1), gpus)
+    loads = metrics.gpu_loads(w, phy2log, replica_counts(phy2log, w.shape[1]).clamp_min(1), gpus)
     return float(metrics.balancedness(loads if live is None else loads[:, live]).mean())
 
 
@@ -145,8 +143,7 @@ def lost_gpu_report(files: list[Loads], deployments: list[Deployment], log=print
         for a, b in zip(fitting, fitting[1:], strict=False):
             old = rebalance_experts(a.weight, *d.args, backend="cpu")[0]
             w = b.weight
-            cnt = torch.zeros_like(w, dtype=torch.int64).scatter_add_(1, old, torch.ones_like(old))
-            lost = int(metrics.gpu_loads(w, old, cnt, d.gpus).sum(dim=0).argmax())
+            lost = int(metrics.gpu_loads(w, old, replica_counts(old, w.shape[1]), d.gpus).sum(dim=0).argmax())
             mask = torch.tensor([g != lost for g in range(d.gpus)])
             live_slots = mask.repeat_interleave(S)
             budgets = {"relabelled": None, "forced only": 0}

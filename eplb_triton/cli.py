@@ -36,6 +36,7 @@ from .api import rebalance_experts
 from .backends import BACKENDS, device_for
 from .io import OneLineParser as _Parser
 from .io import one_line, read_loads
+from .placement import replica_counts
 
 POLICIES = ("auto", "hierarchical", "global")
 
@@ -251,9 +252,7 @@ def _plan(args: argparse.Namespace) -> int:
     after = metrics.gpu_loads(w, phy2log, logcnt, args.gpus)
 
     if old is not None:  # "before" is the placement in service (-1: an empty slot of a plan around lost GPUs)
-        held = old >= 0
-        old_cnt = torch.zeros_like(logcnt).scatter_add_(1, old.clamp_min(0), held.to(torch.int64))
-        before = metrics.gpu_loads(w, old, old_cnt.clamp_min(1), args.gpus)
+        before = metrics.gpu_loads(w, old, replica_counts(old, w.shape[1]).clamp_min(1), args.gpus)
     # with lost GPUs, balance among the live ones: a lost GPU's load of 0 would cap it at (P - 1) / P
     live = slice(None) if active is None else torch.tensor(active)
     b_before, b_after = metrics.balancedness(before[:, live]), metrics.balancedness(after[:, live])

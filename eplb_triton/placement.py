@@ -228,12 +228,17 @@ def relabel(
     return phy2log.gather(1, order), phyrank.gather(1, order)
 
 
+def replica_counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[L, E]`` int64: the slots of each expert in ``phy2log [L, R]``; an empty slot (``-1``, a lost
+    GPU's) counts nowhere."""
+    held = phy2log >= 0
+    cnt = torch.zeros((phy2log.shape[0], num_experts), dtype=torch.int64, device=phy2log.device)
+    return cnt.scatter_add_(1, phy2log.clamp_min(0), held.to(torch.int64))
+
+
 def slot_order_ranks(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Replica ranks numbered in slot order, and the replica counts, of a placement given as ``phy2log``."""
-    L, R = phy2log.shape
-    cnt = torch.zeros((L, num_experts), dtype=torch.int64, device=phy2log.device)
-    cnt.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-    return occurrence(phy2log), cnt
+    return occurrence(phy2log), replica_counts(phy2log, num_experts)
 
 
 def max_gpu_load(weight32: torch.Tensor, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> torch.Tensor:
