@@ -273,6 +273,7 @@ def plan_live(
     L, E, R, P = cfg.num_layers, cfg.num_experts, cfg.num_replicas, cfg.num_gpus
     G, N = eff.num_groups, eff.num_nodes
     S, Pn, dev = R // P, P // N, weight.device
+    refilled = old_phy2log is not None and (max_moves is not None or min_gain is not None)  # 12.1
     # The value check first (one host read; a lost GPU's replan is rare): the sub-problems below see
     # group sums and a node's columns, whose errors would name entries that are not ``weight``'s.
     float32_numpy(weight)
@@ -289,7 +290,7 @@ def plan_live(
         for k in range(gs):
             gload += w3[:, :, k]
         gpack, grank = backend.pack(gload, N)
-        if old_phy2log is not None and (max_moves is not None or min_gain is not None):
+        if refilled:
             node, rank = _old_packing(old_phy2log, cfg)  # keep the old layout where it has one
             kept = (node[:, :1] >= 0).expand_as(node)
             gpack, grank = torch.where(kept, node, gpack), torch.where(kept, rank, grank)
@@ -308,7 +309,7 @@ def plan_live(
             old = torch.where(held < 0, En, local.gather(1, held.clamp_min(0)))  # -1: an empty slot
         sub = Config(L, En, len(slots), 1, 1, len(gpus))
         w_sub = weight.gather(1, experts)
-        if old is not None and (max_moves is not None or min_gain is not None):
+        if refilled:
             old = refill(old, w_sub, En)
         # the layer's budget, split among the nodes' problems (the first ones take the remainder)
         k = None if max_moves is None else max_moves // len(parts) + (n < max_moves % len(parts))
