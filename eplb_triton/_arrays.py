@@ -74,7 +74,8 @@ def accepts_arrays(*names: str) -> Callable[[Callable], Callable]:
             for name in names:
                 if name in bound.arguments:
                     bound.arguments[name], was_numpy = as_tensor(bound.arguments[name], name)
-                    numpy_in = was_numpy if name == names[0] else numpy_in
+                    if name == names[0]:  # the loads decide numpy outputs
+                        numpy_in = was_numpy
             out = fn(*bound.args, **bound.kwargs)
             return _to_numpy(out) if numpy_in else out
 
